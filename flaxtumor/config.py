@@ -1,0 +1,144 @@
+"""One typed config for the whole project.
+
+A `Config` is saved as JSON beside every checkpoint, so inference, evaluation and the app rebuild exactly what training
+used. CLI flags override fields with dotted names (`data.image_size=128`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Normalisation = Literal["image_zscore", "volume_zscore", "imagenet", "caffe"]
+Task = Literal["cls", "seg"]
+
+
+@dataclass
+class DataConfig:
+    root: str = "synthetic"  # a kaggle_3m folder (or its parent), or "synthetic"
+    image_size: int = 128  # models see image_size x image_size; masks are resized back with nearest-neighbour
+    normalisation: Normalisation = "image_zscore"
+    split_file: str | None = None  # JSON of patient ids; made from the seed and fractions when absent
+    split_seed: int = 0
+    test_fraction: float = 0.15  # Buda et al.: 85/15 train/test by patient
+    val_fraction: float = 0.15  # carved out of the train patients
+    # Augmentation (train only), after Buda et al.: rotation, scaling, horizontal flip; plus intensity jitter.
+    augment: bool = True
+    rotate_degrees: float = 15.0
+    scale_range: tuple[float, float] = (0.95, 1.05)
+    flip_probability: float = 0.5
+    intensity_jitter: float = 0.1
+    num_workers: int = 0  # grain worker processes; 0 decodes in the main process
+    synthetic_patients: int = 6
+    synthetic_slices: int = 20
+
+
+@dataclass
+class ModelConfig:
+    # Classifier: ResNet backbone + the seed's head.
+    backbone: Literal["resnet50", "resnet_tiny"] = "resnet50"
+    backbone_layout: Literal["torchvision", "keras"] = "torchvision"
+    head_widths: tuple[int, ...] = (256, 256)
+    dropout: float = 0.3
+    unfreeze_last_layers: int = 30  # phase 2: the seed's "last 30 layers", rounded to whole blocks of the last stage
+    # Segmenter: ResUNet.
+    resunet_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+
+
+@dataclass
+class TrainConfig:
+    task: Task = "seg"
+    out_dir: str = "runs/latest"
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    grad_clip: float = 1.0
+    patience: int = 8  # early stopping, in epochs without a better validation metric
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    resume: bool = False
+    # Segmentation
+    loss: Literal["bce_dice", "focal_tversky"] = "bce_dice"
+    # Classification
+    class_weight: float | None = None  # weight on the tumour class in BCE; None = unweighted
+    backbone_weights: str = "none"  # converted weights (see flaxtumor.convert_weights) or "none" for random init
+    phase2_epochs: int = 10  # last stage unfrozen; 0 skips phase 2
+    phase2_lr_factor: float = 0.1
+    threshold: float = 0.5  # tumour probability (cls) or mask probability (seg)
+    save_bf16: bool = False  # inference export in bfloat16
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return _from_dict(cls, d, "config")
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read config JSON ({e})") from None
+        return cls.from_dict(raw)
+
+    def override(self, **dotted: Any) -> "Config":
+        """Returns a copy with fields replaced, e.g. `override(**{"data.image_size": 64})`."""
+        d = self.to_dict()
+        for key, value in dotted.items():
+            section, _, name = key.partition(".")
+            if section not in d or name not in d[section]:
+                raise KeyError(f"unknown config field {key!r}")
+            d[section][name] = value
+        return Config.from_dict(d)
+
+
+def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+    kwargs = {}
+    for name in names & set(d):
+        kwargs[name] = _coerce(hints[name], d[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        return value
+    if origin is Literal and value not in typing.get_args(tp):
+        raise ValueError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+    return value
