@@ -34,8 +34,10 @@ class DataConfig:
     flip_probability: float = 0.5
     intensity_jitter: float = 0.1
     num_workers: int = 0  # grain worker processes; 0 decodes in the main process
+    cache_decoded: bool = True  # keep decoded, resized uint8 slices in memory: epochs after the first skip TIFF decoding
     synthetic_patients: int = 6
     synthetic_slices: int = 20
+    synthetic_seed: int = 0
 
 
 @dataclass
@@ -53,7 +55,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     task: Task = "seg"
-    out_dir: str = "runs/latest"
+    out_dir: str | None = None  # run folder (checkpoints, logs); None = runs/<task>
     epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3
@@ -65,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     resume: bool = False
+    save_every_steps: int = 50  # mid-epoch checkpoints, so a kill loses at most this many steps; 0 = per epoch only
     # Segmentation
     loss: Literal["bce_dice", "focal_tversky"] = "bce_dice"
     # Classification
@@ -74,6 +77,7 @@ class TrainConfig:
     phase2_lr_factor: float = 0.1
     threshold: float = 0.5  # tumour probability (cls) or mask probability (seg)
     save_bf16: bool = False  # inference export in bfloat16
+    export_dir: str | None = None  # inference checkpoint goes to <export_dir>/{classifier,segmenter}; None = the run folder
     plot: bool = True
 
 

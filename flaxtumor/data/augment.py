@@ -1,0 +1,49 @@
+"""Training augmentation after Buda et al. (2019): rotation, scaling and horizontal flip, plus mild intensity jitter.
+
+One affine map moves image and mask together (bilinear for the image, nearest-neighbour for the mask, so the mask stays
+binary and aligned). Pure numpy/scipy: it runs inside grain worker processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from flaxtumor.config import DataConfig
+
+
+def _affine(shape: tuple[int, int], degrees: float, scale: float, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Output->input (row, col) map about the image centre: the form scipy's affine_transform wants."""
+    theta = np.deg2rad(degrees)
+    rotate = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    mirror = np.diag([1.0, -1.0 if flip else 1.0])
+    matrix = mirror @ rotate / scale
+    centre = (np.array(shape, np.float64) - 1) / 2
+    return matrix, centre - matrix @ centre
+
+
+def augment(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: DataConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """image float32 (S, S, 3) in pixel units [0, 255] (before `normalise`), mask float32 (S, S, 1) in {0, 1}.
+
+    Returns the same shapes and dtypes. All randomness comes from `rng`, so a (seed, epoch, index) rng reproduces it.
+    """
+    degrees = rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)
+    scale = rng.uniform(*cfg.scale_range)
+    flip = bool(rng.random() < cfg.flip_probability)
+    # Per-channel gamma survives z-scoring (a plain gain/offset would be normalised away);
+    # the global gain matters for the imagenet/caffe normalisations.
+    gamma = np.exp(rng.uniform(-cfg.intensity_jitter, cfg.intensity_jitter, size=3)).astype(np.float32)
+    gain = np.float32(rng.uniform(1 - cfg.intensity_jitter, 1 + cfg.intensity_jitter))
+
+    matrix, offset = _affine(image.shape[:2], degrees, scale, flip)
+    # Background outside the head is black in every channel, so new border pixels are filled with 0.
+    image = np.stack(
+        [ndimage.affine_transform(image[..., c], matrix, offset, order=1, mode="constant", cval=0.0) for c in range(3)],
+        axis=-1,
+    )
+    mask = ndimage.affine_transform(mask[..., 0], matrix, offset, order=0, mode="constant", cval=0.0)[..., None]
+
+    image = 255.0 * (np.clip(image, 0.0, 255.0) / 255.0) ** gamma * gain
+    return np.clip(image, 0.0, 255.0).astype(np.float32), mask.astype(np.float32)
