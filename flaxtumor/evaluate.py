@@ -1,0 +1,277 @@
+"""`python -m flaxtumor.evaluate --data PATH --checkpoints DIR [--split FILE | --patients ID ...] [--subset val]
+--out DIR`
+
+Writes `DIR/metrics.json` (metrics + the protocol that produced them) and PNGs: confusion matrix, ROC, reliability
+diagram, per-patient Dice bars, and a gallery of the best and worst slices.
+
+Which patients: `--patients` as given; else the `--subset` (default val) of `--split FILE`; else of the split recorded
+in the segmenter checkpoint, so evaluate reproduces training's validation numbers. Every patient is run as a volume
+(volume normalisation, optional 3D LCC), exactly as `Pipeline.predict_volume` does.
+
+Three views:
+- classifier: every slice, tumour = any mask pixel;
+- segmenter alone: the tumour slices only, ungated, no LCC (and, under `all_slices`, every slice: what training's
+  validation reports);
+- pipeline: classifier gate → segmenter → optional LCC over all slices of each patient. Headline: per-patient
+  volumetric Dice (patients with no tumour in truth and none predicted are listed, not scored); tumour-slice Dice
+  (empty-vs-empty slices excluded, never 1); pooled Dice/IoU/pixel accuracy over every pixel, labelled "pooled".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from flaxtumor import metrics, plots
+from flaxtumor.config import Config
+from flaxtumor.data.io import DataError, read_image, read_mask
+from flaxtumor.data.lgg import Patient, Split, load_dataset, load_split, select
+from flaxtumor.inference import Pipeline, gate_and_postprocess
+
+EMPTY_SLICE_RULE = (
+    "dice/iou of an empty prediction against an empty truth is undefined, never 1: such slices are excluded from "
+    "slice means and such patients from per-patient means (listed in empty_both_patients); a false-positive or "
+    "missed slice scores 0"
+)
+POOLED_RULE = "pooled = pixel counts summed over every evaluated slice before dividing (the seed's metric)"
+
+
+def _jsonable(x: Any) -> Any:
+    """nan/inf → null (strict JSON), numpy scalars → Python."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+@dataclasses.dataclass
+class _Ranked:
+    """Keeps the k best and k worst pipeline slices (with their pixels) while streaming patients."""
+
+    k: int
+    items: list[tuple[float, int, plots.GalleryItem]] = dataclasses.field(default_factory=list)
+
+    def offer(self, score: float, area: int, item: plots.GalleryItem) -> None:
+        self.items.append((score, area, item))
+        ranked = sorted(self.items, key=lambda t: (t[0], -t[1]))  # ties: larger tumours first, they are clearer
+        self.items = ranked[: self.k] + ranked[max(self.k, len(ranked) - self.k) :]
+
+    def best_and_worst(self) -> list[plots.GalleryItem]:
+        ranked = sorted(self.items, key=lambda t: (t[0], -t[1]))
+        worst = ranked[: self.k]
+        best = sorted(ranked[self.k :], key=lambda t: (-t[0], -t[1]))
+        label = lambda tag, item: dataclasses.replace(item, title=f"{tag}: {item.title}")  # noqa: E731
+        return [label("best", t[2]) for t in best] + [label("worst", t[2]) for t in worst]
+
+
+def evaluate_patients(
+    pipeline: Pipeline, patients: Sequence[Patient], lcc: bool, gallery_size: int = 4
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, plot data) for the pipeline on these patients; see the module docstring for the three views."""
+    probs_all, labels_all = [], []
+    seg_dice, seg_iou, seg_counts = [], [], metrics.PixelCounts()
+    ungated_dice, ungated_counts, ungated_per_patient = [], metrics.PixelCounts(), {}
+    slice_dice, slice_iou, pipe_counts = [], [], metrics.PixelCounts()
+    per_patient: dict[str, float] = {}
+    ranked = _Ranked(gallery_size)
+    for patient in tqdm(patients, unit="patient", desc="evaluate"):
+        images, targets = [], []
+        for s in patient.slices:
+            if s.mask_path is None:
+                raise DataError(s.image_path, "no mask: evaluation needs the ground truth of every slice")
+            images.append(read_image(s.image_path))
+            targets.append(read_mask(s.mask_path))
+        target_vol = np.stack(targets)
+        probs = pipeline.tumour_probabilities(images, volume=True)
+        seg_vol = np.stack(pipeline.segment(images, volume=True))
+        final = gate_and_postprocess(probs, seg_vol, pipeline.threshold, gate=pipeline.gate, lcc=lcc)
+        labels = target_vol.any(axis=(1, 2))
+        probs_all.append(probs)
+        labels_all.append(labels)
+
+        tumour = np.flatnonzero(labels)  # segmenter alone, on the tumour slices
+        seg_dice += [metrics.dice(seg_vol[i], target_vol[i]) for i in tumour]
+        seg_iou += [metrics.iou(seg_vol[i], target_vol[i]) for i in tumour]
+        seg_counts += metrics.PixelCounts.from_masks(seg_vol[tumour], target_vol[tumour])
+        # segmenter alone on every slice: the definitions of training's validation metrics (see protocol)
+        ungated_dice += [metrics.dice(m, t) for m, t in zip(seg_vol, target_vol)]
+        ungated_counts += metrics.PixelCounts.from_masks(seg_vol, target_vol)
+        ungated_per_patient.update(metrics.volumetric_dice_per_patient({patient.patient_id: seg_vol},
+                                                                       {patient.patient_id: target_vol}))
+
+        per_patient.update(metrics.volumetric_dice_per_patient({patient.patient_id: final},
+                                                               {patient.patient_id: target_vol}))
+        pipe_counts += metrics.PixelCounts.from_masks(final, target_vol)
+        for s, image, pred, target, p in zip(patient.slices, images, final, target_vol, probs):
+            d = metrics.dice(pred, target)
+            slice_dice.append(d)
+            slice_iou.append(metrics.iou(pred, target))
+            if not np.isnan(d):
+                title = f"{s.patient_id} #{s.slice_index}\ndice {d:.3f}, P(tumour) {p:.2f}"
+                ranked.offer(d, int(target.sum()), plots.GalleryItem(title, image, target, pred))
+
+    probs, labels = np.concatenate(probs_all), np.concatenate(labels_all)
+    classifier = metrics.classification_metrics(probs, labels, pipeline.threshold)
+    result = {
+        "classifier": classifier,
+        "segmenter": {
+            "n_slices": len(seg_dice),
+            "dice_mean": metrics.mean_over_scored(seg_dice),
+            "iou_mean": metrics.mean_over_scored(seg_iou),
+            "pooled_dice": seg_counts.dice,
+            "pooled_iou": seg_counts.iou,
+            "all_slices": {
+                "per_patient_dice": metrics.summarise_patient_dice(ungated_per_patient),
+                "tumour_slice_dice": metrics.mean_over_scored(ungated_dice),
+                "pooled_dice": ungated_counts.dice,
+            },
+        },
+        "pipeline": {
+            "per_patient_dice": metrics.summarise_patient_dice(per_patient),
+            "per_patient": per_patient,
+            "tumour_slice_dice": metrics.mean_over_scored(slice_dice),
+            "tumour_slice_iou": metrics.mean_over_scored(slice_iou),
+            "n_scored_slices": int(np.sum(~np.isnan(slice_dice))),
+            "pooled_dice": pipe_counts.dice,
+            "pooled_iou": pipe_counts.iou,
+            "pooled_pixel_accuracy": pipe_counts.pixel_accuracy,
+        },
+    }
+    fpr, tpr, _ = metrics.roc_curve(probs, labels)
+    plot_data = {"fpr": fpr, "tpr": tpr, "gallery": ranked.best_and_worst()}
+    return result, plot_data
+
+
+def write_plots(result: dict[str, Any], plot_data: dict[str, Any], out: Path) -> list[str]:
+    c = result["classifier"]
+    written = [plots.confusion_matrix(c["confusion_matrix"], out / "confusion_matrix.png")]
+    if not math.isnan(c["auc"]):  # one class only: no ROC to draw
+        point = (1 - c["specificity"], c["recall"])
+        written.append(plots.roc(plot_data["fpr"], plot_data["tpr"], c["auc"], point, out / "roc.png"))
+    written.append(plots.reliability(c["calibration"], out / "reliability.png"))
+    written.append(plots.patient_dice(result["pipeline"]["per_patient"], out / "patient_dice.png"))
+    if plot_data["gallery"]:
+        written.append(plots.gallery(plot_data["gallery"], out / "gallery.png"))
+    return [p.name for p in written]
+
+
+def _choose_patients(
+    args: argparse.Namespace, patients: list[Patient], recorded: dict[str, Any] | None
+) -> tuple[list[Patient], str]:
+    if args.patients:
+        return select(patients, args.patients), "--patients"
+    if args.split:
+        split, source = load_split(args.split), f"file:{args.split}"
+    elif recorded:
+        split, source = Split.from_dict({**recorded, "seed": recorded.get("seed", -1)}), "segmenter checkpoint"
+    else:
+        raise ValueError("the segmenter checkpoint records no split: pass --split FILE or --patients ID ...")
+    ids = split.train + split.val + split.test if args.subset == "all" else getattr(split, args.subset)
+    if not ids:
+        raise ValueError(f"the {args.subset} subset of the split ({source}) is empty")
+    return select(patients, ids), f"{source} ({args.subset})"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m flaxtumor.evaluate", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--data", required=True, help="kaggle_3m folder (or its parent), or 'synthetic'")
+    ap.add_argument("--checkpoints", default="checkpoints", type=Path)
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--split", type=Path, help="split JSON (default: the split recorded in the checkpoint)")
+    which.add_argument("--patients", nargs="+", metavar="ID", help="evaluate exactly these patient ids")
+    ap.add_argument("--subset", choices=("val", "test", "all"), default="val", help="which part of the split")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--threshold", type=float, default=None, help="tumour gate (default: the classifier's)")
+    ap.add_argument("--lcc", action=argparse.BooleanOptionalAction, default=False,
+                    help="3D largest connected component per patient")
+    ap.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    ap.add_argument("--no-gate", action="store_true", help="segment every slice (ablation of the classifier gate)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--gallery", type=int, default=4, metavar="K", help="K best and K worst slices in gallery.png")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    started = time.time()
+    try:
+        pipeline = Pipeline.from_checkpoints(
+            args.checkpoints, threshold=args.threshold, gate=not args.no_gate, tta=args.tta, batch_size=args.batch_size
+        )
+        seg_meta, cls_meta = pipeline.metadata["segmenter"], pipeline.metadata["classifier"]
+        # The data section of the training config (synthetic generator settings included), pointed at --data.
+        data_cfg = dataclasses.replace(Config.from_dict(seg_meta["config"]).data, root=args.data, split_file=None)
+        patients, source = _choose_patients(args, load_dataset(data_cfg), seg_meta.get("split"))
+    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    ids = [p.patient_id for p in patients]
+    classifier_train = set((cls_meta.get("split") or {}).get("train", []))
+    leaked = sorted(set(ids) & classifier_train)
+    if leaked:
+        print(f"warning: {len(leaked)} evaluated patient(s) were in the classifier's training split", file=sys.stderr)
+
+    try:
+        result, plot_data = evaluate_patients(pipeline, patients, args.lcc, args.gallery)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result["protocol"] = {
+        "data": str(args.data),
+        "checkpoints": str(args.checkpoints),
+        "patients_from": source,
+        "patients": ids,
+        "n_patients": len(ids),
+        "n_slices": int(sum(len(p.slices) for p in patients)),
+        "n_tumour_slices": int(sum(s.has_tumour for p in patients for s in p.slices)),
+        "threshold": pipeline.threshold,
+        "threshold_from": "--threshold" if args.threshold is not None else "classifier checkpoint",
+        "mask_threshold": pipeline.mask_threshold,
+        "gate": pipeline.gate,
+        "lcc": args.lcc,
+        "lcc_connectivity": "3D, 26-neighbourhood, largest component per patient",
+        "tta": args.tta,
+        "preprocessing": {"classifier": cls_meta["preprocessing"], "segmenter": seg_meta["preprocessing"]},
+        "volume_normalisation": "volume_zscore statistics over each patient's full stack",
+        "masks_scored_at": "input resolution (predictions resized back with nearest-neighbour); training's "
+        "validation metrics score at the model resolution instead, so they differ slightly",
+        "segmenter_all_slices": "segmenter alone, ungated, no LCC, every slice: the definitions training uses for "
+        "the segmenter's validation metrics (volumetric_dice = per_patient_dice.mean, dice = tumour_slice_dice)",
+        "empty_slice_rule": EMPTY_SLICE_RULE,
+        "pooled_rule": POOLED_RULE,
+        "classifier_train_overlap": leaked,
+    }
+    result["checkpoint_metrics"] = {"classifier": cls_meta.get("metrics", {}), "segmenter": seg_meta.get("metrics", {})}
+    args.out.mkdir(parents=True, exist_ok=True)
+    result["plots"] = write_plots(result, plot_data, args.out)
+    result["seconds"] = round(time.time() - started, 1)
+    (args.out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+
+    headline = result["pipeline"]["per_patient_dice"]
+    print(
+        f"{len(ids)} patients: per-patient Dice mean {headline['mean']:.4f} median {headline['median']:.4f} "
+        f"min {headline['min']:.4f}; tumour-slice Dice {result['pipeline']['tumour_slice_dice']:.4f}; "
+        f"classifier AUC {result['classifier']['auc']:.4f} accuracy {result['classifier']['accuracy']:.4f} "
+        f"→ {args.out / 'metrics.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

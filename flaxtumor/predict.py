@@ -1,0 +1,193 @@
+"""`python -m flaxtumor.predict INPUT [INPUT ...] --out DIR [--checkpoints DIR] [--threshold T] [--no-gate]`
+
+Output contract (scripts depend on it):
+- `DIR/<image stem>_pred.png` for every readable input: uint8 0/255, the same height and width as that input;
+- `DIR/predictions.csv`, header `image,tumour_probability,has_tumour,tumour_pixels`: one row per written mask, in
+  input order; `image` is the resolved path, `has_tumour` the classifier's 0/1 call, `tumour_pixels` the mask's count.
+
+INPUTs are image files and/or folders searched recursively; files named `*_mask.*` are never inputs. Two inputs with
+the same stem are refused before any work. An unreadable input is reported by name; the others are still written and
+the exit status is 1, with the failures listed. Usage errors (duplicate stems, no inputs, bad checkpoints) exit 2.
+
+Slices are grouped into patient volumes when a folder holds kaggle_3m-style slices (`<folder name>_<n>.<ext>`, one
+size): they are predicted with `Pipeline.predict_volume`, which normalises `volume_zscore` models with the volume's
+statistics as in training and allows `--lcc`. Everything else is predicted slice by slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from flaxtumor.data.io import IMAGE_SUFFIXES, DataError, read_image
+
+CSV_HEADER = ("image", "tumour_probability", "has_tumour", "tumour_pixels")
+
+
+def _natural_key(path: Path) -> list:
+    """Slice 2 before slice 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def is_mask_file(path: Path) -> bool:
+    return path.stem.endswith("_mask")
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """(image files in input order, problems). Folders are searched recursively (natural order); masks are skipped;
+    a path that does not exist is a problem reported with the other failures."""
+    files: list[Path] = []
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            images = (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted((p for p in images if not is_mask_file(p)), key=_natural_key)
+        elif path.exists():
+            if is_mask_file(path):
+                print(f"skipping {path}: files named *_mask.* are never inputs", file=sys.stderr)
+                continue
+            found = [path]
+        else:
+            problems.append(f"{path}: no such file or folder")
+            continue
+        for p in found:
+            if p.resolve() not in seen:  # the same file named twice is one input, not a duplicate stem
+                seen.add(p.resolve())
+                files.append(p)
+    return files, problems
+
+
+def duplicate_stems(files: Sequence[Path]) -> list[str]:
+    """One message per stem shared by several inputs (their masks would overwrite each other)."""
+    by_stem: dict[str, list[Path]] = {}
+    for p in files:
+        by_stem.setdefault(p.stem, []).append(p)
+    return [f"{stem}: {', '.join(str(p) for p in ps)}" for stem, ps in by_stem.items() if len(ps) > 1]
+
+
+@dataclass(frozen=True)
+class Group:
+    files: tuple[Path, ...]
+    volume: bool  # a kaggle_3m patient folder, in slice order
+
+
+def _slice_number(path: Path) -> int | None:
+    m = re.fullmatch(re.escape(path.parent.name) + r"_(\d+)", path.stem)
+    return int(m.group(1)) if m else None
+
+
+def group_volumes(files: Sequence[Path], batch_size: int) -> list[Group]:
+    """Patient volumes (folders whose every input is `<folder>_<n>`) and batches of the remaining loose slices."""
+    by_folder: dict[Path, list[Path]] = {}
+    for p in files:
+        by_folder.setdefault(p.parent, []).append(p)
+    groups: list[Group] = []
+    loose: list[Path] = []
+    for folder_files in by_folder.values():
+        numbers = [_slice_number(p) for p in folder_files]
+        if len(folder_files) > 1 and None not in numbers:
+            groups.append(Group(tuple(p for _, p in sorted(zip(numbers, folder_files))), volume=True))
+        else:
+            loose.extend(folder_files)
+    groups += [Group(tuple(loose[i : i + batch_size]), volume=False) for i in range(0, len(loose), batch_size)]
+    return groups
+
+
+def write_mask(mask: np.ndarray, path: Path) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m flaxtumor.predict",
+        description="Tumour probability and mask for MRI slices (research use only, not a medical device).",
+    )
+    ap.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
+    ap.add_argument("--out", required=True, type=Path, help="output folder for <stem>_pred.png and predictions.csv")
+    ap.add_argument("--checkpoints", default="checkpoints", type=Path, help="folder with classifier/ and segmenter/")
+    ap.add_argument("--threshold", type=float, default=None, help="tumour-probability gate (default: checkpoint's)")
+    ap.add_argument("--no-gate", action="store_true", help="run the segmenter on every slice")
+    ap.add_argument("--lcc", action="store_true", help="keep the largest 3D component in patient-folder volumes")
+    ap.add_argument("--tta", action="store_true", help="average with a horizontal flip")
+    ap.add_argument("--batch-size", type=int, default=8)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        print(f"error: --threshold must lie in [0, 1], got {args.threshold}", file=sys.stderr)
+        return 2
+    files, failures = collect_inputs(args.inputs)
+    dups = duplicate_stems(files)
+    if dups:
+        print("error: inputs share a stem, so their <stem>_pred.png would collide:\n  " + "\n  ".join(dups),
+              file=sys.stderr)
+        return 2
+    if not files:
+        print("error: no input images found" + "".join(f"\n  {f}" for f in failures), file=sys.stderr)
+        return 2
+
+    from flaxtumor.inference import Pipeline  # jax loads only once the inputs are known to be usable
+
+    try:
+        pipeline = Pipeline.from_checkpoints(
+            args.checkpoints, threshold=args.threshold, gate=not args.no_gate, tta=args.tta, batch_size=args.batch_size
+        )
+    except ValueError as e:  # CheckpointError is a ValueError: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: dict[Path, tuple] = {}
+    with tqdm(total=len(files), unit="slice", desc="predict") as bar:
+        for group in group_volumes(files, args.batch_size):
+            images, readable = [], []
+            for path in group.files:
+                try:
+                    images.append(read_image(path))
+                    readable.append(path)
+                except DataError as e:
+                    failures.append(str(e))
+                    bar.update(1)
+            if not readable:
+                continue
+            if group.volume and len({im.shape for im in images}) == 1:
+                preds = pipeline.predict_volume(images, lcc=args.lcc)
+            else:
+                preds = pipeline.predict_slices(images)
+            for path, pred in zip(readable, preds):
+                write_mask(pred.mask, args.out / f"{path.stem}_pred.png")
+                rows[path] = (
+                    str(path.resolve()),
+                    f"{pred.tumour_probability:.6f}",
+                    int(pred.has_tumour),
+                    int(np.count_nonzero(pred.mask)),
+                )
+            bar.update(len(readable))
+
+    with open(args.out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows[p] for p in files if p in rows)
+
+    print(f"wrote {len(rows)} mask(s) and predictions.csv to {args.out}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} input(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

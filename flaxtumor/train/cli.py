@@ -1,0 +1,214 @@
+"""`python train.py`: flags -> Config -> `loop.run`.
+
+Precedence: defaults < --config JSON (or, with --resume, the run folder's config.json) < --set KEY=VALUE < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from flaxtumor.config import Config
+
+EPILOG = """\
+examples:
+  python train.py --task seg --data /data/lgg                    # PATH or PATH/kaggle_3m holds the TCGA_* folders
+  python train.py --task cls --data /data/lgg --backbone-weights weights/resnet50
+  python train.py --task seg --data synthetic --epochs 2 --image-size 64   # smoke run, no download
+  python train.py --task seg --data /data/lgg --resume          # continue runs/seg after an interruption
+
+data: download mateuszbuda/lgg-mri-segmentation from Kaggle and unzip it; --data is the folder holding kaggle_3m/
+(or the TCGA_* patient folders themselves).
+
+multi-host: start the same command on every host with --coordinator HOST:PORT --num-processes N --process-id I
+(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); --batch-size is the global batch.
+"""
+
+# flag dest -> dotted config field; a flag left out keeps the config's value.
+FIELDS = {
+    "task": "train.task",
+    "data": "data.root",
+    "out": "train.out_dir",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "image_size": "data.image_size",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "split": "data.split_file",
+    "backbone_weights": "train.backbone_weights",
+    "resume": "train.resume",
+    "precision": "train.precision",
+    "loss": "train.loss",
+    "class_weight": "train.class_weight",
+    "patience": "train.patience",
+    "phase2_epochs": "train.phase2_epochs",
+    "phase2_lr_factor": "train.phase2_lr_factor",
+    "schedule": "train.schedule",
+    "weight_decay": "train.weight_decay",
+    "grad_clip": "train.grad_clip",
+    "threshold": "train.threshold",
+    "save_every": "train.save_every_steps",
+    "export_dir": "train.export_dir",
+    "save_bf16": "train.save_bf16",
+    "plot": "train.plot",
+    "workers": "data.num_workers",
+    "normalisation": "data.normalisation",
+    "augment": "data.augment",
+    "backbone": "model.backbone",
+    "widths": "model.resunet_widths",
+}
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return widths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the tumour classifier (cls) or segmenter (seg) on LGG MRI slices. Research use only.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=None,
+    )
+    d = Config()  # defaults shown in --help come from the config itself
+    a = p.add_argument
+    a("--task", choices=["cls", "seg"],
+      help="cls: slice-level tumour classifier (ResNet50); seg: ResUNet tumour masks")
+    a("--data", metavar="PATH|synthetic",
+      help="folder holding kaggle_3m/ or the TCGA_* folders; 'synthetic' makes a small fake set")
+    a("--out", metavar="DIR",
+      help="run folder: checkpoints, config.json, metrics.jsonl, curves.png (default runs/<task>)")
+    a("--epochs", type=int, metavar="N", help=f"epochs (cls: of phase 1) (default {d.train.epochs})")
+    a("--batch-size", type=int, metavar="B",
+      help=f"global batch, split over all devices (default {d.train.batch_size})")
+    a("--image-size", type=int, metavar="S", help=f"slices are resized to S x S (default {d.data.image_size})")
+    a("--lr", type=float, help=f"peak learning rate (default {d.train.lr:g})")
+    a("--seed", type=int, help=f"seed for init, shuffling, augmentation and dropout (default {d.train.seed})")
+    a("--split", metavar="FILE", help="JSON of train/val/test patient ids (default: made from data.split_seed)")
+    a("--backbone-weights", metavar="DIR|none",
+      help="cls: converted ImageNet ResNet50 (python -m flaxtumor.convert_weights); with it cls trains the head on the "
+      "frozen backbone, then also the last stage; 'none' trains a random network whole (default none)")
+    a("--resume", action="store_true", default=None,
+      help="continue the run in --out exactly where its last checkpoint left off")
+    a("--precision", choices=["fp32", "bf16"],
+      help="bf16: bfloat16 compute, float32 master weights (GPUs) (default fp32)")
+    a("--config", metavar="FILE", help="a config JSON (e.g. a run's config.json); flags override it")
+    a("--set", action="append", default=[], metavar="KEY=VALUE",
+      help="override any config field, e.g. data.rotate_degrees=10 (values are JSON)")
+    a = p.add_argument_group("losses and optimisation").add_argument
+    a("--loss", choices=["bce_dice", "focal_tversky"], help=f"seg loss (default {d.train.loss})")
+    a("--class-weight", type=float, metavar="W", help="cls: weight on tumour slices in the BCE (default unweighted)")
+    a("--patience", type=int, metavar="N",
+      help=f"early stopping: epochs without a better validation metric (default {d.train.patience})")
+    a("--phase2-epochs", type=int, metavar="N",
+      help=f"cls: epochs with the last stage unfrozen; 0 skips (default {d.train.phase2_epochs})")
+    a("--phase2-lr-factor", type=float, metavar="F",
+      help=f"cls: phase-2 LR = lr x F (default {d.train.phase2_lr_factor})")
+    a("--schedule", choices=["cosine", "onecycle"],
+      help=f"warmup + cosine decay, or one-cycle (default {d.train.schedule})")
+    a("--weight-decay", type=float, metavar="WD", help=f"AdamW decay on kernels (default {d.train.weight_decay:g})")
+    a("--grad-clip", type=float, metavar="NORM", help=f"global-norm gradient clipping (default {d.train.grad_clip})")
+    a("--threshold", type=float, help=f"probability threshold for metrics and inference (default {d.train.threshold})")
+    a = p.add_argument_group("model and data").add_argument
+    a("--backbone", choices=["resnet50", "resnet_tiny"], help="cls backbone (resnet_tiny: tests only)")
+    a("--widths", type=_widths, metavar="W1,W2,...",
+      help=f"seg ResUNet widths per level (default {','.join(map(str, d.model.resunet_widths))})")
+    a("--normalisation", choices=["image_zscore", "volume_zscore", "imagenet", "caffe"],
+      help=f"intensity normalisation (default {d.data.normalisation}; with --backbone-weights, the weights' own)")
+    a("--no-augment", dest="augment", action="store_false", default=None, help="turn training augmentation off")
+    a("--workers", type=int, metavar="N", help="grain worker processes decoding images (default 0: in-process)")
+    a = p.add_argument_group("checkpoints and output").add_argument
+    a("--save-every", type=int, metavar="STEPS",
+      help=f"also checkpoint every STEPS steps mid-epoch; 0 = per epoch only (default {d.train.save_every_steps})")
+    a("--export-dir", metavar="DIR",
+      help="write the inference checkpoint to DIR/{classifier,segmenter} (default: the run folder)")
+    a("--save-bf16", action="store_true", default=None, help="export the inference weights in bfloat16")
+    a("--no-plot", dest="plot", action="store_false", default=None, help="skip curves.png")
+    a = p.add_argument_group("multi-host (jax.distributed)").add_argument
+    a("--coordinator", metavar="HOST:PORT", help="address of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    a("--num-processes", type=int, metavar="N", help="processes in the run (or JAX_NUM_PROCESSES)")
+    a("--process-id", type=int, metavar="I", help="this process's rank (or JAX_PROCESS_ID)")
+    return p
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a bare string, e.g. data.normalisation=imagenet
+    return out
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """The run's config from the parsed flags (see the precedence in the module docstring)."""
+    given = {FIELDS[k]: v for k, v in vars(args).items() if k in FIELDS and v is not None}
+    base = Config.from_json(args.config) if args.config else Config()
+    if args.resume and not args.config:
+        task = given.get("train.task", base.train.task)
+        out = Path(given.get("train.out_dir") or base.train.out_dir or f"runs/{task}")
+        if (out / "config.json").is_file():
+            base = Config.from_json(out / "config.json")
+    config = base.override(**_parse_set(args.set), **given)
+    if config.train.out_dir is None:
+        config = config.override(**{"train.out_dir": f"runs/{config.train.task}"})
+    if config.train.task == "cls" and config.train.backbone_weights != "none" and "data.normalisation" not in given:
+        from flaxtumor.models import read_metadata  # the weights say how their ImageNet inputs were normalised
+
+        normalisation = read_metadata(config.train.backbone_weights)["normalisation"]
+        config = config.override(**{"data.normalisation": normalisation})
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.resume and not args.config and (args.task is None or args.data is None):
+        parser.error("--task and --data are required (unless --config or --resume supplies them)")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flaxtumor").setLevel(logging.INFO)
+
+    # Imported here so `--help` and flag errors stay instant (no jax start-up).
+    import jax
+
+    from flaxtumor.data.io import DataError
+    from flaxtumor.data.lgg import resolve_root
+    from flaxtumor.models import WeightsError
+    from flaxtumor.train import loop
+    from flaxtumor.train.checkpoint import CheckpointError
+    from flaxtumor.train.sharding import initialize_distributed
+
+    try:
+        config = make_config(args)
+    except (ValueError, KeyError) as e:  # bad --config file, --set key or value
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if config.data.root != "synthetic":
+            resolve_root(config.data.root)  # fail before any compile when the data is missing
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        # Compiled steps are reused across runs and resumes (ResNet50's train step takes a while to compile on CPU).
+        jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "flaxtumor" / "jax"))
+        loop.run(config)
+    except (DataError, WeightsError, CheckpointError, loop.RunExists) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except loop.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

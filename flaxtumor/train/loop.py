@@ -1,0 +1,462 @@
+"""The training loop: `run(cfg) -> summary`.
+
+Sections, in the order a run goes through them: data, model, optimizer/schedule, sharding, checkpoint/resume, train,
+eval, export. `cls` runs phase 1 (frozen backbone) then phase 2 (last stage unfrozen at a lower LR), each with its own
+early stopping; `seg` is one phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from flaxtumor import metrics as M
+from flaxtumor.config import Config, TrainConfig
+from flaxtumor.data.io import DataError
+from flaxtumor.data.lgg import Patient, Slice, load_dataset, load_split, patient_split, save_split, select
+from flaxtumor.data.pipeline import eval_batches, steps_per_epoch, train_batches
+from flaxtumor.data.preprocess import Preprocessing
+from flaxtumor.models import build_model
+from flaxtumor.models.classifier import load_backbone, set_phase
+from flaxtumor.train import sharding
+from flaxtumor.train.checkpoint import TrainCheckpoints, export_inference
+from flaxtumor.train.losses import LossFn, make_loss
+
+log = logging.getLogger(__name__)
+
+# The validation metric that picks the best checkpoint (higher is better).
+SELECTION_METRIC = {"cls": "auc", "seg": "volumetric_dice"}
+EXPORT_NAME = {"cls": "classifier", "seg": "segmenter"}
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged; the message names the step and the last good checkpoint."""
+
+
+class RunExists(RuntimeError):
+    """The run folder already holds checkpoints and --resume was not given."""
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint so --resume continues exactly."""
+
+    phase_index: int = 0  # which of the run's phases
+    epoch: int = 0  # within the phase
+    step_in_epoch: int = 0
+    global_step: int = 0
+    data_epoch: int = 0  # epochs over all phases: seeds the shuffle, so phase 2 does not replay phase 1's order
+    best: float = -math.inf  # best validation metric of this phase (early stopping)
+    bad_epochs: int = 0
+    loss_sum: float = 0.0  # this epoch's training loss so far
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _slices(patients: Sequence[Patient]) -> list[Slice]:
+    return [s for p in patients for s in p.slices]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def forward(model: nnx.Module, images: jax.Array, compute_dtype: Any) -> jax.Array:
+    """float32 logits; with bfloat16 compute the float32 master weights are cast for this call only."""
+    if compute_dtype == jnp.float32:
+        return model(images).astype(jnp.float32)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    low = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params), rest)
+    logits = low(images.astype(compute_dtype)).astype(jnp.float32)
+    # BatchNorm statistics and RNG counters moved in the low-precision copy: keep them, in their own dtypes.
+    moved = nnx.state(low, nnx.Not(nnx.Param))
+    nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), moved, nnx.state(model, nnx.Not(nnx.Param))))
+    return logits
+
+
+def compute_dtype(precision: str) -> Any:
+    return jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decay on kernels only) under warmup+cosine or one-cycle."""
+    total_steps = max(total_steps, 1)
+    if cfg.schedule == "onecycle":
+        schedule = optax.cosine_onecycle_schedule(total_steps, lr)
+    else:
+        warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, end_value=lr * 0.01)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731 — no decay on BN/bias
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharding-aware steps (the mesh comes from how the state and batch were placed)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_train_step(loss_fn: LossFn, wrt: Any, dtype: Any) -> Callable[..., dict[str, jax.Array]]:
+    """One optimizer step on a global batch; model and optimizer are donated and updated in place."""
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        def loss_of(model: nnx.Module) -> jax.Array:
+            return loss_fn(forward(model, batch["image"], dtype), batch)
+
+        loss, grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt))(model)
+        grad_norm = optax.tree.norm(grads)
+        optimizer.update(model, grads)
+        # A non-finite gradient poisons the weights even when the loss was finite: report it as a NaN loss.
+        return {"loss": jnp.where(jnp.isfinite(grad_norm), loss, jnp.nan), "grad_norm": grad_norm}
+
+    return train_step
+
+
+def make_eval_step(dtype: Any) -> Callable[[nnx.Module, jax.Array], jax.Array]:
+    @nnx.jit
+    def eval_step(model: nnx.Module, images: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(forward(model, images, dtype))
+
+    return eval_step
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Eval
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def predict(
+    model: nnx.Module, eval_step: Callable, slices: Sequence[Slice], cfg: Config, batch_size: int, mesh: Mesh
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Probabilities for `slices` in order (cls: (N,); seg: bool masks (N, S, S) at the threshold) and the targets."""
+    rows = sharding.process_rows(batch_size)
+    outputs, labels, masks = [], [], []
+    for batch in eval_batches(slices, cfg.data, batch_size):
+        probs = eval_step(model, sharding.shard_batch({"image": batch["image"][rows]}, mesh)["image"])
+        if cfg.train.task == "seg":
+            probs = probs[..., 0] >= cfg.train.threshold  # threshold on device: a quarter of the bytes to host
+        valid = batch["valid"]
+        outputs.append(sharding.to_host(probs)[valid])
+        labels.append(batch["label"][valid])
+        masks.append(batch["mask"][valid, ..., 0] > 0.5)
+    return np.concatenate(outputs), {"label": np.concatenate(labels), "mask": np.concatenate(masks)}
+
+
+def evaluate(
+    model: nnx.Module, eval_step: Callable, patients: Sequence[Patient], cfg: Config, batch_size: int, mesh: Mesh
+) -> dict[str, float]:
+    """Validation metrics; seg groups the slices per patient (in slice order) for volumetric Dice."""
+    slices = _slices(patients)
+    outputs, targets = predict(model, eval_step, slices, cfg, batch_size, mesh)
+    if cfg.train.task == "cls":
+        m = M.classification_metrics(outputs, targets["label"], cfg.train.threshold)
+        return {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "auc")}
+    preds, truth, start = {}, {}, 0
+    for p in patients:
+        preds[p.patient_id] = outputs[start : start + len(p.slices)]
+        truth[p.patient_id] = targets["mask"][start : start + len(p.slices)]
+        start += len(p.slices)
+    per_patient = M.summarise_patient_dice(M.volumetric_dice_per_patient(preds, truth))
+    return {
+        "volumetric_dice": per_patient["mean"],
+        "dice": M.tumour_slice_dice(list(outputs), list(targets["mask"])),
+        "iou": M.tumour_slice_iou(list(outputs), list(targets["mask"])),
+        "pooled_dice": M.pooled_dice(list(outputs), list(targets["mask"])),
+    }
+
+
+def _score(metrics: dict[str, float], task: str) -> float:
+    """The selection metric, with nan (e.g. one class only in validation) ranked as worst."""
+    value = metrics[SELECTION_METRIC[task]]
+    return -1.0 if value is None or math.isnan(value) else float(value)
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logs, plots, export metadata
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _write_logs(out: Path, history: list[dict[str, Any]], plot: bool) -> None:
+    # Rewritten whole from the checkpointed history, so a resumed run never holds lines from lost epochs.
+    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    if plot and history:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+        x = [h["global_epoch"] for h in history]
+        a.plot(x, [h["train_loss"] for h in history], marker="o")
+        a.set(title="train loss", xlabel="epoch")
+        for k in [k for k in history[-1] if k.startswith("val_")]:
+            b.plot(x, [h.get(k) for h in history], marker="o", label=k[4:])
+        b.set(title="validation", xlabel="epoch")
+        b.legend()
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=100)
+        plt.close(fig)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    tcfg = cfg.train
+    out = Path(tcfg.out_dir or f"runs/{tcfg.task}")
+    leader = jax.process_index() == 0
+    say = print if leader else (lambda *a, **k: None)
+
+    # -- sharding ------------------------------------------------------------------------------------------------
+    mesh = sharding.make_mesh()
+    say(sharding.describe(mesh))
+    batch_size = sharding.fit_batch_size(tcfg.batch_size, mesh)
+    rows = sharding.process_rows(batch_size)
+    dtype = compute_dtype(tcfg.precision)
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    patients = load_dataset(cfg.data)
+    saved_split = out / "split.json"
+    # A resumed run keeps its own split, whatever the split seed or fractions say now.
+    split = load_split(saved_split) if tcfg.resume and saved_split.is_file() else patient_split(cfg.data, patients)
+    train_slices = _slices(select(patients, split.train))
+    val_patients = select(patients, split.val)
+    steps = steps_per_epoch(len(train_slices), batch_size)
+    if steps == 0 or not val_patients:
+        raise DataError(
+            cfg.data.root,
+            f"{len(train_slices)} training slices and {len(val_patients)} validation patients are too "
+            f"few for batch size {batch_size}"
+        )
+    say(
+        f"data: {len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test patients, "
+        f"{len(train_slices)} training slices, {steps} steps of {batch_size} per epoch"
+    )
+
+    # -- checkpoint/resume ---------------------------------------------------------------------------------------
+    checkpoints = TrainCheckpoints(out / "orbax", SELECTION_METRIC[tcfg.task])
+    latest = checkpoints.latest_step()
+    if latest is not None and not tcfg.resume:
+        raise RunExists(
+            f"{out}: already holds checkpoints (step {latest}); pass --resume to continue or choose another --out"
+        )
+    progress = Progress(**checkpoints.restore_meta(latest)["progress"]) if latest is not None else Progress()
+    if leader:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(out / "config.json")
+        save_split(split, out / "split.json")
+    if latest is not None:
+        say(f"resuming from step {latest}: epoch {progress.data_epoch + 1}, step {progress.step_in_epoch}")
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    model = build_model(cfg, nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1))
+    if tcfg.task == "cls" and tcfg.backbone_weights != "none":
+        load_backbone(model, tcfg.backbone_weights)
+    nnx.update(model, sharding.replicate(nnx.state(model), mesh))
+    loss_fn = make_loss(tcfg)
+    eval_step = make_eval_step(dtype)
+
+    # cls with ImageNet weights: phase 1 trains the head on the frozen backbone, phase 2 also the last stage at a lower
+    # LR. A random backbone has nothing worth freezing, so it trains whole ("phase 0", one phase).
+    pretrained = tcfg.task == "cls" and tcfg.backbone_weights != "none"
+    phases = [(1 if pretrained else 0, tcfg.epochs, tcfg.lr)]
+    if pretrained and tcfg.phase2_epochs > 0:
+        phases.append((2, tcfg.phase2_epochs, tcfg.lr * tcfg.phase2_lr_factor))
+
+    def train_mode(phase: int) -> Any:
+        """Puts the model in training mode and returns the trainable-parameter filter."""
+        wrt = set_phase(model, phase, cfg.model.unfreeze_last_layers) if tcfg.task == "cls" else nnx.Param
+        model.train()  # the classifier keeps its frozen parts in eval mode through this
+        return wrt
+
+    if progress.phase_index >= len(phases):
+        say("this run had already finished (resume does not add epochs); exporting its best checkpoint again")
+    for index, (phase, epochs, lr) in enumerate(phases):
+        if index < progress.phase_index:
+            continue
+        # -- optimizer/schedule (per phase: phase 2 trains more parameters at its own LR) ----------------------------
+        wrt = train_mode(phase)
+        optimizer = nnx.Optimizer(model, make_optimizer(tcfg, lr, epochs * steps, steps), wrt=wrt)
+        nnx.update(optimizer, sharding.replicate(nnx.state(optimizer), mesh))
+        fresh = progress.epoch == 0 and progress.step_in_epoch == 0
+        if not fresh:
+            checkpoints.restore(latest, model, optimizer)
+        elif index > 0:
+            checkpoints.restore(checkpoints.best_step(), model)  # phase 2 fine-tunes phase 1's best model
+        train_step = make_train_step(loss_fn, wrt, dtype)
+        label = f"phase {phase} " if pretrained else ""
+        if pretrained:
+            say(f"phase {phase}: {'backbone frozen' if phase == 1 else 'last stage unfrozen'}, lr {lr:g}")
+
+        while True:
+            # -- train ---------------------------------------------------------------------------------------------
+            bar = tqdm(
+                total=steps, initial=progress.step_in_epoch, desc=f"{label}epoch {progress.epoch + 1}/{epochs}",
+                disable=not leader, dynamic_ncols=True,
+            )
+            pending: tuple[int, dict[str, jax.Array]] | None = None
+            since: tuple[float, int] | None = None  # (time, step) of the first settled step: img/s leaves out compiling
+
+            def settle() -> None:
+                """Reads the last step's loss (the one host sync per step), one step behind the device."""
+                nonlocal pending, since
+                if pending is None:
+                    return
+                step, result = pending
+                pending = None
+                loss = float(result["loss"])
+                if not math.isfinite(loss):
+                    bar.close()
+                    checkpoints.close()
+                    last = checkpoints.latest_step()
+                    where = checkpoints.path(last) if last is not None else "none saved yet"
+                    raise NonFiniteLoss(
+                        f"loss is {loss} at step {step} (phase {phase}, epoch {progress.epoch + 1}); stopped. "
+                        f"Last good checkpoint: {where}. Lower --lr and continue with --resume."
+                    )
+                progress.loss_sum += loss
+                now = time.perf_counter()
+                if since is None:
+                    since = (now, step)
+                rate = (step - since[1]) * batch_size / max(now - since[0], 1e-9)
+                bar.set_postfix_str(f"loss={loss:.4f} img/s={rate:.1f}" if step > since[1] else f"loss={loss:.4f}")
+
+            batches = train_batches(
+                train_slices, cfg.data, batch_size, tcfg.seed, progress.data_epoch, progress.step_in_epoch
+            )
+            for batch in batches:
+                local = {k: batch[k][rows] for k in ("image", "mask", "label")}
+                result = train_step(model, optimizer, sharding.shard_batch(local, mesh))
+                settle()
+                progress.step_in_epoch += 1
+                progress.global_step += 1
+                pending = (progress.global_step, result)
+                bar.update(1)
+                every = tcfg.save_every_steps
+                if every and progress.global_step % every == 0 and progress.step_in_epoch < steps:
+                    settle()  # never save weights from a step whose loss was not checked
+                    checkpoints.save(progress.global_step, model, optimizer, {"progress": progress.to_dict()})
+            settle()
+            bar.close()
+
+            # -- eval ----------------------------------------------------------------------------------------------
+            model.eval()
+            val = evaluate(model, eval_step, val_patients, cfg, batch_size, mesh)
+            train_mode(phase)
+            score = _score(val, tcfg.task)
+            improved = score > progress.best
+            progress.history.append(
+                {
+                    "phase": phase, "epoch": progress.epoch + 1, "global_epoch": progress.data_epoch + 1,
+                    "step": progress.global_step, "train_loss": progress.loss_sum / steps,
+                    **{f"val_{k}": v for k, v in val.items()},
+                }
+            )
+            say(f"{label}epoch {progress.epoch + 1}/{epochs} val {_format(val)}{' *' if improved else ''}")
+            progress.best, progress.bad_epochs = (score, 0) if improved else (progress.best, progress.bad_epochs + 1)
+            progress.epoch += 1
+            progress.data_epoch += 1
+            progress.step_in_epoch, progress.loss_sum = 0, 0.0
+            stop = progress.bad_epochs >= tcfg.patience
+            phase_over = stop or progress.epoch == epochs
+            if phase_over:  # the checkpoint records the next phase's start
+                progress.phase_index, progress.epoch, progress.best, progress.bad_epochs = index + 1, 0, -math.inf, 0
+            checkpoints.save(
+                progress.global_step, model, optimizer, {"progress": progress.to_dict()},
+                metrics={**val, checkpoints.metric: score},
+            )
+            latest = progress.global_step
+            if leader:
+                _write_logs(out, progress.history, tcfg.plot)
+            if stop:
+                say(f"{label}early stop: no better {SELECTION_METRIC[tcfg.task]} for {tcfg.patience} epochs")
+            if phase_over:
+                break
+
+    # -- export --------------------------------------------------------------------------------------------------
+    checkpoints.manager.wait_until_finished()
+    best_step = checkpoints.best_step()
+    checkpoints.restore(best_step, model)
+    model.eval()
+    best = next(h for h in progress.history if h["step"] == best_step)
+    metadata = {
+        "config": cfg.to_dict(),
+        "task": tcfg.task,
+        "preprocessing": Preprocessing(cfg.data.image_size, cfg.data.normalisation).to_dict(),
+        "threshold": tcfg.threshold,
+        "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",
+        "split": split.to_dict(),
+        "metrics": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+        "best": {"phase": best["phase"], "epoch": best["epoch"], "step": best_step},
+        "history": progress.history,
+        "versions": _versions(),
+    }
+    export_dir = Path(tcfg.export_dir or out) / EXPORT_NAME[tcfg.task]
+    export_inference(export_dir, model, metadata, bf16=tcfg.save_bf16)
+    checkpoints.close()
+    summary = {
+        "best_phase": best["phase"],
+        "best_epoch": best["epoch"],
+        "best_step": best_step,
+        "metric": SELECTION_METRIC[tcfg.task],
+        "best_metric": best[f"val_{SELECTION_METRIC[tcfg.task]}"],
+        "checkpoint": str(export_dir),
+        "train_checkpoint": str(checkpoints.path(best_step)),
+        "run_dir": str(out),
+        "history": progress.history,
+    }
+    which = f"phase {best['phase']} " if pretrained else ""
+    say(
+        f"best: {which}epoch {best['epoch']} (step {best_step}) {summary['metric']}={summary['best_metric']:.4f}; "
+        f"inference checkpoint: {export_dir}; run folder: {out}"
+    )
+    return summary

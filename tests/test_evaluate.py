@@ -1,0 +1,91 @@
+"""`python -m flaxtumor.evaluate`: metrics.json (with its protocol) and the PNGs, on tiny checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flaxtumor import metrics
+from flaxtumor.data.io import read_mask
+from flaxtumor.data.lgg import discover
+from flaxtumor.evaluate import main
+from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
+
+PLOTS = ("confusion_matrix.png", "roc.png", "reliability.png", "patient_dice.png", "gallery.png")
+
+
+def _strict_json(path):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_default_is_the_checkpoint_val_split_with_protocol_and_plots(tiny, tmp_path):  # noqa: F811
+    out = tmp_path / "eval"
+    assert main(["--data", str(tiny.data), "--checkpoints", str(tiny.checkpoints), "--out", str(out)]) == 0
+    m = _strict_json(out / "metrics.json")
+    protocol = m["protocol"]
+    assert protocol["patients"] == list(tiny.val) and protocol["patients_from"] == "segmenter checkpoint (val)"
+    assert protocol["threshold"] == 0.5 and protocol["threshold_from"] == "classifier checkpoint"
+    assert protocol["lcc"] is False and protocol["tta"] is False and protocol["gate"] is True
+    assert "never 1" in protocol["empty_slice_rule"] and "pooled" in protocol["pooled_rule"]
+    assert protocol["n_slices"] == 12 and protocol["classifier_train_overlap"] == []
+    keys = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "auc", "ece", "confusion_matrix")
+    assert set(keys) <= set(m["classifier"])
+    assert sum(map(sum, m["classifier"]["confusion_matrix"])) == 12
+    assert set(m["segmenter"]) >= {"dice_mean", "iou_mean", "pooled_dice", "pooled_iou", "n_slices"}
+    assert m["segmenter"]["n_slices"] == protocol["n_tumour_slices"]
+    assert set(m["segmenter"]["all_slices"]) == {"per_patient_dice", "tumour_slice_dice", "pooled_dice"}
+    pipe = m["pipeline"]
+    assert set(pipe["per_patient_dice"]) >= {"mean", "median", "min", "n_scored", "empty_both_patients"}
+    assert set(pipe["per_patient"]) == set(tiny.val)
+    assert {"tumour_slice_dice", "pooled_dice", "pooled_iou", "pooled_pixel_accuracy"} <= set(pipe)
+    assert m["checkpoint_metrics"]["segmenter"] == {"note": "untrained test model"}
+    assert m["plots"] == list(PLOTS)
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_known_answer_when_every_slice_is_fully_segmented(tiny, tmp_path):  # noqa: F811
+    # threshold 0 passes every slice and the fixture's segmenter marks every pixel: Dice is then 2|T| / (|T| + all)
+    pid = tiny.val[1]
+    out = tmp_path / "eval"
+    args = ["--data", str(tiny.data), "--checkpoints", str(tiny.checkpoints), "--out", str(out),
+            "--patients", pid, "--threshold", "0", "--lcc", "--tta", "--gallery", "2"]
+    assert main(args) == 0
+    m = _strict_json(out / "metrics.json")
+    (patient,) = [p for p in discover(tiny.data) if p.patient_id == pid]
+    target = np.stack([read_mask(s.mask_path) for s in patient.slices])
+    expected = metrics.dice(np.ones_like(target), target)
+    assert m["pipeline"]["per_patient"][pid] == pytest.approx(expected)
+    assert m["pipeline"]["pooled_dice"] == pytest.approx(expected)
+    assert m["pipeline"]["pooled_pixel_accuracy"] == pytest.approx(target.mean())
+    slice_dice = metrics.tumour_slice_dice(list(np.ones_like(target)), list(target))
+    assert m["pipeline"]["tumour_slice_dice"] == pytest.approx(slice_dice)
+    assert m["classifier"]["recall"] == 1.0 and m["classifier"]["specificity"] == 0.0
+    assert m["protocol"]["patients_from"] == "--patients" and m["protocol"]["patients"] == [pid]
+    assert m["protocol"]["lcc"] is True and m["protocol"]["tta"] is True and m["protocol"]["threshold"] == 0.0
+
+
+def test_split_file_and_errors(tiny, tmp_path, capsys):  # noqa: F811
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": list(tiny.val), "val": [], "test": [], "seed": 0}))
+    base = ["--data", str(tiny.data), "--checkpoints", str(tiny.checkpoints), "--out", str(tmp_path / "o")]
+    assert main(base + ["--split", str(split)]) == 2
+    assert "val subset" in capsys.readouterr().err
+    assert main(base + ["--patients", "TCGA_NO_0000_20000101"]) == 2
+    assert "not in the dataset" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path / "nodata"), "--checkpoints", str(tiny.checkpoints), "--out", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_no_gate_pipeline_equals_the_segmenter_on_all_slices(tiny, tmp_path):  # noqa: F811
+    out = tmp_path / "eval"
+    args = ["--data", str(tiny.data), "--checkpoints", str(tiny.checkpoints), "--out", str(out), "--no-gate"]
+    assert main(args) == 0
+    m = _strict_json(out / "metrics.json")
+    assert m["protocol"]["gate"] is False
+    ungated = m["segmenter"]["all_slices"]
+    assert m["pipeline"]["per_patient_dice"] == ungated["per_patient_dice"]
+    assert m["pipeline"]["tumour_slice_dice"] == ungated["tumour_slice_dice"]

@@ -1,0 +1,146 @@
+"""Pipeline: gating, input sizes and channels, volumes, LCC, TTA, fixed batch shape, Grad-CAM, metadata."""
+
+import numpy as np
+import pytest
+
+from flaxtumor.data.io import read_image
+from flaxtumor.inference import Pipeline, as_rgb, gate_and_postprocess, largest_connected_component
+from flaxtumor.train.checkpoint import CheckpointError
+from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
+
+
+def _volume(tiny):  # noqa: F811
+    folder = tiny.data / tiny.val[0]
+    files = sorted((p for p in folder.glob("*.tif") if not p.stem.endswith("_mask")),
+                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return [read_image(p) for p in files]
+
+
+def _random_images(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes]
+
+
+def test_gate_empties_slices_below_threshold_and_no_gate_segments_all(tiny):  # noqa: F811
+    images = _random_images([(40, 40, 3)] * 3)
+    gated = Pipeline.from_checkpoints(tiny.checkpoints, threshold=1.01).predict_slices(images)
+    assert all(not p.has_tumour and not p.mask.any() for p in gated)
+    ungated = Pipeline.from_checkpoints(tiny.checkpoints, threshold=1.01, gate=False).predict_slices(images)
+    # the fixture's segmenter (mask threshold 0) marks every pixel wherever it runs
+    assert all(not p.has_tumour and p.mask.all() for p in ungated)
+    passed = Pipeline.from_checkpoints(tiny.checkpoints, threshold=0.0).predict_slices(images)
+    assert all(p.has_tumour and p.mask.all() for p in passed)
+    assert [p.tumour_probability for p in gated] == [p.tumour_probability for p in passed]
+
+
+def test_threshold_defaults_come_from_the_checkpoints(tiny):  # noqa: F811
+    p = Pipeline.from_checkpoints(tiny.checkpoints)
+    assert p.threshold == 0.5 and p.mask_threshold == 0.0
+    summary = p.summary()
+    assert summary["models"]["classifier"]["preprocessing"] == {"image_size": 32, "normalisation": "image_zscore"}
+    assert summary["models"]["segmenter"]["split_sizes"] == {"train": 1, "val": 2, "test": 0}
+    assert summary["pipeline"]["gate"] is True
+    assert p.metadata["segmenter"]["split"]["val"] == list(tiny.val)
+
+
+def test_masks_come_back_at_any_input_size(tiny):  # noqa: F811
+    p = Pipeline.from_checkpoints(tiny.checkpoints, threshold=0.0)
+    shapes = [(37, 53, 3), (256, 256, 3), (9, 200, 3), (64, 64)]
+    preds = p.predict_slices(_random_images(shapes))
+    assert [pr.mask.shape for pr in preds] == [s[:2] for s in shapes]
+    assert all(pr.mask.dtype == np.bool_ and 0.0 <= pr.tumour_probability <= 1.0 for pr in preds)
+
+
+def test_gray_is_replicated_and_alpha_dropped(tiny):  # noqa: F811
+    p = Pipeline.from_checkpoints(tiny.checkpoints)
+    (rgb,) = _random_images([(48, 48, 3)])
+    gray = rgb[..., 1]
+    rgba = np.concatenate([rgb, np.full((48, 48, 1), 7, np.uint8)], axis=-1)
+    probs = [x.tumour_probability for x in p.predict_slices([gray, gray[..., None], np.repeat(gray[..., None], 3, -1)])]
+    assert probs[0] == probs[1] == probs[2]
+    assert p.predict_slices([rgba])[0].tumour_probability == p.predict_slices([rgb])[0].tumour_probability
+    assert as_rgb(rgba).shape == (48, 48, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        as_rgb(np.zeros((4, 4), np.uint16))
+    with pytest.raises(ValueError, match="shape"):
+        as_rgb(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_padding_the_last_batch_changes_nothing_and_compiles_once(tiny):  # noqa: F811
+    p = Pipeline.from_checkpoints(tiny.checkpoints, batch_size=4)
+    images = _random_images([(32, 32, 3)] * 7)
+    together = [x.tumour_probability for x in p.predict_slices(images)]
+    alone = [p.predict_slices([im])[0].tumour_probability for im in images]
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    assert p._classify._forward._cache_size() == 1  # batches of 4, 3 (padded) and 1 (padded): one shape
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(tiny):  # noqa: F811
+    plain = Pipeline.from_checkpoints(tiny.checkpoints)
+    tta = Pipeline.from_checkpoints(tiny.checkpoints, tta=True)
+    (im,) = _random_images([(32, 32, 3)])
+    expected = np.mean([x.tumour_probability for x in plain.predict_slices([im, im[:, ::-1]])])
+    assert tta.predict_slices([im])[0].tumour_probability == pytest.approx(expected, rel=1e-5)
+
+
+def test_predict_volume_matches_raw_outputs_gated_and_postprocessed(tiny):  # noqa: F811
+    volume = _volume(tiny)
+    raw = Pipeline.from_checkpoints(tiny.checkpoints, mask_threshold=0.5)
+    probs = raw.tumour_probabilities(volume, volume=True)
+    # a threshold inside the range of probabilities, so some slices pass the gate and some do not
+    threshold = float(np.sort(probs)[len(probs) // 2])
+    p = Pipeline.from_checkpoints(tiny.checkpoints, mask_threshold=0.5, threshold=threshold)
+    masks = np.stack(p.segment(volume, volume=True))
+    for lcc in (False, True):
+        preds = p.predict_volume(volume, lcc=lcc)
+        expected = gate_and_postprocess(probs, masks, threshold, gate=True, lcc=lcc)
+        np.testing.assert_array_equal(np.stack([x.mask for x in preds]), expected)
+        assert [x.has_tumour for x in preds] == list(probs >= threshold)
+    ungated = p.predict_volume(volume, gate=False)
+    np.testing.assert_array_equal(np.stack([x.mask for x in ungated]), masks)
+
+
+def test_volume_normalisation_differs_from_per_slice_fallback(tiny):  # noqa: F811
+    # the segmenter is volume_zscore: a slice seen within its volume is normalised with the volume's statistics
+    volume = _volume(tiny)
+    p = Pipeline.from_checkpoints(tiny.checkpoints, mask_threshold=0.5)
+    x_volume = p._prepare(volume, p.segmenter_spec, volume=True)
+    x_slices = p._prepare(volume, p.segmenter_spec, volume=False)
+    assert not np.allclose(x_volume, x_slices)
+    with pytest.raises(ValueError, match="one size"):
+        p.predict_volume(_random_images([(32, 32, 3), (40, 40, 3)]))
+
+
+def test_largest_connected_component_is_3d_with_diagonal_neighbours():
+    v = np.zeros((4, 6, 6), bool)
+    v[0, 0:2, 0:2] = True  # 4 voxels ...
+    v[1, 2, 2] = True  # ... joined diagonally across slices: 5 in all
+    v[3, 4:6, 4:6] = True  # 4 voxels, separate
+    kept = largest_connected_component(v)
+    assert kept.sum() == 5 and kept[1, 2, 2] and not kept[3].any()
+    assert not largest_connected_component(np.zeros((2, 3, 3), bool)).any()
+
+
+def test_gradcam_is_at_input_size_in_unit_range(tiny):  # noqa: F811
+    p = Pipeline.from_checkpoints(tiny.checkpoints)
+    (im,) = _random_images([(45, 61, 3)])
+    heat = p.gradcam(im)
+    assert heat.shape == (45, 61) and heat.dtype == np.float32
+    assert 0.0 <= heat.min() and heat.max() <= 1.0
+
+
+def test_missing_checkpoints_raise_one_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Pipeline.from_checkpoints(tmp_path / "nowhere")
+
+
+def test_empty_inputs_give_empty_outputs(tiny):  # noqa: F811
+    p = Pipeline.from_checkpoints(tiny.checkpoints)
+    assert p.predict_slices([]) == [] and p.predict_volume([]) == []
+
+
+def test_flip_tta_flips_the_segmenter_output_back(tiny):  # noqa: F811
+    p = Pipeline.from_checkpoints(tiny.checkpoints)
+    x = p._prepare(_random_images([(32, 32, 3)] * 2), p.segmenter_spec, volume=False)
+    expected = (p._segment(x, False) + p._segment(x[:, :, ::-1], False)[:, :, ::-1]) / 2
+    np.testing.assert_allclose(p._segment(x, True), expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,145 @@
+"""`python -m flaxtumor.predict`: the CSV/PNG output contract, input discovery and failure handling."""
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from flaxtumor.predict import CSV_HEADER, collect_inputs, duplicate_stems, group_volumes, main
+from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+@pytest.fixture
+def loose(tmp_path):
+    """Odd-size RGB, gray, RGBA, uint16 and JPEG slices, plus a mask file that must never be an input."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "loose"
+    (d / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(d / "odd.png")
+    Image.fromarray(rng.integers(0, 256, (64, 48), dtype=np.uint8)).save(d / "sub" / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8), "RGBA").save(d / "sub" / "rgba.png")
+    tifffile.imwrite(d / "deep16.tif", rng.integers(0, 4000, (50, 70), dtype=np.uint16))
+    Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(d / "photo.jpg")
+    Image.fromarray(np.zeros((37, 53), np.uint8)).save(d / "odd_mask.png")
+    return d
+
+
+def _input_shape(path):
+    from flaxtumor.data.io import read_image
+
+    return read_image(path).shape[:2]
+
+
+def test_output_contract_for_a_patient_folder_and_loose_images(tiny, loose, tmp_path):  # noqa: F811
+    patient = tiny.data / tiny.val[0]
+    out = tmp_path / "out"
+    assert main([str(patient), str(loose), "--out", str(out), "--checkpoints", str(tiny.checkpoints),
+                 "--batch-size", "2"]) == 0
+    header, rows = _read_csv(out / "predictions.csv")
+    assert tuple(header) == CSV_HEADER == ("image", "tumour_probability", "has_tumour", "tumour_pixels")
+    slices = sorted((p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")),
+                    key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    others = ["deep16.tif", "odd.png", "photo.jpg", "sub/gray.png", "sub/rgba.png"]
+    inputs = slices + [loose / name for name in others]
+    assert [r[0] for r in rows] == [str(p.resolve()) for p in inputs]  # input order, slices in numeric order
+    by_image = {r[0]: r for r in rows}
+    for path in inputs:
+        row = by_image[str(path.resolve())]
+        mask = np.asarray(Image.open(out / f"{path.stem}_pred.png"))
+        assert mask.dtype == np.uint8 and mask.shape == _input_shape(path)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert 0.0 <= float(row[1]) <= 1.0
+        assert row[2] in ("0", "1")
+        assert int(row[3]) == int((mask == 255).sum())
+        if row[2] == "0":
+            assert int(row[3]) == 0  # gated: no tumour call, no mask
+    assert not (out / "odd_mask_pred.png").exists()
+    assert not list(out.glob("*_mask_pred.png"))
+
+
+def test_threshold_and_no_gate_flags(tiny, loose, tmp_path):  # noqa: F811
+    args = [str(loose / "odd.png"), str(loose / "sub"), "--checkpoints", str(tiny.checkpoints)]
+    # threshold 0: every slice passes the gate; the fixture's segmenter then marks every pixel
+    assert main(args + ["--out", str(tmp_path / "a"), "--threshold", "0"]) == 0
+    _, rows = _read_csv(tmp_path / "a" / "predictions.csv")
+    assert all(r[2] == "1" and int(r[3]) > 0 for r in rows)
+    assert int(rows[0][3]) == 37 * 53
+    # threshold 1: nothing passes, so nothing is segmented ...
+    assert main(args + ["--out", str(tmp_path / "b"), "--threshold", "1"]) == 0
+    _, rows = _read_csv(tmp_path / "b" / "predictions.csv")
+    assert all(r[2] == "0" and r[3] == "0" for r in rows)
+    # ... unless --no-gate runs the segmenter everywhere
+    assert main(args + ["--out", str(tmp_path / "c"), "--threshold", "1", "--no-gate"]) == 0
+    _, rows = _read_csv(tmp_path / "c" / "predictions.csv")
+    assert all(r[2] == "0" and int(r[3]) > 0 for r in rows)
+    assert main(args + ["--out", str(tmp_path / "d"), "--threshold", "1.5"]) == 2
+
+
+def test_duplicate_stems_fail_before_any_work(tiny, loose, tmp_path, capsys):  # noqa: F811
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(loose / "odd.png", other / "odd.tif")
+    out = tmp_path / "out"
+    assert main([str(loose), str(other), "--out", str(out), "--checkpoints", str(tiny.checkpoints)]) == 2
+    err = capsys.readouterr().err
+    assert "odd" in err and str(other / "odd.tif") in err and str(loose / "odd.png") in err
+    assert not out.exists()
+
+
+def test_the_same_file_twice_is_not_a_duplicate(loose):
+    files, problems = collect_inputs([loose / "odd.png", loose, str(loose / "odd.png")])
+    assert files.count(loose / "odd.png") == 1 and not problems and not duplicate_stems(files)
+
+
+def test_unreadable_inputs_are_reported_and_the_rest_written(tiny, loose, tmp_path, capsys):  # noqa: F811
+    (loose / "empty.png").write_bytes(b"")
+    (loose / "broken.tif").write_bytes(b"II*\x00garbage")
+    out = tmp_path / "out"
+    code = main([str(loose), str(tmp_path / "missing.png"), "--out", str(out), "--checkpoints", str(tiny.checkpoints)])
+    assert code == 1
+    err = capsys.readouterr().err
+    for name in ("empty.png", "broken.tif", "missing.png"):
+        assert name in err
+    assert "3 input(s) failed" in err
+    _, rows = _read_csv(out / "predictions.csv")
+    assert len(rows) == 5 and all((out / f"{p}_pred.png").exists() for p in ("odd", "gray", "rgba", "deep16", "photo"))
+    assert not (out / "empty_pred.png").exists()
+
+
+def test_explicit_mask_file_is_skipped_and_no_inputs_is_an_error(loose, tmp_path, capsys):
+    assert main([str(loose / "odd_mask.png"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "never inputs" in err and "no input images" in err
+
+
+def test_bad_checkpoints_exit_2_with_one_line(loose, tmp_path, capsys):
+    assert main([str(loose / "odd.png"), "--out", str(tmp_path / "o"), "--checkpoints", str(tmp_path / "none")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_patient_folders_become_volumes_in_slice_order(tmp_path):
+    folder = tmp_path / "TCGA_XX_0001_20000101"
+    folder.mkdir()
+    names = [f"{folder.name}_{n}.tif" for n in (10, 2, 1)]
+    for n in names:
+        (folder / n).touch()
+    (tmp_path / "loose.png").touch()
+    groups = group_volumes([folder / n for n in names] + [tmp_path / "loose.png"], batch_size=8)
+    assert groups[0].volume and [p.name for p in groups[0].files] == [names[2], names[1], names[0]]
+    assert not groups[1].volume and groups[1].files == (tmp_path / "loose.png",)
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "flaxtumor.predict", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--no-gate" in done.stdout

@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flaxtumor.train.cli import FIELDS, build_parser, main, make_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    for flag in ("--task", "--data", "--out", "--epochs", "--batch-size", "--image-size", "--lr", "--seed", "--split",
+                 "--backbone-weights", "--resume", "--precision", "--config", "--loss", "--workers", "--patience"):
+        assert flag in text
+
+
+def test_missing_data_is_one_clear_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--task", "seg", "--data", str(tmp_path / "nowhere")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "mateuszbuda/lgg-mri-segmentation" in line and "--data synthetic" in line
+
+
+def test_task_and_data_are_required(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--task", "seg"])
+    assert exit_.value.code == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_flags_override_the_config_file(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"train": {"epochs": 7, "lr": 0.5, "task": "cls"}, "data": {"image_size": 64}}))
+    args = build_parser().parse_args(["--config", str(config), "--epochs", "3", "--no-augment", "--widths", "8,16",
+                                      "--set", "data.rotate_degrees=5"])
+    cfg = make_config(args)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.task, cfg.data.image_size) == (3, 0.5, "cls", 64)
+    assert cfg.data.augment is False and cfg.model.resunet_widths == (8, 16) and cfg.data.rotate_degrees == 5
+    assert cfg.train.out_dir == "runs/cls"
+    assert set(FIELDS.values()) <= {f"{s}.{k}" for s, d in cfg.to_dict().items() for k in d}
+
+
+def test_bad_config_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"train": {"epochz": 7}}))
+    assert main(["--config", str(config)]) == 2
+    assert "unknown field" in capsys.readouterr().err
