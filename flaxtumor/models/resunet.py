@@ -1,0 +1,103 @@
+"""Residual U-Net for tumour masks: one logit channel at input resolution.
+
+``widths`` gives the channels per level; ``len(widths) - 1`` poolings, so H and W must divide by ``2**(len(widths)-1)``.
+`CLASSIC_WIDTHS` (16..256, ~2 M params) is the default; `WIDE_WIDTHS` (32..512, ~8 M) the wider variant.
+The decoder upsamples with nearest resize + 3x3 conv: transposed convs are very slow on XLA:CPU (jax#23783).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxtumor.models.resnet import BN_MOMENTUM
+
+CLASSIC_WIDTHS = (16, 32, 64, 128, 256)
+WIDE_WIDTHS = (32, 64, 128, 256, 512)
+_PAD = ((1, 1), (1, 1))
+
+
+def _conv3x3(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(in_features, out_features, (3, 3), padding=_PAD, use_bias=False, rngs=rngs)
+
+
+def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(features, momentum=BN_MOMENTUM, rngs=rngs)
+
+
+class ResidualBlock(nnx.Module):
+    """conv-BN-ReLU -> conv-BN, plus a 1x1-conv-BN projected shortcut when the width changes, then ReLU."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+        self.conv1 = _conv3x3(in_features, out_features, rngs)
+        self.bn1 = _bn(out_features, rngs)
+        self.conv2 = _conv3x3(out_features, out_features, rngs)
+        self.bn2 = _bn(out_features, rngs)
+        if in_features != out_features:
+            self.proj_conv = nnx.Conv(in_features, out_features, (1, 1), use_bias=False, rngs=rngs)
+            self.proj_bn = _bn(out_features, rngs)
+        else:
+            self.proj_conv = self.proj_bn = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        shortcut = x if self.proj_conv is None else self.proj_bn(self.proj_conv(x))
+        return nnx.relu(y + shortcut)
+
+
+class Upsample(nnx.Module):
+    """x2 nearest resize -> 3x3 conv-BN-ReLU (instead of a transposed conv)."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+        self.conv = _conv3x3(in_features, out_features, rngs)
+        self.bn = _bn(out_features, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        x = jax.image.resize(x, (n, 2 * h, 2 * w, c), method="nearest")
+        return nnx.relu(self.bn(self.conv(x)))
+
+
+class ResUNet(nnx.Module):
+    def __init__(self, widths: Sequence[int] = CLASSIC_WIDTHS, in_channels: int = 3, *, rngs: nnx.Rngs):
+        if len(widths) < 2:
+            raise ValueError(f"ResUNet needs at least two widths (one pooling), got {tuple(widths)}")
+        self.widths = tuple(widths)
+        self.in_channels = in_channels
+        *levels, bottom = self.widths
+        ins = (in_channels, *levels[:-1])
+        self.encoder = nnx.List([ResidualBlock(a, b, rngs=rngs) for a, b in zip(ins, levels)])
+        self.bottleneck = ResidualBlock(levels[-1], bottom, rngs=rngs)
+        # Decoder, deepest level first: upsample to the skip's width, concatenate, merge back to that width.
+        ups = (bottom, *levels[:0:-1])
+        self.upsamples = nnx.List([Upsample(a, b, rngs=rngs) for a, b in zip(ups, levels[::-1])])
+        self.decoder = nnx.List([ResidualBlock(2 * b, b, rngs=rngs) for b in levels[::-1]])
+        self.out = nnx.Conv(levels[0], 1, (1, 1), rngs=rngs)
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Images (N, H, W, in_channels) -> mask logits (N, H, W, 1)."""
+        n, h, w, c = x.shape
+        if h % self.divisor or w % self.divisor:
+            raise ValueError(
+                f"ResUNet with {len(self.widths) - 1} poolings needs H and W divisible by {self.divisor}; "
+                f"got an input of {h}x{w}"
+            )
+        if c != self.in_channels:
+            raise ValueError(f"ResUNet expects {self.in_channels} input channels, got {c}")
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        x = self.bottleneck(x)
+        for up, block, skip in zip(self.upsamples, self.decoder, reversed(skips)):
+            x = block(jnp.concatenate([up(x), skip], axis=-1))
+        return self.out(x)
