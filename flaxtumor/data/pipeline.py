@@ -4,13 +4,18 @@ Per slice: decode -> resize to image_size (uint8) -> [augment, train only] -> no
 two halves of `preprocess`, so an evaluation batch equals `preprocess(patient volume)` exactly.
 Batch: {"image": f32 (B,S,S,3), "mask": f32 (B,S,S,1) in {0,1}, "label": f32 (B,), "valid": bool (B,)}.
 Transforms are pure numpy and picklable: with num_workers > 0 they run in spawned grain processes.
+
+Multi-host: with `shard_index`/`shard_count` (jax.process_index()/process_count()) each process reads, decodes and
+augments only its rows of every global batch: shard i of step t holds rows [i*b, (i+1)*b) of the single-process batch t
+(b = batch_size // shard_count), with the same shuffle and the same per-example augmentation, so the shards concatenated
+in shard order are that batch exactly (grain's `ds[shard_index::shard_count]` over sub-batches of b rows).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grain
 import numpy as np
@@ -43,21 +48,39 @@ def _load(s: Slice, size: int) -> tuple[np.ndarray, np.ndarray]:
     return image, resize_mask(read_mask(s.mask_path), (size, size))
 
 
-def decode_all(slices: Sequence[Slice], size: int) -> Decoded:
-    """Decodes every slice once (threads: TIFF inflate and PIL resize release the GIL)."""
+def _load_many(slices: Sequence[Slice], size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Decodes slices on threads (TIFF inflate and PIL resize release the GIL)."""
     with ThreadPoolExecutor(_READ_THREADS) as pool:
-        pairs = list(pool.map(lambda s: _load(s, size), slices))
+        return list(pool.map(lambda s: _load(s, size), slices))
+
+
+def decode_all(slices: Sequence[Slice], size: int) -> Decoded:
+    """Decodes every slice once."""
+    pairs = _load_many(slices, size)
     return Decoded(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
 
 
-def _memoised(kind: str, slices: Sequence[Slice], size: int, build: Callable[[], T]) -> T:
-    """Built once per (kind, image size, slice list): CPU training re-reads the same slices every epoch."""
-    key = (kind, size, tuple(s.image_path for s in slices))
-    if key not in _memo:
-        while len(_memo) >= _MEMO_ENTRIES:
-            _memo.pop(next(iter(_memo)))
-        _memo[key] = build()
-    return _memo[key]
+class _DecodedCache:
+    """Decoded, resized slices kept for the run, filled on demand: a process decodes only the slices its shard of the
+    batches reads (arrays from np.zeros take memory only where written)."""
+
+    def __init__(self, slices: Sequence[Slice], size: int):
+        self.slices = tuple(slices)
+        self.size = size
+        self.images = np.zeros((len(self.slices), size, size, 3), np.uint8)
+        self.masks = np.zeros((len(self.slices), size, size), bool)
+        self.filled = np.zeros(len(self.slices), bool)
+
+    def fill(self, indices: Iterable[int]) -> None:
+        """Decodes the given slices that are not cached yet."""
+        missing = [i for i in dict.fromkeys(int(i) for i in indices) if not self.filled[i]]
+        for i, (image, mask) in zip(missing, _load_many([self.slices[i] for i in missing], self.size)):
+            self.images[i], self.masks[i] = image, mask
+            self.filled[i] = True
+
+    def all(self) -> Decoded:
+        self.fill(range(len(self.slices)))
+        return Decoded(self.images, self.masks)
 
 
 def patient_stats(slices: Sequence[Slice], decoded: Decoded) -> dict[str, Stats]:
@@ -72,16 +95,18 @@ class _SliceSource:
 
     slices: tuple[Slice, ...]
     size: int
-    decoded: Decoded | None
+    decoded: _DecodedCache | None
 
     def __len__(self) -> int:
         return len(self.slices)
 
     def __getitem__(self, i: int) -> tuple[Slice, np.ndarray, np.ndarray]:
         s = self.slices[i]
-        if self.decoded is not None:
-            return s, self.decoded.images[i], self.decoded.masks[i]
-        return (s, *_load(s, self.size))
+        if self.decoded is None:
+            return (s, *_load(s, self.size))
+        if not self.decoded.filled[i]:  # the pipelines pre-fill what they read; this is only a fallback
+            self.decoded.fill([i])
+        return s, self.decoded.images[i], self.decoded.masks[i]
 
 
 @dataclass(frozen=True)
@@ -111,16 +136,27 @@ class _ToExample:
         }
 
 
-def _dataset(slices: Sequence[Slice], cfg: DataConfig) -> tuple[grain.MapDataset, dict[str, Stats] | None]:
+def _source(slices: Sequence[Slice], cfg: DataConfig) -> tuple[_SliceSource, dict[str, Stats] | None]:
     slices = tuple(slices)
     if not slices:
         raise ValueError("no slices to batch")
     size = cfg.image_size
-    decoded = _memoised("decoded", slices, size, lambda: decode_all(slices, size)) if cfg.cache_decoded else None
+    cache = _memoised("decoded", slices, size, lambda: _DecodedCache(slices, size)) if cfg.cache_decoded else None
     stats = None
-    if cfg.normalisation == "volume_zscore":
-        stats = _memoised("stats", slices, size, lambda: patient_stats(slices, decoded or decode_all(slices, size)))
-    return grain.MapDataset.source(_SliceSource(slices, cfg.image_size, decoded)), stats
+    if cfg.normalisation == "volume_zscore":  # whole patient volumes, so every slice (once per run, memoised)
+        stats = _memoised(
+            "stats", slices, size, lambda: patient_stats(slices, cache.all() if cache else decode_all(slices, size))
+        )
+    return _SliceSource(slices, size, cache), stats
+
+
+def _check_shard(batch_size: int, shard_index: int, shard_count: int) -> int:
+    """The rows per shard of each global batch."""
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is outside the {shard_count} shard(s)")
+    if batch_size % shard_count:
+        raise ValueError(f"batch size {batch_size} does not divide into {shard_count} shards")
+    return batch_size // shard_count
 
 
 def _iterate(ds: grain.MapDataset, cfg: DataConfig) -> Iterator[dict[str, np.ndarray]]:
@@ -147,31 +183,78 @@ def steps_per_epoch(n_slices: int, batch_size: int) -> int:
 
 
 def train_batches(
-    slices: Sequence[Slice], cfg: DataConfig, batch_size: int, seed: int, epoch: int, start_step: int = 0
+    slices: Sequence[Slice],
+    cfg: DataConfig,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of shuffled, augmented batches (drop_remainder). The order and augmentation depend only on
-    (seed, epoch), not on num_workers; `start_step` resumes at exactly that batch of the epoch."""
+    (seed, epoch), not on num_workers or the sharding; `start_step` resumes at exactly that batch of the epoch.
+
+    `batch_size` is the global batch; shard `shard_index` of `shard_count` gets batches of batch_size // shard_count
+    rows (its block of each global batch) and reads and decodes only the slices of those rows."""
     steps = steps_per_epoch(len(slices), batch_size)
     if steps == 0:
         raise ValueError(f"{len(slices)} training slices cannot fill one batch of {batch_size}")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} is outside the epoch's {steps} steps")
-    source, stats = _dataset(slices, cfg)
+    rows = _check_shard(batch_size, shard_index, shard_count)
+    source, stats = _source(slices, cfg)
     shuffle_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
+    order = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed)  # position -> slice index
+    if source.decoded is not None:  # decode this shard's slices for the rest of the epoch up front, on threads
+        source.decoded.fill(
+            order[t * batch_size + shard_index * rows + r] for t in range(start_step, steps) for r in range(rows)
+        )
+    # Augmentation is seeded by the position in the epoch's global order (map_with_index before any slicing), so a
+    # row gets the same randomness whichever shard reads it. Sub-batch k of `rows` rows is shard k % shard_count of
+    # step k // shard_count; the slicing is lazy, so other shards' rows are never read.
     ds = (
-        source.shuffle(seed=shuffle_seed)
-        .map_with_index(_ToExample(cfg, stats, seed, epoch, train=True))
-        .batch(batch_size, drop_remainder=True)
+        order.map(source.__getitem__)
+        .map_with_index(_ToExample(cfg, stats, seed, epoch, train=True))[: steps * batch_size]
+        .batch(rows, drop_remainder=True)[shard_index::shard_count]
     )
     return _iterate(ds[start_step:], cfg)
 
 
-def eval_batches(slices: Sequence[Slice], cfg: DataConfig, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every slice once, in order, no augmentation; the last batch is padded to batch_size with valid=False."""
-    source, stats = _dataset(slices, cfg)
-    ds = source.map_with_index(_ToExample(cfg, stats)).batch(batch_size)
-    for batch in _iterate(ds, cfg):
-        short = batch_size - len(batch["valid"])
-        if short:
-            batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
-        yield batch
+def _padding(n: int, size: int) -> dict[str, np.ndarray]:
+    """n rows of an eval batch that stand for no slice (valid=False, zeros)."""
+    return {
+        "image": np.zeros((n, size, size, 3), np.float32),
+        "mask": np.zeros((n, size, size, 1), np.float32),
+        "label": np.zeros((n,), np.float32),
+        "valid": np.zeros((n,), bool),
+    }
+
+
+def eval_batches(
+    slices: Sequence[Slice], cfg: DataConfig, batch_size: int, shard_index: int = 0, shard_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every slice once, in order, no augmentation; the last batch is padded to batch_size with valid=False.
+
+    Sharded, each shard yields its block of batch_size // shard_count rows of each padded global batch (so every
+    shard yields the same number of batches, some possibly all padding) and reads only the slices of those rows."""
+    rows = _check_shard(batch_size, shard_index, shard_count)
+    source, stats = _source(slices, cfg)
+    n = len(source)
+    steps = -(-n // batch_size)
+    mine = range(shard_index, -(-n // rows), shard_count)  # this shard's sub-batches of `rows` that hold slices
+    if source.decoded is not None:
+        source.decoded.fill(i for k in mine for i in range(k * rows, min((k + 1) * rows, n)))
+    yielded = 0
+    if len(mine):
+        ds = grain.MapDataset.source(source).map_with_index(_ToExample(cfg, stats)).batch(rows)
+        ds = ds[shard_index::shard_count]
+        for batch in _iterate(ds, cfg):
+            short = rows - len(batch["valid"])
+            if short:
+                pad = _padding(short, cfg.image_size)
+                batch = {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
+            yielded += 1
+            yield batch
+    for _ in range(steps - yielded):
+        yield _padding(rows, cfg.image_size)

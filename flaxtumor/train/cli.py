@@ -167,11 +167,13 @@ def make_config(args: argparse.Namespace) -> Config:
     config = base.override(**_parse_set(args.set), **given)
     if config.train.out_dir is None:
         config = config.override(**{"train.out_dir": f"runs/{config.train.task}"})
-    if config.train.task == "cls" and config.train.backbone_weights != "none" and "data.normalisation" not in given:
-        from flaxtumor.models import read_metadata  # the weights say how their ImageNet inputs were normalised
+    if config.train.task == "cls" and config.train.backbone_weights != "none":
+        from flaxtumor.models import read_metadata  # the weights say their layout and how their inputs were normalised
 
-        normalisation = read_metadata(config.train.backbone_weights)["normalisation"]
-        config = config.override(**{"data.normalisation": normalisation})
+        weights = read_metadata(config.train.backbone_weights)
+        config = config.override(**{"model.backbone_layout": weights["layout"]})
+        if "data.normalisation" not in given:
+            config = config.override(**{"data.normalisation": weights["normalisation"]})
     return config
 
 

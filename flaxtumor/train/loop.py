@@ -161,17 +161,20 @@ def make_eval_step(dtype: Any) -> Callable[[nnx.Module, jax.Array], jax.Array]:
 def predict(
     model: nnx.Module, eval_step: Callable, slices: Sequence[Slice], cfg: Config, batch_size: int, mesh: Mesh
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Probabilities for `slices` in order (cls: (N,); seg: bool masks (N, S, S) at the threshold) and the targets."""
-    rows = sharding.process_rows(batch_size)
+    """Probabilities for `slices` in order (cls: (N,); seg: bool masks (N, S, S) at the threshold) and the targets.
+
+    Each process loads only its rows of every batch; outputs and targets are gathered so every process has them all."""
+    shard_index, shard_count = sharding.process_shard(mesh, batch_size)
     outputs, labels, masks = [], [], []
-    for batch in eval_batches(slices, cfg.data, batch_size):
-        probs = eval_step(model, sharding.shard_batch({"image": batch["image"][rows]}, mesh)["image"])
+    for local in eval_batches(slices, cfg.data, batch_size, shard_index, shard_count):
+        batch = sharding.shard_batch(local, mesh)
+        probs = eval_step(model, batch["image"])
         if cfg.train.task == "seg":
             probs = probs[..., 0] >= cfg.train.threshold  # threshold on device: a quarter of the bytes to host
-        valid = batch["valid"]
+        valid = sharding.to_host(batch["valid"])
         outputs.append(sharding.to_host(probs)[valid])
-        labels.append(batch["label"][valid])
-        masks.append(batch["mask"][valid, ..., 0] > 0.5)
+        labels.append(sharding.to_host(batch["label"])[valid])
+        masks.append(sharding.to_host(batch["mask"][..., 0] > 0.5)[valid])
     return np.concatenate(outputs), {"label": np.concatenate(labels), "mask": np.concatenate(masks)}
 
 
@@ -260,7 +263,6 @@ def run(cfg: Config) -> dict[str, Any]:
     mesh = sharding.make_mesh()
     say(sharding.describe(mesh))
     batch_size = sharding.fit_batch_size(tcfg.batch_size, mesh)
-    rows = sharding.process_rows(batch_size)
     dtype = compute_dtype(tcfg.precision)
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -277,9 +279,12 @@ def run(cfg: Config) -> dict[str, Any]:
             f"{len(train_slices)} training slices and {len(val_patients)} validation patients are too "
             f"few for batch size {batch_size}"
         )
+    # Multi-host: each process loads only its block of rows of every global batch (the pipeline's sharding).
+    shard_index, shard_count = sharding.process_shard(mesh, batch_size)
     say(
         f"data: {len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test patients, "
         f"{len(train_slices)} training slices, {steps} steps of {batch_size} per epoch"
+        + (f" ({batch_size // shard_count} rows loaded per process)" if shard_count > 1 else "")
     )
 
     # -- checkpoint/resume ---------------------------------------------------------------------------------------
@@ -371,10 +376,11 @@ def run(cfg: Config) -> dict[str, Any]:
                 bar.set_postfix_str(f"loss={loss:.4f} img/s={rate:.1f}" if step > since[1] else f"loss={loss:.4f}")
 
             batches = train_batches(
-                train_slices, cfg.data, batch_size, tcfg.seed, progress.data_epoch, progress.step_in_epoch
+                train_slices, cfg.data, batch_size, tcfg.seed, progress.data_epoch, progress.step_in_epoch,
+                shard_index, shard_count,
             )
             for batch in batches:
-                local = {k: batch[k][rows] for k in ("image", "mask", "label")}
+                local = {k: batch[k] for k in ("image", "mask", "label")}
                 result = train_step(model, optimizer, sharding.shard_batch(local, mesh))
                 settle()
                 progress.step_in_epoch += 1

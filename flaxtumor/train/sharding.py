@@ -1,7 +1,8 @@
 """Data parallelism: one mesh over every device, replicated state, batches split on the "data" axis.
 
-Multi-host uses JAX's own runtime: `jax.distributed.initialize` joins the processes, each process feeds its own rows
-of the global batch and `jax.make_array_from_process_local_data` assembles the global array.
+Multi-host uses JAX's own runtime: `jax.distributed.initialize` joins the processes, each process loads only its own
+rows of every global batch (the data pipeline's `shard_index`/`shard_count`, from `process_shard`) and
+`jax.make_array_from_process_local_data` assembles the global array.
 """
 
 from __future__ import annotations
@@ -69,11 +70,26 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
-def process_rows(global_batch: int) -> slice:
-    """The rows of a global batch that this process feeds (all of them with one process)."""
-    per_process = global_batch // jax.process_count()
-    start = jax.process_index() * per_process
-    return slice(start, start + per_process)
+def process_shard(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+    """(shard_index, shard_count) of the rows this process feeds: its devices hold rows
+    [shard_index * b, (shard_index + 1) * b) of every global batch, b = global_batch // shard_count.
+
+    Read from the mesh rather than assumed from the process index. (0, 1) with one process."""
+    count = jax.process_count()
+    if count == 1:
+        return 0, 1
+    if global_batch % count:
+        raise ValueError(f"global batch {global_batch} does not divide across {count} processes")
+    rows = global_batch // count
+    held = NamedSharding(mesh, P(DATA_AXIS)).addressable_devices_indices_map((global_batch,)).values()
+    start = min(index[0].indices(global_batch)[0] for index in held)
+    stop = max(index[0].indices(global_batch)[1] for index in held)
+    if stop - start != rows or start % rows:
+        raise ValueError(
+            f"this process's devices hold rows {start}:{stop} of a batch of {global_batch}, not one block of {rows}: "
+            "the mesh must keep each process's devices together"
+        )
+    return start // rows, count
 
 
 def shard_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

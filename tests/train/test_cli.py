@@ -57,3 +57,19 @@ def test_bad_config_file_is_one_line(tmp_path, capsys):
     config.write_text(json.dumps({"train": {"epochz": 7}}))
     assert main(["--config", str(config)]) == 2
     assert "unknown field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("layout", "normalisation"), [("keras", "caffe"), ("torchvision", "imagenet")])
+def test_converted_weights_set_layout_and_normalisation(tmp_path, layout, normalisation):
+    from flaxtumor.models.weights import FORMAT, METADATA_FILE
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / METADATA_FILE).write_text(json.dumps({"format": FORMAT, "layout": layout, "normalisation": normalisation}))
+    args = build_parser().parse_args(["--task", "cls", "--data", "synthetic", "--backbone-weights", str(weights)])
+    cfg = make_config(args)
+    assert (cfg.model.backbone_layout, cfg.data.normalisation) == (layout, normalisation)
+    # An explicit --normalisation still wins; the layout never can differ from the weights'.
+    args = build_parser().parse_args(["--task", "cls", "--data", "synthetic", "--backbone-weights", str(weights),
+                                      "--normalisation", "image_zscore"])
+    assert make_config(args).data.normalisation == "image_zscore"
