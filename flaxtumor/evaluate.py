@@ -196,10 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--patients", nargs="+", metavar="ID", help="evaluate exactly these patient ids")
     ap.add_argument("--subset", choices=("val", "test", "all"), default="val", help="which part of the split")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--threshold", type=float, default=None, help="tumour gate (default: the classifier's)")
-    ap.add_argument("--lcc", action=argparse.BooleanOptionalAction, default=False,
-                    help="3D largest connected component per patient")
-    ap.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="tumour gate (default: the checkpoints' pipeline.json, else the classifier's)")
+    ap.add_argument("--lcc", action=argparse.BooleanOptionalAction, default=None,
+                    help="3D largest connected component per patient (default: the checkpoints' pipeline.json)")
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="horizontal-flip test-time augmentation (default: the checkpoints' pipeline.json)")
     ap.add_argument("--no-gate", action="store_true", help="segment every slice (ablation of the classifier gate)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--gallery", type=int, default=4, metavar="K", help="K best and K worst slices in gallery.png")
@@ -211,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     try:
         pipeline = Pipeline.from_checkpoints(
-            args.checkpoints, threshold=args.threshold, gate=not args.no_gate, tta=args.tta, batch_size=args.batch_size
+            args.checkpoints, threshold=args.threshold, gate=False if args.no_gate else None, tta=args.tta, lcc=args.lcc,
+            batch_size=args.batch_size,
         )
         seg_meta, cls_meta = pipeline.metadata["segmenter"], pipeline.metadata["classifier"]
         # The data section of the training config (synthetic generator settings included), pointed at --data.
@@ -228,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: {len(leaked)} evaluated patient(s) were in the classifier's training split", file=sys.stderr)
 
     try:
-        result, plot_data = evaluate_patients(pipeline, patients, args.lcc, args.gallery)
+        result, plot_data = evaluate_patients(pipeline, patients, pipeline.lcc, args.gallery)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -241,12 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "n_slices": int(sum(len(p.slices) for p in patients)),
         "n_tumour_slices": int(sum(s.has_tumour for p in patients for s in p.slices)),
         "threshold": pipeline.threshold,
-        "threshold_from": "--threshold" if args.threshold is not None else "classifier checkpoint",
+        "threshold_from": "--threshold" if args.threshold is not None
+        else "pipeline.json" if "threshold" in pipeline.operating_point else "classifier checkpoint",
+        "operating_point": pipeline.operating_point,
         "mask_threshold": pipeline.mask_threshold,
         "gate": pipeline.gate,
-        "lcc": args.lcc,
+        "lcc": pipeline.lcc,
         "lcc_connectivity": "3D, 26-neighbourhood, largest component per patient",
-        "tta": args.tta,
+        "tta": pipeline.tta,
         "preprocessing": {"classifier": cls_meta["preprocessing"], "segmenter": seg_meta["preprocessing"]},
         "volume_normalisation": "volume_zscore statistics over each patient's full stack",
         "masks_scored_at": "input resolution (predictions resized back with nearest-neighbour); training's "

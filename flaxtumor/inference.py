@@ -29,9 +29,16 @@ from scipy import ndimage
 
 from flaxtumor.data.preprocess import Preprocessing, preprocess, resize_mask
 
-__all__ = ["SlicePrediction", "Pipeline", "as_rgb", "gate_and_postprocess", "largest_connected_component"]
+__all__ = [
+    "SlicePrediction", "Pipeline", "as_rgb", "gate_and_postprocess", "largest_connected_component",
+    "read_operating_point", "OPERATING_POINT_FILE",
+]
 
 DEFAULT_BATCH_SIZE = 8
+# The pair's operating point (threshold, LCC, flip-TTA), chosen on validation patients and stored beside the two
+# checkpoints: it belongs to neither model alone.
+OPERATING_POINT_FILE = "pipeline.json"
+_OPERATING_KEYS = {"threshold": float, "mask_threshold": float, "lcc": bool, "tta": bool, "gate": bool}
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ class Pipeline:
       is called tumour. mask_threshold: per-pixel segmenter probability (default: the segmenter checkpoint's).
     gate=False runs the segmenter on every slice (has_tumour still reports the classifier's call).
     tta=True averages the probabilities of the image and its horizontal flip, for both models.
+    lcc=True keeps the largest 3D connected component of each volume (`predict_volume` only).
     """
 
     def __init__(
@@ -134,7 +142,9 @@ class Pipeline:
         mask_threshold: float | None = None,
         gate: bool = True,
         tta: bool = False,
+        lcc: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        operating_point: dict[str, Any] | None = None,
     ):
         self.classifier = classifier
         self.metadata = {"classifier": classifier_metadata, "segmenter": segmenter_metadata}
@@ -146,19 +156,27 @@ class Pipeline:
         )
         self.gate = gate
         self.tta = tta
+        self.lcc = lcc
+        self.operating_point = operating_point or {}  # where the defaults came from, for the model card
         self._classify = _Runner(classifier, batch_size)
         self._segment = _Runner(segmenter, batch_size)
 
     @classmethod
     def from_checkpoints(cls, dir: str | Path = "checkpoints", **options: Any) -> "Pipeline":
-        """Loads DIR/classifier and DIR/segmenter (raises CheckpointError with one clear line when either is bad).
-        `options` are the keyword options of `Pipeline` (threshold, mask_threshold, gate, tta, batch_size)."""
+        """Loads DIR/classifier and DIR/segmenter (raises CheckpointError with one clear line when either is bad),
+        with DIR/pipeline.json's operating point as defaults when it exists. `options` are the keyword options of
+        `Pipeline` (threshold, mask_threshold, gate, tta, lcc, batch_size); an option given as None keeps the default."""
         from flaxtumor.train.checkpoint import load_inference  # the training stack is only needed when loading
 
         dir = Path(dir)
         classifier, classifier_metadata = load_inference(dir / "classifier")
         segmenter, segmenter_metadata = load_inference(dir / "segmenter")
-        return cls(classifier, segmenter, classifier_metadata, segmenter_metadata, **options)
+        operating_point = read_operating_point(dir)
+        settings = {k: operating_point[k] for k in _OPERATING_KEYS if k in operating_point}
+        settings.update({k: v for k, v in options.items() if v is not None})
+        return cls(
+            classifier, segmenter, classifier_metadata, segmenter_metadata, operating_point=operating_point, **settings
+        )
 
     # -- model card ------------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -176,8 +194,10 @@ class Pipeline:
                 "split_sizes": {k: len(v) for k, v in split.items() if isinstance(v, (list, tuple))},
                 "metrics": meta.get("metrics", {}),
             }
-        settings = dict(threshold=self.threshold, mask_threshold=self.mask_threshold, gate=self.gate, tta=self.tta)
-        return {"models": models, "pipeline": settings}
+        settings = dict(
+            threshold=self.threshold, mask_threshold=self.mask_threshold, gate=self.gate, tta=self.tta, lcc=self.lcc
+        )
+        return {"models": models, "pipeline": settings, "operating_point": self.operating_point}
 
     # -- raw model outputs -----------------------------------------------------------------------------------------
     def tumour_probabilities(self, images: Sequence[np.ndarray], volume: bool = False) -> np.ndarray:
@@ -207,11 +227,13 @@ class Pipeline:
         return self._predict(images, volume=False, lcc=False, gate=self.gate)
 
     def predict_volume(
-        self, images: Sequence[np.ndarray], lcc: bool = False, gate: bool | None = None
+        self, images: Sequence[np.ndarray], lcc: bool | None = None, gate: bool | None = None
     ) -> list[SlicePrediction]:
         """One patient's slices in slice order (all one size): volume normalisation, then optional 3D LCC over the
-        stacked gated masks. `gate` overrides the pipeline's setting for this call."""
-        return self._predict(images, volume=True, lcc=lcc, gate=self.gate if gate is None else gate)
+        stacked gated masks. `lcc` and `gate` override the pipeline's settings for this call."""
+        return self._predict(
+            images, volume=True, lcc=self.lcc if lcc is None else lcc, gate=self.gate if gate is None else gate
+        )
 
     def _predict(self, images: Sequence[np.ndarray], volume: bool, lcc: bool, gate: bool) -> list[SlicePrediction]:
         images = [as_rgb(im) for im in images]
@@ -247,3 +269,23 @@ class Pipeline:
         h, w = image.shape[:2]
         resized = np.asarray(Image.fromarray(heat.astype(np.float32)).resize((w, h), Image.BILINEAR))
         return np.clip(resized, 0.0, 1.0).astype(np.float32)
+
+
+def read_operating_point(dir: str | Path) -> dict[str, Any]:
+    """DIR/pipeline.json (empty when absent): threshold, mask_threshold, lcc, tta, gate, plus free-form provenance
+    such as `tuned_on`. A malformed file is an error naming it, never silently ignored."""
+    path = Path(dir) / OPERATING_POINT_FILE
+    if not path.is_file():
+        return {}
+    import json
+
+    try:
+        point = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the operating point ({e})") from None
+    if not isinstance(point, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    for key, kind in _OPERATING_KEYS.items():
+        if key in point and not isinstance(point[key], (int, float) if kind is float else bool):
+            raise ValueError(f"{path}: {key!r} must be a {kind.__name__}, got {point[key]!r}")
+    return point

@@ -118,8 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoints", default="checkpoints", type=Path, help="folder with classifier/ and segmenter/")
     ap.add_argument("--threshold", type=float, default=None, help="tumour-probability gate (default: checkpoint's)")
     ap.add_argument("--no-gate", action="store_true", help="run the segmenter on every slice")
-    ap.add_argument("--lcc", action="store_true", help="keep the largest 3D component in patient-folder volumes")
-    ap.add_argument("--tta", action="store_true", help="average with a horizontal flip")
+    ap.add_argument("--lcc", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep the largest 3D component in patient-folder volumes (default: checkpoints' pipeline.json)")
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="average with a horizontal flip (default: checkpoints' pipeline.json)")
     ap.add_argument("--batch-size", type=int, default=8)
     return ap
 
@@ -143,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         pipeline = Pipeline.from_checkpoints(
-            args.checkpoints, threshold=args.threshold, gate=not args.no_gate, tta=args.tta, batch_size=args.batch_size
+            args.checkpoints, threshold=args.threshold, gate=False if args.no_gate else None, tta=args.tta, lcc=args.lcc,
+            batch_size=args.batch_size,
         )
     except ValueError as e:  # CheckpointError is a ValueError: one clear line
         print(f"error: {e}", file=sys.stderr)
@@ -164,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not readable:
                 continue
             if group.volume and len({im.shape for im in images}) == 1:
-                preds = pipeline.predict_volume(images, lcc=args.lcc)
+                preds = pipeline.predict_volume(images)
             else:
                 preds = pipeline.predict_slices(images)
             for path, pred in zip(readable, preds):

@@ -144,3 +144,22 @@ def test_flip_tta_flips_the_segmenter_output_back(tiny):  # noqa: F811
     x = p._prepare(_random_images([(32, 32, 3)] * 2), p.segmenter_spec, volume=False)
     expected = (p._segment(x, False) + p._segment(x[:, :, ::-1], False)[:, :, ::-1]) / 2
     np.testing.assert_allclose(p._segment(x, True), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_operating_point_file_sets_defaults_and_options_win(tiny, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny.checkpoints, checkpoints)
+    (checkpoints / "pipeline.json").write_text(json.dumps({"threshold": 0.3, "lcc": True, "tta": True,
+                                                           "tuned_on": "val patients"}))
+    p = Pipeline.from_checkpoints(checkpoints)
+    assert (p.threshold, p.lcc, p.tta, p.gate) == (0.3, True, True, True)
+    assert p.summary()["operating_point"]["tuned_on"] == "val patients"
+    p = Pipeline.from_checkpoints(checkpoints, threshold=0.7, lcc=False, tta=None)
+    assert (p.threshold, p.lcc, p.tta) == (0.7, False, True)  # None keeps the file's setting
+
+    (checkpoints / "pipeline.json").write_text(json.dumps({"lcc": "yes"}))
+    with pytest.raises(ValueError, match=r"pipeline.json: 'lcc' must be a bool"):
+        Pipeline.from_checkpoints(checkpoints)
