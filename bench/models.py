@@ -66,13 +66,11 @@ def torch_passes(model_name: str, batch: int, size: int, channels_last: bool) ->
     from torch import nn
 
     sys.path.insert(0, str(REPO))
-    from tests.models.torch_reference import TorchResNet, TorchResUNet
+    from tests.models.torch_reference import TorchResUNet, torch_classifier
 
     torch.manual_seed(0)
     if model_name == "resnet50":
-        head = [nn.Linear(2048, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.3),
-                nn.Linear(256, 1), nn.Flatten(0)]
-        model = nn.Sequential(TorchResNet(num_classes=None), *head)
+        model = torch_classifier()
         y = torch.full((batch,), 0.5)
     else:
         model = TorchResUNet()

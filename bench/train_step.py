@@ -65,13 +65,11 @@ def bench_torch(task: str, batch: int, size: int, iters: int) -> float:
     from torch import nn
 
     sys.path.insert(0, str(REPO))
-    from tests.models.torch_reference import TorchResNet, TorchResUNet
+    from tests.models.torch_reference import TorchResUNet, torch_classifier
 
     torch.manual_seed(0)
     if task == "cls":
-        head = [nn.Linear(2048, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.3),
-                nn.Linear(256, 1), nn.Flatten(0)]
-        model = nn.Sequential(TorchResNet(num_classes=None), *head)
+        model = torch_classifier()
         target = (torch.rand(batch) > 0.5).float()
     else:
         model = TorchResUNet()

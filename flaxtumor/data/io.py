@@ -36,16 +36,20 @@ def _check_file(path: Path) -> None:
         raise DataError(path, f"unsupported file type (expected one of {', '.join(IMAGE_SUFFIXES)})")
 
 
+def _single_page(tif: tifffile.TiffFile, path: Path) -> tifffile.TiffPage:
+    # A multi-page TIFF is a volume or a stack: taking page 0 would silently drop data.
+    if len(tif.pages) != 1:
+        raise DataError(path, f"multi-page TIFF ({len(tif.pages)} pages); expected one 2-D slice per file")
+    return tif.pages[0]
+
+
 def _read_array(path: Path) -> np.ndarray:
     """Decodes a single-page image as stored (any dtype, 2-D or 3-D)."""
     _check_file(path)
     try:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
-                # A multi-page TIFF is a volume or a stack: taking page 0 would silently drop data.
-                if len(tif.pages) != 1:
-                    raise DataError(path, f"multi-page TIFF ({len(tif.pages)} pages); expected one 2-D slice per file")
-                return tif.pages[0].asarray()
+                return _single_page(tif, path).asarray()
         with Image.open(path) as im:
             if getattr(im, "n_frames", 1) != 1:
                 raise DataError(path, f"multi-frame image ({im.n_frames} frames); expected one 2-D slice per file")
@@ -67,9 +71,7 @@ def image_shape(path: str | Path) -> tuple[int, int]:
     try:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
-                if len(tif.pages) != 1:
-                    raise DataError(path, f"multi-page TIFF ({len(tif.pages)} pages); expected one 2-D slice per file")
-                shape = tif.pages[0].shape
+                shape = _single_page(tif, path).shape
         else:
             with Image.open(path) as im:
                 shape = (im.height, im.width)

@@ -102,3 +102,13 @@ class TorchResUNet(nn.Module):
         for up, block, skip in zip(self.upsamples, self.decoder, reversed(skips)):
             x = block(torch.cat([up(x), skip], 1))
         return self.out(x)
+
+
+def torch_classifier(head_widths: tuple[int, ...] = (256, 256), dropout: float = 0.3) -> nn.Module:
+    """The TumourClassifier's architecture in torch: ResNet50 features + the seed's head, one logit per image."""
+    layers: list[nn.Module] = [TorchResNet(num_classes=None)]
+    width = 2048
+    for w in head_widths:
+        layers += [nn.Linear(width, w), nn.ReLU(), nn.Dropout(dropout)]
+        width = w
+    return nn.Sequential(*layers, nn.Linear(width, 1), nn.Flatten(0))
