@@ -83,6 +83,16 @@ class _DecodedCache:
         return Decoded(self.images, self.masks)
 
 
+def _memoised(kind: str, slices: Sequence[Slice], size: int, build: Callable[[], T]) -> T:
+    """Built once per (kind, image size, slice list): CPU training re-reads the same slices every epoch."""
+    key = (kind, size, tuple(s.image_path for s in slices))
+    if key not in _memo:
+        while len(_memo) >= _MEMO_ENTRIES:
+            _memo.pop(next(iter(_memo)))
+        _memo[key] = build()
+    return _memo[key]
+
+
 def patient_stats(slices: Sequence[Slice], decoded: Decoded) -> dict[str, Stats]:
     """volume_zscore statistics per patient over its given slices (so pass whole patients)."""
     ids = np.array([s.patient_id for s in slices])

@@ -167,14 +167,17 @@ def predict(
     shard_index, shard_count = sharding.process_shard(mesh, batch_size)
     outputs, labels, masks = [], [], []
     for local in eval_batches(slices, cfg.data, batch_size, shard_index, shard_count):
-        batch = sharding.shard_batch(local, mesh)
+        local["mask"] = local["mask"][..., 0] > 0.5
+        # One process has every row already; several gather the other processes' targets through the devices.
+        batch = sharding.shard_batch(local if shard_count > 1 else {"image": local["image"]}, mesh)
         probs = eval_step(model, batch["image"])
         if cfg.train.task == "seg":
             probs = probs[..., 0] >= cfg.train.threshold  # threshold on device: a quarter of the bytes to host
-        valid = sharding.to_host(batch["valid"])
+        targets = {k: sharding.to_host(batch[k]) for k in ("valid", "label", "mask")} if shard_count > 1 else local
+        valid = targets["valid"]
         outputs.append(sharding.to_host(probs)[valid])
-        labels.append(sharding.to_host(batch["label"])[valid])
-        masks.append(sharding.to_host(batch["mask"][..., 0] > 0.5)[valid])
+        labels.append(targets["label"][valid])
+        masks.append(targets["mask"][valid])
     return np.concatenate(outputs), {"label": np.concatenate(labels), "mask": np.concatenate(masks)}
 
 

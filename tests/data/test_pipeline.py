@@ -1,4 +1,5 @@
-"""Grain pipeline: batch shapes/dtypes, padding, determinism, exact resume, workers, and parity with `preprocess`."""
+"""Grain pipeline: batch shapes/dtypes, padding, determinism, exact resume, workers, per-process sharding, and parity
+with `preprocess`."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 from flaxtumor.config import DataConfig
 from flaxtumor.data.io import DataError, read_image
 from flaxtumor.data.lgg import Patient, discover
+from flaxtumor.data import pipeline
 from flaxtumor.data.pipeline import eval_batches, steps_per_epoch, train_batches
 from flaxtumor.data.preprocess import Preprocessing, preprocess
 from flaxtumor.data.synthetic import write_synthetic_dataset
@@ -55,6 +57,8 @@ def test_cache_and_workers_do_not_change_batches(slices: list) -> None:
     reference = list(train_batches(slices, _cfg(), 8, seed=3, epoch=0))
     assert _same(reference, list(train_batches(slices, _cfg(cache_decoded=False), 8, seed=3, epoch=0)))
     assert _same(reference, list(train_batches(slices, _cfg(num_workers=1), 8, seed=3, epoch=0)))
+    shard = list(train_batches(slices, _cfg(num_workers=1), 8, seed=3, epoch=0, shard_index=1, shard_count=2))
+    assert _same([{k: v[4:] for k, v in b.items()} for b in reference], shard)
 
 
 def test_eval_batches_in_order_with_padding(slices: list) -> None:
@@ -87,3 +91,72 @@ def test_corrupt_file_surfaces_as_data_error(tmp_path: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:300])  # header intact, deflate stream truncated
     with pytest.raises(DataError, match=rf"^{bad}: unreadable or corrupt image"):
         list(train_batches(patient.slices, _cfg(cache_decoded=False), 2, seed=0, epoch=0))
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Image paths decoded from disk (every decode goes through `_load`), with an empty decoded-slice cache."""
+    seen: list = []
+    load = pipeline._load
+
+    def counting(s, size):
+        seen.append(s.image_path)
+        return load(s, size)
+
+    monkeypatch.setattr(pipeline, "_load", counting)
+    monkeypatch.setattr(pipeline, "_memo", {})
+    return seen
+
+
+def _cached() -> int:
+    """Slices in the decoded cache(s)."""
+    return sum(int(v.filled.sum()) for v in pipeline._memo.values() if isinstance(v, pipeline._DecodedCache))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_shards_are_blocks_of_the_global_batch_and_read_only_their_rows(slices, reads, cache) -> None:
+    cfg = _cfg(augment=True, cache_decoded=cache)
+    whole = list(train_batches(slices, cfg, 8, seed=2, epoch=1, start_step=1))  # 3 of 4 steps: exact resume too
+    assert len(whole) == 3 and len(reads) == 24 == len(set(reads))
+    epoch_reads, shard_reads, shards = set(reads), [], []
+    for i in range(2):
+        reads.clear()
+        pipeline._memo.clear()
+        shards.append(list(train_batches(slices, cfg, 8, seed=2, epoch=1, start_step=1, shard_index=i, shard_count=2)))
+        assert len(reads) == 12 == len(set(reads))  # its 4 rows of each of the 3 steps, each decoded once
+        assert _cached() == (12 if cache else 0)
+        shard_reads.append(set(reads))
+    assert not shard_reads[0] & shard_reads[1] and shard_reads[0] | shard_reads[1] == epoch_reads
+    for t, batch in enumerate(whole):  # same shuffle, same augmentation per example: the shards in order are the batch
+        for k, v in batch.items():
+            assert shards[0][t][k].shape[0] == shards[1][t][k].shape[0] == 4
+            np.testing.assert_array_equal(np.concatenate([shards[0][t][k], shards[1][t][k]]), v, err_msg=k)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_eval_shards_are_blocks_of_the_padded_global_batch(slices, reads, cache) -> None:
+    cfg = _cfg(cache_decoded=cache)
+    whole = list(eval_batches(slices, cfg, 16))  # 36 slices: 16 + 16 + 4 real rows
+    assert len(reads) == 36
+    shards, counts = [], []
+    for i in range(2):
+        reads.clear()
+        pipeline._memo.clear()
+        shards.append(list(eval_batches(slices, cfg, 16, shard_index=i, shard_count=2)))
+        counts.append(len(reads))
+        assert _cached() == (counts[-1] if cache else 0)
+    # Shard 0 holds rows 0-7 of each batch (the last: 4 slices + 4 padding), shard 1 rows 8-15 (the last: all padding).
+    assert counts == [20, 16] and [len(s) for s in shards] == [3, 3]
+    assert [b["valid"].sum() for b in shards[1]] == [8, 8, 0]
+    for t, batch in enumerate(whole):
+        for k, v in batch.items():
+            joined = np.concatenate([shards[0][t][k], shards[1][t][k]])
+            assert joined.dtype == v.dtype
+            np.testing.assert_array_equal(joined, v, err_msg=k)
+
+
+def test_bad_shards(slices: list) -> None:
+    with pytest.raises(ValueError, match="batch size 8 does not divide into 3 shards"):
+        train_batches(slices, _cfg(), 8, seed=0, epoch=0, shard_index=0, shard_count=3)
+    with pytest.raises(ValueError, match="shard_index 2 is outside the 2 shard"):
+        list(eval_batches(slices, _cfg(), 8, shard_index=2, shard_count=2))

@@ -15,7 +15,7 @@ from flaxtumor.train import loop
 from tests.train.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-SETTINGS = {"train.epochs": 1}
+SETTINGS = {"train.epochs": 1, "data.augment": True}  # augmented rows must match across the sharding too
 
 
 def _free_port() -> int:
@@ -55,6 +55,7 @@ def test_two_processes_match_one_process(tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
     assert "4 device(s)" in outputs[0] and "in 2 process(es)" in outputs[0]
+    assert "4 rows loaded per process" in outputs[0]  # each process reads only its half of every batch of 8
     assert (tmp_path / "multi" / "segmenter" / "metadata.json").is_file()
 
     loop.run(tiny_config(tmp_path / "single", "seg", **SETTINGS))  # this process: 4 devices, 1 process
