@@ -83,7 +83,7 @@ def evaluate_patients(
     pipeline: Pipeline, patients: Sequence[Patient], lcc: bool, gallery_size: int = 4
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, plot data) for the pipeline on these patients; see the module docstring for the three views."""
-    probs_all, labels_all = [], []
+    probs_all, labels_all, calls_all = [], [], []
     seg_dice, seg_iou, seg_counts = [], [], metrics.PixelCounts()
     ungated_dice, ungated_counts, ungated_per_patient = [], metrics.PixelCounts(), {}
     slice_dice, slice_iou, pipe_counts = [], [], metrics.PixelCounts()
@@ -99,10 +99,12 @@ def evaluate_patients(
         target_vol = np.stack(targets)
         probs = pipeline.tumour_probabilities(images, volume=True)
         seg_vol = np.stack(pipeline.segment(images, volume=True))
-        final = gate_and_postprocess(probs, seg_vol, pipeline.threshold, gate=pipeline.gate, lcc=lcc)
+        calls, final = gate_and_postprocess(probs, seg_vol, pipeline.threshold, gate=pipeline.gate, lcc=lcc,
+                                            min_tumour_area=pipeline.min_tumour_area)
         labels = target_vol.any(axis=(1, 2))
         probs_all.append(probs)
         labels_all.append(labels)
+        calls_all.append(calls)
 
         tumour = np.flatnonzero(labels)  # segmenter alone, on the tumour slices
         seg_dice += [metrics.dice(seg_vol[i], target_vol[i]) for i in tumour]
@@ -127,6 +129,9 @@ def evaluate_patients(
 
     probs, labels = np.concatenate(probs_all), np.concatenate(labels_all)
     classifier = metrics.classification_metrics(probs, labels, pipeline.threshold)
+    # The pipeline's slice calls: the classifier's alone, or fused with the segmenter's area (min_tumour_area > 0).
+    detection = metrics.classification_metrics(np.concatenate(calls_all).astype(float), labels, 0.5)
+    detection = {k: detection[k] for k in ("accuracy", "precision", "recall", "specificity", "f1", "tn", "fp", "fn", "tp")}
     result = {
         "classifier": classifier,
         "segmenter": {
@@ -142,6 +147,7 @@ def evaluate_patients(
             },
         },
         "pipeline": {
+            "detection": detection,
             "per_patient_dice": metrics.summarise_patient_dice(per_patient),
             "per_patient": per_patient,
             "tumour_slice_dice": metrics.mean_over_scored(slice_dice),
@@ -250,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mask_threshold": pipeline.mask_threshold,
         "gate": pipeline.gate,
         "lcc": pipeline.lcc,
+        "min_tumour_area": pipeline.min_tumour_area,
         "lcc_connectivity": "3D, 26-neighbourhood, largest component per patient",
         "tta": pipeline.tta,
         "preprocessing": {"classifier": cls_meta["preprocessing"], "segmenter": seg_meta["preprocessing"]},

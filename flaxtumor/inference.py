@@ -31,20 +31,22 @@ from flaxtumor.data.preprocess import Preprocessing, preprocess, resize_mask
 
 __all__ = [
     "SlicePrediction", "Pipeline", "as_rgb", "gate_and_postprocess", "largest_connected_component",
-    "read_operating_point", "OPERATING_POINT_FILE",
+    "read_operating_point", "slice_calls", "OPERATING_POINT_FILE",
 ]
 
 DEFAULT_BATCH_SIZE = 8
 # The pair's operating point (threshold, LCC, flip-TTA), chosen on validation patients and stored beside the two
 # checkpoints: it belongs to neither model alone.
 OPERATING_POINT_FILE = "pipeline.json"
-_OPERATING_KEYS = {"threshold": float, "mask_threshold": float, "lcc": bool, "tta": bool, "gate": bool}
+_OPERATING_KEYS = {
+    "threshold": float, "mask_threshold": float, "lcc": bool, "tta": bool, "gate": bool, "min_tumour_area": float,
+}
 
 
 @dataclass(frozen=True)
 class SlicePrediction:
     tumour_probability: float  # classifier's P(tumour) for the slice, in [0, 1]
-    has_tumour: bool  # tumour_probability >= the pipeline's threshold
+    has_tumour: bool  # the pipeline's call: tumour_probability >= threshold, or (fused gate) enough segmented area
     mask: np.ndarray  # bool (H, W) at the input size; empty when gated out (or removed by LCC)
 
 
@@ -72,15 +74,28 @@ def largest_connected_component(volume: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def slice_calls(probabilities: np.ndarray, masks: Sequence[np.ndarray], threshold: float, min_tumour_area: float
+                ) -> np.ndarray:
+    """(N,) bool: the classifier's probability clears `threshold`, or (fused gate, `min_tumour_area` > 0) the
+    segmenter's mask covers at least that fraction of the slice. Sizes may differ between slices."""
+    calls = np.asarray(probabilities) >= threshold
+    if min_tumour_area > 0:
+        calls |= np.array([m.mean() >= min_tumour_area for m in masks], bool)
+    return calls
+
+
 def gate_and_postprocess(
-    probabilities: np.ndarray, masks: np.ndarray, threshold: float, gate: bool, lcc: bool
-) -> np.ndarray:
-    """The pipeline's post-processing of a volume: (D,) tumour probabilities and (D, H, W) segmenter masks →
-    gated masks (slices below threshold emptied when `gate`), then optional 3D largest connected component."""
+    probabilities: np.ndarray, masks: np.ndarray, threshold: float, gate: bool, lcc: bool,
+    min_tumour_area: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pipeline's post-processing of a volume: (D,) tumour probabilities and (D, H, W) ungated segmenter masks
+    → (slice calls (D,), masks (D, H, W)): slices not called tumour are emptied when `gate`, then optional 3D
+    largest connected component."""
     masks = np.asarray(masks, bool)
+    calls = slice_calls(probabilities, masks, threshold, min_tumour_area)
     if gate:
-        masks = masks & (np.asarray(probabilities) >= threshold)[:, None, None]
-    return largest_connected_component(masks) if lcc else masks
+        masks = masks & calls[:, None, None]
+    return calls, (largest_connected_component(masks) if lcc else masks)
 
 
 class _Runner:
@@ -129,6 +144,8 @@ class Pipeline:
     gate=False runs the segmenter on every slice (has_tumour still reports the classifier's call).
     tta=True averages the probabilities of the image and its horizontal flip, for both models.
     lcc=True keeps the largest 3D connected component of each volume (`predict_volume` only).
+    min_tumour_area > 0 fuses the gate: the segmenter runs on every slice, and a slice is also called tumour when its
+      mask covers at least that fraction of the slice (the segmenter's evidence rescues the classifier's misses).
     """
 
     def __init__(
@@ -143,6 +160,7 @@ class Pipeline:
         gate: bool = True,
         tta: bool = False,
         lcc: bool = False,
+        min_tumour_area: float = 0.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         operating_point: dict[str, Any] | None = None,
     ):
@@ -157,6 +175,7 @@ class Pipeline:
         self.gate = gate
         self.tta = tta
         self.lcc = lcc
+        self.min_tumour_area = float(min_tumour_area)
         self.operating_point = operating_point or {}  # where the defaults came from, for the model card
         self._classify = _Runner(classifier, batch_size)
         self._segment = _Runner(segmenter, batch_size)
@@ -165,7 +184,7 @@ class Pipeline:
     def from_checkpoints(cls, dir: str | Path = "checkpoints", **options: Any) -> "Pipeline":
         """Loads DIR/classifier and DIR/segmenter (raises CheckpointError with one clear line when either is bad),
         with DIR/pipeline.json's operating point as defaults when it exists. `options` are the keyword options of
-        `Pipeline` (threshold, mask_threshold, gate, tta, lcc, batch_size); an option given as None keeps the default."""
+        `Pipeline` (threshold, mask_threshold, gate, tta, lcc, min_tumour_area, batch_size); an option given as None keeps the default."""
         from flaxtumor.train.checkpoint import load_inference  # the training stack is only needed when loading
 
         dir = Path(dir)
@@ -195,7 +214,8 @@ class Pipeline:
                 "metrics": meta.get("metrics", {}),
             }
         settings = dict(
-            threshold=self.threshold, mask_threshold=self.mask_threshold, gate=self.gate, tta=self.tta, lcc=self.lcc
+            threshold=self.threshold, mask_threshold=self.mask_threshold, gate=self.gate, tta=self.tta, lcc=self.lcc,
+            min_tumour_area=self.min_tumour_area,
         )
         return {"models": models, "pipeline": settings, "operating_point": self.operating_point}
 
@@ -240,23 +260,26 @@ class Pipeline:
         if not images:
             return []
         probs = self.tumour_probabilities(images, volume)
-        run = np.ones(len(images), bool) if not gate else probs >= self.threshold
+        # The segmenter runs where its mask can matter: everywhere without a gate or with the fused gate.
+        everywhere = not gate or self.min_tumour_area > 0
+        selected = np.arange(len(images)) if everywhere else np.flatnonzero(probs >= self.threshold)
         masks = [np.zeros(im.shape[:2], bool) for im in images]
-        selected = np.flatnonzero(run)
         if selected.size:
-            if volume:  # normalise with the whole volume's stats, then keep the slices that pass the gate
+            if volume:  # normalise with the whole volume's stats, then keep the selected slices
                 x = self._prepare(images, self.segmenter_spec, volume=True)[selected]
-                seg = self._segment(x, self.tta)
-                for i, p in zip(selected, seg):
+                for i, p in zip(selected, self._segment(x, self.tta)):
                     masks[i] = resize_mask(p[..., 0] >= self.mask_threshold, images[i].shape[:2])
             else:
                 for i, m in zip(selected, self.segment([images[i] for i in selected])):
                     masks[i] = m
+        calls = slice_calls(probs, masks, self.threshold, self.min_tumour_area)
+        if gate:
+            masks = [m if call else np.zeros_like(m) for m, call in zip(masks, calls)]
         if lcc:
             masks = list(largest_connected_component(np.stack(masks)))
         return [
-            SlicePrediction(tumour_probability=float(p), has_tumour=bool(p >= self.threshold), mask=m)
-            for p, m in zip(probs, masks)
+            SlicePrediction(tumour_probability=float(p), has_tumour=bool(call), mask=m)
+            for p, call, m in zip(probs, calls, masks)
         ]
 
     # -- explanation -----------------------------------------------------------------------------------------------
@@ -286,6 +309,7 @@ def read_operating_point(dir: str | Path) -> dict[str, Any]:
     if not isinstance(point, dict):
         raise ValueError(f"{path}: expected a JSON object")
     for key, kind in _OPERATING_KEYS.items():
-        if key in point and not isinstance(point[key], (int, float) if kind is float else bool):
+        if key in point and (not isinstance(point[key], (int, float) if kind is float else bool)
+                             or kind is float and isinstance(point[key], bool)):
             raise ValueError(f"{path}: {key!r} must be a {kind.__name__}, got {point[key]!r}")
     return point

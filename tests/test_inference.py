@@ -93,11 +93,34 @@ def test_predict_volume_matches_raw_outputs_gated_and_postprocessed(tiny):  # no
     masks = np.stack(p.segment(volume, volume=True))
     for lcc in (False, True):
         preds = p.predict_volume(volume, lcc=lcc)
-        expected = gate_and_postprocess(probs, masks, threshold, gate=True, lcc=lcc)
+        calls, expected = gate_and_postprocess(probs, masks, threshold, gate=True, lcc=lcc)
         np.testing.assert_array_equal(np.stack([x.mask for x in preds]), expected)
-        assert [x.has_tumour for x in preds] == list(probs >= threshold)
+        assert [x.has_tumour for x in preds] == list(probs >= threshold) == list(calls)
     ungated = p.predict_volume(volume, gate=False)
     np.testing.assert_array_equal(np.stack([x.mask for x in ungated]), masks)
+
+    # Fused gate: a slice the classifier rejects is still called tumour when its mask is large enough.
+    area = np.array([m.mean() for m in masks])
+    min_area = float(np.sort(area[area > 0])[0]) if (area > 0).any() else 1.0
+    fused = Pipeline.from_checkpoints(tiny.checkpoints, mask_threshold=0.5, threshold=threshold,
+                                      min_tumour_area=min_area)
+    calls, expected = gate_and_postprocess(probs, masks, threshold, gate=True, lcc=False, min_tumour_area=min_area)
+    np.testing.assert_array_equal(calls, (probs >= threshold) | (area >= min_area))
+    preds = fused.predict_volume(volume, lcc=False)
+    np.testing.assert_array_equal(np.stack([x.mask for x in preds]), expected)
+    assert [x.has_tumour for x in preds] == list(calls)
+
+
+def test_fused_gate_rescues_a_slice_the_classifier_rejects():
+    probs = np.array([0.9, 0.1, 0.1])
+    masks = np.zeros((3, 10, 10), bool)
+    masks[0, :2] = masks[1, :5] = masks[2, :1, :3] = True  # areas 0.2, 0.5, 0.03
+    calls, out = gate_and_postprocess(probs, masks, threshold=0.5, gate=True, lcc=False)
+    assert list(calls) == [True, False, False] and not out[1:].any()
+    calls, out = gate_and_postprocess(probs, masks, threshold=0.5, gate=True, lcc=False, min_tumour_area=0.1)
+    assert list(calls) == [True, True, False]
+    np.testing.assert_array_equal(out[1], masks[1])
+    assert not out[2].any()
 
 
 def test_volume_normalisation_differs_from_per_slice_fallback(tiny):  # noqa: F811

@@ -1,0 +1,12 @@
+"""flaxtumor's web app (research use only): `python app.py [--checkpoints DIR] [--host H] [--port P] [--share]
+[--examples DIR]`. Everything lives in `flaxtumor.ui`; this file is what Hugging Face Spaces runs."""
+
+import sys
+import time
+
+STARTED = time.perf_counter()  # before the heavy imports, so the reported start-up time includes them
+
+from flaxtumor.ui import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(started=STARTED))

@@ -1,0 +1,665 @@
+"""The Gradio app: one slice or a whole patient in, verdict, mask overlay, tumour burden and Grad-CAM out.
+
+`build_demo(pipeline)` wires the UI around an already loaded `flaxtumor.inference.Pipeline`; `main()` is what `app.py`
+runs: load the checkpoints once, warm up, launch.
+
+Files come in through `gr.File` (browsers cannot display TIFF) and are checked and decoded on the server by
+`flaxtumor.uploads`; every bad upload becomes a `gr.Error` naming the file, and the server stays up.
+
+Temporary files:
+- inputs: zip members are written to a `tempfile.TemporaryDirectory` per request, deleted when the request ends;
+  Gradio's own upload copies live in its cache and are removed by `delete_cache` (below) and at shutdown;
+- outputs: masks are written to a per-request dir under one app-owned root; Gradio copies every returned file into its
+  cache during post-processing (which `delete_cache` then ages out), so our dir is no longer needed once the request
+  has been answered. `RequestDirs` deletes dirs of finished requests after a grace period, at the start of later
+  requests, and the whole root at exit.
+
+Brain area (the denominator of "% of brain"): the non-background pixels, i.e. those whose brightest channel exceeds
+`BRAIN_LEVEL` (of 255), with holes filled. kaggle_3m slices show the head on a black background, so this is the head
+region as imaged (the skull is not removed); dark ventricles inside it count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import copy
+import functools
+import io
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import gradio as gr
+import matplotlib
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import ndimage
+
+from flaxtumor.uploads import UploadError, UploadedImage, UploadLimits, load_many, load_single, natural_key
+
+NOTICE = (
+    "**Research use only. Not a medical device.** This demo has not been clinically validated and must not be used "
+    "for diagnosis or treatment decisions. Uploads and results are kept in temporary folders on the server for at most "
+    "an hour, then deleted."
+)
+BRAIN_LEVEL = 10  # uint8 intensity: above JPEG noise on a black background, below any tissue
+MAX_FILE_SIZE = "100mb"  # per uploaded file, enforced by Gradio before our checks run
+QUEUE_MAX_SIZE = 64  # waiting requests; more are refused with "queue full" rather than piling up memory
+OUTPUT_GRACE_S = 120.0  # finished requests' output dirs are kept this long (Gradio copies them right after return)
+DELETE_CACHE = (600, 3600)  # Gradio cache: every 10 min delete files older than 1 h
+EXAMPLE_SEED = 7
+TUMOUR_COLOUR = "#ff3b30"
+IMAGE_HEIGHT = 384  # px on screen: kaggle_3m slices are 256 px; small uploads are scaled up to stay readable
+# The pipeline pads every call to its batch size. Measured on 2 CPU cores with full-size models (bench/app_latency.py):
+# one slice padded to 8 costs ~6x batch 1; a 40-slice patient takes 2.5 s at batch 1 vs 2.1 s at 8 (128 px inputs),
+# 6.1 s vs 7.4 s (256 px). Batch 1 keeps single slices fast and needs one compiled shape.
+BATCH_SIZE = 1
+
+
+class Predictor(Protocol):
+    """What the UI needs from `flaxtumor.inference.Pipeline` (also the `threshold` attribute, set on shallow copies)."""
+
+    threshold: float
+    lcc: bool
+
+    def predict_volume(self, images: Sequence[np.ndarray], lcc: bool | None = None, gate: bool | None = None) -> list[Any]: ...
+
+    def gradcam(self, image: np.ndarray) -> np.ndarray: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Temporary output folders
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RequestDirs:
+    """Per-request output dirs under one root, deleted `grace_s` after their request finished."""
+
+    def __init__(self, grace_s: float = OUTPUT_GRACE_S):
+        self.root = Path(tempfile.mkdtemp(prefix="flaxtumor-ui-"))
+        self.grace_s = grace_s
+        self._finished: dict[Path, float] = {}
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def new(self) -> Path:
+        self.sweep()
+        path = self.root / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    def finish(self, path: Path) -> None:
+        with self._lock:
+            self._finished[path] = time.monotonic()
+
+    def sweep(self, grace_s: float | None = None) -> None:
+        grace = self.grace_s if grace_s is None else grace_s
+        now = time.monotonic()
+        with self._lock:
+            done = [p for p, t in self._finished.items() if now - t >= grace]
+            for p in done:
+                del self._finished[p]
+        for p in done:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Examples (synthetic only: real dataset images cannot be shipped)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Examples:
+    slices: dict[str, Path]  # display name -> image file
+    patients: list[Path]  # zips
+
+
+def make_examples(dest: Path, seed: int = EXAMPLE_SEED) -> Path:
+    """Writes a tumour slice, a tumour-free slice and a patient zip made by the project's synthetic generator."""
+    from flaxtumor.data.io import read_mask
+    from flaxtumor.data.synthetic import write_synthetic_dataset
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="flaxtumor-examples-") as tmp:
+        (patient,) = [p for p in write_synthetic_dataset(tmp, n_patients=1, n_slices=24, seed=seed).iterdir() if p.is_dir()]
+        slices = sorted((p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")), key=lambda p: natural_key(p.name))
+        areas = [int(read_mask(p.with_name(f"{p.stem}_mask.tif")).sum()) for p in slices]
+        shutil.copyfile(slices[int(np.argmax(areas))], dest / "synthetic_tumour_slice.tif")
+        clear = min((i for i, a in enumerate(areas) if a == 0), key=lambda i: abs(i - len(areas) // 2))
+        shutil.copyfile(slices[clear], dest / "synthetic_clear_slice.tif")
+        with zipfile.ZipFile(dest / "synthetic_patient.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(patient.iterdir()):
+                zf.write(p, f"{patient.name}/{p.name}")
+    return dest
+
+
+def default_examples_dir() -> Path:
+    """Generated once per machine (a second start reuses them), written atomically."""
+    from flaxtumor.data.synthetic import GENERATOR_VERSION
+
+    dest = Path(tempfile.gettempdir()) / f"flaxtumor-examples-v{GENERATOR_VERSION}-s{EXAMPLE_SEED}"
+    if not (dest / "synthetic_patient.zip").is_file():
+        staging = make_examples(Path(tempfile.mkdtemp(prefix="flaxtumor-examples-staging-")))
+        try:
+            staging.rename(dest)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def find_examples(folder: Path) -> Examples:
+    """Image files in `folder` are slice examples, `*.zip` files patient examples (masks `*_mask.*` are skipped)."""
+    from flaxtumor.data.io import IMAGE_SUFFIXES
+
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
+    slices = {p.name: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.lower().endswith("_mask")}
+    return Examples(slices=slices, patients=[p for p in files if p.suffix.lower() == ".zip"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure helpers (no Gradio)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """bool (H, W): non-background pixels of a uint8 (H, W, 3) slice, holes filled (see the module docstring)."""
+    return ndimage.binary_fill_holes(image.max(axis=-1) > BRAIN_LEVEL)
+
+
+def tumour_area(mask: np.ndarray, brain: np.ndarray) -> tuple[int, float | None]:
+    """Tumour pixels and their percentage of the brain area (None when the slice has no brain pixels); tumour pixels
+    count as brain, so the percentage never exceeds 100."""
+    tumour = int(mask.sum())
+    total = int((brain | mask).sum())
+    return tumour, (100.0 * tumour / total if total else None)
+
+
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Grad-CAM blended over the slice (jet colour map), uint8 (H, W, 3)."""
+    colours = matplotlib.colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
+    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
+
+
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")  # uint8 2-D: 8-bit gray
+    return buf.getvalue()
+
+
+def _stem(name: str) -> str:
+    stem = Path(name.replace("\\", "/")).stem
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem)[:100] or "slice"
+
+
+def _verdict(has_tumour: bool) -> str:
+    return "tumour" if has_tumour else "no tumour"
+
+
+def _one_size(uploads: Sequence[UploadedImage]) -> None:
+    sizes: dict[tuple[int, ...], list[str]] = {}
+    for u in uploads:
+        sizes.setdefault(u.image.shape[:2], []).append(u.name)
+    if len(sizes) > 1:
+        parts = [f"{w}x{h}: {len(names)} file(s), e.g. {names[0]}" for (h, w), names in sizes.items()]
+        raise UploadError(f"The slices of one patient must share one size; found {'; '.join(parts)}.")
+
+
+def _positive_or_none(value: float | None, what: str) -> float | None:
+    if value is None or value == 0:
+        return None
+    if not np.isfinite(value) or value < 0:
+        raise UploadError(f"{what} must be a positive number of millimetres (got {value}).")
+    return float(value)
+
+
+def model_card_markdown(summary: dict[str, Any]) -> str:
+    """The model-card panel: per model its validation metrics (with the protocol they came from) and how it was made."""
+    lines = []
+    for name, info in summary.get("models", {}).items():
+        prep = info.get("preprocessing") or {}
+        sizes = info.get("split_sizes") or {}
+        lines.append(f"**{name}** ({info.get('task')}): input {prep.get('image_size')} px, "
+                     f"normalisation `{prep.get('normalisation')}`, backbone init `{info.get('backbone_init')}`, "
+                     f"weights {info.get('dtype')}, threshold {_fmt(info.get('threshold'))}.")
+        split = ", ".join(f"{k} {v}" for k, v in sizes.items())
+        metrics = dict(info.get("metrics") or {})
+        protocol = metrics.pop("protocol", None)
+        lines.append(
+            f"- Protocol: {protocol or _DEFAULT_PROTOCOL}" + (f" Patients per split: {split}." if split else "")
+        )
+        lines += [f"- {line}" for line in _metric_lines(metrics)] or ["- No validation metrics recorded."]
+        lines.append("")
+    settings = summary.get("pipeline") or {}
+    if settings:
+        lines.append("Pipeline: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in settings.items()) + ".")
+    point = summary.get("operating_point") or {}
+    lines.append(
+        "Operating point from `pipeline.json`: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in point.items()) + "."
+        if point else "No `pipeline.json`: thresholds are the checkpoints' own."
+    )
+    return "\n".join(lines)
+
+
+_DEFAULT_PROTOCOL = (
+    "validation patients of a patient-level split (no patient in both train and validation), at the epoch chosen on "
+    "that same split, so slightly optimistic; the untouched test split is reported by `python -m flaxtumor.evaluate`."
+)
+# What each metric the training loop records means, so the numbers are not read as something they are not.
+_METRIC_NOTES = {
+    "volumetric_dice": "3D Dice per patient, mean over patients",
+    "dice": "per slice, mean over slices with tumour in truth or prediction",
+    "iou": "per slice, mean over slices with tumour in truth or prediction",
+    "pooled_dice": "pixels of all slices pooled",
+    "accuracy": "per slice, at the checkpoint threshold",
+    "precision": "per slice, at the checkpoint threshold",
+    "recall": "per slice, at the checkpoint threshold",
+    "f1": "per slice, at the checkpoint threshold",
+    "auc": "per-slice ROC AUC",
+}
+
+
+def _metric_lines(metrics: dict[str, Any], prefix: str = "") -> list[str]:
+    lines = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            lines += _metric_lines(value, f"{prefix}{key} / ")
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            note = f" ({_METRIC_NOTES[key]})" if key in _METRIC_NOTES else ""
+            lines.append(f"{prefix}{key}: {_fmt(value)}{note}")
+    return lines
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Request handling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    verdict: str
+    probability: float
+    overlay: tuple[np.ndarray, list[tuple[np.ndarray, str]]]
+    area_px: int
+    area_pct: float | None
+    gradcam: np.ndarray
+    mask_file: Path
+    details: str
+
+
+@dataclass(frozen=True)
+class PatientResult:
+    summary: str
+    table: pd.DataFrame
+    masks_zip: Path
+    browser: list[tuple[str, np.ndarray, np.ndarray, float]]  # (name, image, mask, probability) per slice
+    first: int  # 0-based slice shown first: the most probable flagged slice, else 0
+
+
+class App:
+    """The app's behaviour without Gradio: checks uploads, runs the pipeline, writes output files."""
+
+    def __init__(self, pipeline: Predictor, examples: Examples, limits: UploadLimits):
+        self.pipeline = pipeline
+        self.examples = examples
+        self.limits = limits
+        self.dirs = RequestDirs()
+        # nnx modules are mutable Python objects and Grad-CAM runs through nnx.jit: one call at a time.
+        self._gradcam_lock = threading.Lock()
+
+    def _with_threshold(self, threshold: float | None) -> Predictor:
+        """A shallow copy with the request's threshold: shares the compiled models, and concurrent requests with
+        different thresholds never see each other's setting."""
+        if threshold is None or float(threshold) == self.pipeline.threshold:
+            return self.pipeline
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise UploadError(f"The threshold must lie in [0, 1] (got {threshold}).")
+        pipeline = copy.copy(self.pipeline)
+        pipeline.threshold = float(threshold)
+        return pipeline
+
+    def predict_slice(self, path: str | Path | None, threshold: float | None, lcc: bool) -> SliceResult:
+        upload = load_single(path, self.limits)
+        pipeline = self._with_threshold(threshold)
+        # A slice is a volume of one: LCC then keeps the largest 2D blob.
+        (pred,) = pipeline.predict_volume([upload.image], lcc=bool(lcc))
+        with self._gradcam_lock:
+            heat = pipeline.gradcam(upload.image)
+        brain = brain_mask(upload.image)
+        area_px, area_pct = tumour_area(pred.mask, brain)
+        out = self.dirs.new()
+        try:
+            mask_file = out / f"{_stem(upload.name)}_mask.png"
+            mask_file.write_bytes(mask_png_bytes(pred.mask))
+        finally:
+            self.dirs.finish(out)
+        h, w = pred.mask.shape
+        details = (
+            f"`{upload.name}`: {w}x{h} px, brain area {int(brain.sum())} px; "
+            f"threshold {pipeline.threshold:.2f}, largest connected component {'on' if lcc else 'off'}."
+        )
+        return SliceResult(
+            verdict=_verdict(pred.has_tumour),
+            probability=float(pred.tumour_probability),
+            overlay=(upload.image, [(pred.mask.astype(np.float32), "tumour")]),
+            area_px=area_px,
+            area_pct=area_pct,
+            gradcam=heatmap_overlay(upload.image, heat),
+            mask_file=mask_file,
+            details=details,
+        )
+
+    def run_example(self, name: str | None, threshold: float | None, lcc: bool) -> SliceResult:
+        if name not in self.examples.slices:
+            raise UploadError(f"Unknown example {name!r}; choose one of {', '.join(self.examples.slices) or 'none'}.")
+        return self.predict_slice(self.examples.slices[name], threshold, lcc)
+
+    def predict_patient(
+        self,
+        paths: Sequence[str | Path] | None,
+        threshold: float | None,
+        lcc: bool,
+        spacing_mm: float | None,
+        thickness_mm: float | None,
+    ) -> PatientResult:
+        spacing = _positive_or_none(spacing_mm, "The pixel spacing")
+        thickness = _positive_or_none(thickness_mm, "The slice thickness")
+        with tempfile.TemporaryDirectory(prefix="flaxtumor-in-") as workdir:
+            uploads, skipped_masks = load_many(paths, self.limits, Path(workdir))
+        _one_size(uploads)
+        pipeline = self._with_threshold(threshold)
+        preds = pipeline.predict_volume([u.image for u in uploads], lcc=bool(lcc))
+        rows = []
+        for i, (u, p) in enumerate(zip(uploads, preds), start=1):
+            area_px, area_pct = tumour_area(p.mask, brain_mask(u.image))
+            rows.append(
+                {
+                    "slice": i,
+                    "file": u.name,
+                    "tumour probability": round(float(p.tumour_probability), 4),
+                    "flagged": bool(p.has_tumour),
+                    "tumour area (px)": area_px,
+                    "tumour area (% of brain)": None if area_pct is None else round(area_pct, 3),
+                }
+            )
+        table = pd.DataFrame(rows)
+        out = self.dirs.new()
+        try:
+            source = uploads[0].name.split("/")[0]  # "x.zip" for zip members
+            masks_zip = out / f"{_stem(source) if source.lower().endswith('.zip') else 'patient'}_masks.zip"
+            with zipfile.ZipFile(masks_zip, "w", zipfile.ZIP_DEFLATED) as zf:
+                for i, (u, p) in enumerate(zip(uploads, preds), start=1):
+                    zf.writestr(f"{i:03d}_{_stem(u.name)}_mask.png", mask_png_bytes(p.mask))
+                zf.writestr("predictions.csv", table.to_csv(index=False))
+        finally:
+            self.dirs.finish(out)
+        flagged = [r["slice"] for r in rows if r["flagged"]]
+        burden_px = int(table["tumour area (px)"].sum())
+        h, w = uploads[0].image.shape[:2]
+        lines = [
+            f"**{len(uploads)} slices** ({w}x{h} px){f', {skipped_masks} ground-truth mask file(s) skipped' if skipped_masks else ''}; "
+            f"threshold {pipeline.threshold:.2f}, largest connected component {'on' if lcc else 'off'}.",
+            f"**Flagged slices** (tumour probability ≥ {pipeline.threshold:.2f}): "
+            + (", ".join(map(str, flagged)) if flagged else "none")
+            + f" ({len(flagged)} of {len(uploads)}).",
+            f"**Total tumour burden:** {burden_px} px"
+            + (
+                f" = {burden_px * spacing**2 * thickness:.1f} mm³ (pixel spacing {spacing} mm, slice thickness {thickness} mm)."
+                if spacing and thickness
+                else " (give the pixel spacing and the slice thickness for mm³)."
+            ),
+        ]
+        browser = [(u.name, u.image, p.mask, float(p.tumour_probability)) for u, p in zip(uploads, preds)]
+        probs = np.array([p.tumour_probability for p in preds])
+        first = int(np.argmax(np.where([p.has_tumour for p in preds], probs, -1.0))) if flagged else 0
+        return PatientResult("\n\n".join(lines), table, masks_zip, browser, first)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradio
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad uploads become a gr.Error naming the file; anything unexpected is logged and reported, never fatal."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except UploadError as e:
+            raise gr.Error(str(e), title="Cannot analyse this upload", print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 — the server must keep serving other users
+            traceback.print_exc()
+            raise gr.Error(f"Internal error ({type(e).__name__}); the details are in the server log.", print_exception=False) from None
+
+    return wrapper
+
+
+def _slice_outputs(r: SliceResult) -> tuple:
+    return r.verdict, r.probability, r.overlay, r.area_px, r.area_pct, r.gradcam, str(r.mask_file), r.details
+
+
+def _browse(browser: list | None, index: float | None) -> Any:
+    if not browser:
+        return gr.AnnotatedImage(value=None, label="Slice viewer")
+    i = int(np.clip(int(index or 1) - 1, 0, len(browser) - 1))
+    name, image, mask, prob = browser[i]
+    label = f"Slice {i + 1}/{len(browser)}: {name} (tumour probability {prob:.2f})"
+    return gr.AnnotatedImage(value=(image, [(mask.astype(np.float32), "tumour")]), label=label)
+
+
+def _atomic_gradio_image_cache() -> None:
+    """Gradio (6.31) saves output images to a content-addressed cache path with a plain `write_bytes`, so two requests
+    with identical results (two users on one example) rewrite a file while it is being downloaded, and the download is
+    cut short. Writing to a temp name and renaming keeps every reader on a complete file. Found by tests/ui/test_load.py;
+    worth reporting upstream, then removing."""
+    from gradio import processing_utils
+
+    if getattr(processing_utils.save_pil_to_cache, "flaxtumor_atomic", False):
+        return
+
+    def save_pil_to_cache(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+        data = processing_utils.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        path = (folder / f"{name}.{format}").resolve()
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+        return str(path)
+
+    save_pil_to_cache.flaxtumor_atomic = True  # type: ignore[attr-defined]
+    processing_utils.save_pil_to_cache = save_pil_to_cache
+
+
+def build_demo(
+    pipeline: Predictor,
+    examples_dir: str | Path | None = None,
+    limits: UploadLimits = UploadLimits(),
+    concurrency_limit: int = 2,
+) -> gr.Blocks:
+    """The app around a loaded pipeline; the threshold and LCC controls start at its operating point. Examples come
+    from `examples_dir`, else from the synthetic generator."""
+    _atomic_gradio_image_cache()
+    examples = find_examples(Path(examples_dir) if examples_dir is not None else default_examples_dir())
+    app = App(pipeline, examples, limits)
+    image_types = ".tif, .tiff, .png, .jpg, .jpeg"
+
+    with gr.Blocks(title="flaxtumor: LGG MRI tumour detection (research use only)", delete_cache=DELETE_CACHE) as demo:
+        gr.Markdown("# flaxtumor: brain-tumour detection and segmentation on LGG MRI slices")
+        gr.Markdown(NOTICE, elem_id="notice")
+        with gr.Accordion("Model card", open=False):
+            gr.Markdown(model_card_markdown(pipeline.summary()), elem_id="model-card")
+        with gr.Row():
+            threshold = gr.Slider(0.0, 1.0, value=pipeline.threshold, step=0.01, label="Classification threshold",
+                                  info="A slice is called tumour when its tumour probability is at least this; "
+                                       "the default comes from the checkpoint.")
+            lcc = gr.Checkbox(value=pipeline.lcc, label="Keep only the largest connected tumour component",
+                              info="3D over a patient's slices, 2D on a single slice.")
+
+        with gr.Tab("Single slice"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    slice_file = gr.File(label=f"MRI slice ({image_types})", elem_id="slice-file")
+                    slice_button = gr.Button("Analyse slice", variant="primary", elem_id="slice-button")
+                    example = gr.Dropdown(list(examples.slices), value=next(iter(examples.slices), None),
+                                          label="Or try a synthetic example (made by flaxtumor.data.synthetic)",
+                                          elem_id="example-choice")
+                    example_button = gr.Button("Run example", elem_id="example-button")
+                    verdict = gr.Label(label="Verdict", elem_id="verdict")
+                    probability = gr.Number(label="Tumour probability", precision=3)
+                    with gr.Row():
+                        area_px = gr.Number(label="Tumour area (px)", precision=0)
+                        area_pct = gr.Number(label="Tumour area (% of brain)", precision=2)
+                    details = gr.Markdown(label="Details")
+                    mask_file = gr.File(label="Mask (PNG, 0/255, input size)")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        overlay = gr.AnnotatedImage(label="Predicted tumour mask", color_map={"tumour": TUMOUR_COLOUR}, format="png",
+                                                    height=IMAGE_HEIGHT)
+                        heatmap = gr.Image(label="Grad-CAM of the classifier", type="numpy", format="png",
+                                           interactive=False, height=IMAGE_HEIGHT)
+            slice_outputs = [verdict, probability, overlay, area_px, area_pct, heatmap, mask_file, details]
+            slice_button.click(
+                _user_errors(lambda f, t, c: _slice_outputs(app.predict_slice(f, t, c))),
+                [slice_file, threshold, lcc], slice_outputs, api_name="predict_slice", concurrency_id="slice",
+                concurrency_limit=concurrency_limit,
+            )
+            example_button.click(
+                _user_errors(lambda n, t, c: _slice_outputs(app.run_example(n, t, c))),
+                [example, threshold, lcc], slice_outputs, api_name="example", concurrency_id="slice",
+                concurrency_limit=concurrency_limit,
+            )
+
+        with gr.Tab("Whole patient"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    patient_files = gr.File(file_count="multiple", label=f"Slices ({image_types}) or one .zip of a patient folder",
+                                            elem_id="patient-files")
+                    with gr.Row():
+                        spacing = gr.Number(value=None, label="Pixel spacing (mm)", minimum=0)
+                        thickness = gr.Number(value=None, label="Slice thickness (mm)", minimum=0)
+                    patient_button = gr.Button("Analyse patient", variant="primary", elem_id="patient-button")
+                    if examples.patients:
+                        gr.Examples([[[str(p)]] for p in examples.patients], inputs=[patient_files],
+                                    label="Synthetic example patient")
+                    summary = gr.Markdown(label="Summary", elem_id="patient-summary")
+                    masks_zip = gr.File(label="All masks (zip of PNGs + predictions.csv)")
+                with gr.Column(scale=2):
+                    browser_slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False)
+                    browser_image = gr.AnnotatedImage(label="Slice viewer", color_map={"tumour": TUMOUR_COLOUR}, format="png",
+                                                      height=IMAGE_HEIGHT)
+                    with gr.Row():
+                        prob_plot = gr.LinePlot(x="slice", y="tumour probability", y_lim=[0, 1], label="Tumour probability per slice")
+                        area_plot = gr.LinePlot(x="slice", y="tumour area (px)", label="Tumour area per slice (px)")
+            table = gr.Dataframe(label="Per-slice results", interactive=False)
+            browser_state = gr.State()
+
+            def patient(files: Any, t: float, c: bool, s: float | None, th: float | None) -> tuple:
+                r = app.predict_patient(files, t, c, s, th)
+                # Gradio sliders need minimum < maximum: a one-slice patient gets a disabled 1..2 slider.
+                n = len(r.browser)
+                slider = gr.Slider(1, max(n, 2), value=r.first + 1, step=1, label="Slice", interactive=n > 1)
+                return (r.summary, r.table, r.table, r.table, slider, _browse(r.browser, r.first + 1), str(r.masks_zip),
+                        r.browser)
+
+            patient_button.click(
+                _user_errors(patient), [patient_files, threshold, lcc, spacing, thickness],
+                [summary, table, prob_plot, area_plot, browser_slider, browser_image, masks_zip, browser_state],
+                api_name="predict_patient", concurrency_id="patient", concurrency_limit=1,
+            )
+            browser_slider.input(_browse, [browser_state, browser_slider], browser_image, api_visibility="private",
+                                 concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")
+
+        gr.Markdown(f"Upload limits: {limits.describe()}; at most {MAX_FILE_SIZE} per file.")
+    demo.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_MAX_SIZE)
+    demo.flaxtumor_app = app  # type: ignore[attr-defined]  # launch() serves its examples; tests inspect its temp dirs
+    return demo
+
+
+def warm_up(pipeline: Predictor) -> float:
+    """Compiles every model function once so the first user does not wait; returns seconds. The pipeline resizes
+    every slice to the checkpoint's size and pads batches to its fixed batch size, so one call covers all later shapes."""
+    start = time.perf_counter()
+    image = np.zeros((256, 256, 3), np.uint8)
+    image[64:192, 64:192] = 100
+    pipeline.predict_volume([image], lcc=True, gate=False)  # gate off: the segmenter compiles too
+    pipeline.gradcam(image)
+    return time.perf_counter() - start
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False,
+           prevent_thread_lock: bool = False) -> str:
+    """Starts the server with the app's limits; returns its local URL."""
+    examples: Examples = demo.flaxtumor_app.examples  # type: ignore[attr-defined]
+    allowed = sorted({str(p.parent) for p in [*examples.slices.values(), *examples.patients]})
+    _, url, _ = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
+                            allowed_paths=allowed, prevent_thread_lock=prevent_thread_lock, theme=gr.themes.Soft(),
+                            footer_links=["api", "gradio"])
+    return url
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="flaxtumor Gradio app (research use only)")
+    parser.add_argument("--checkpoints", default="checkpoints", metavar="DIR", help="folder with classifier/ and segmenter/")
+    parser.add_argument("--host", default=None, metavar="H", help="bind address (default 127.0.0.1; 0.0.0.0 on Spaces via GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None, metavar="P", help="port (default 7860 or GRADIO_SERVER_PORT)")
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    parser.add_argument("--examples", default=None, metavar="DIR", help="folder of example slices (images) and patients (.zip)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, started: float | None = None) -> int:
+    """Load once, warm up, serve. `started` is a perf_counter() taken before the heavy imports (by app.py)."""
+    started = time.perf_counter() if started is None else started
+    args = parse_args(argv)
+    if args.examples is not None and not Path(args.examples).is_dir():
+        print(f"error: --examples {args.examples}: no such folder", file=sys.stderr)
+        return 2
+    from flaxtumor.inference import Pipeline
+
+    try:
+        t0 = time.perf_counter()
+        # Threshold, LCC, TTA and gating start at DIR/pipeline.json when it exists (the tuned operating point).
+        pipeline = Pipeline.from_checkpoints(args.checkpoints, batch_size=BATCH_SIZE)
+        loaded = time.perf_counter() - t0
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError with a one-line message
+        print(f"error: cannot load checkpoints from {args.checkpoints}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    warm = warm_up(pipeline)
+    demo = build_demo(pipeline, args.examples)
+    url = launch(demo, args.host, args.port, args.share, prevent_thread_lock=True)
+    # A stop by SIGTERM (Spaces, docker, the benches) exits normally, so atexit removes the temp dirs too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"flaxtumor app ready at {url}: start-up {time.perf_counter() - started:.1f} s "
+          f"(checkpoints {loaded:.1f} s, warm-up {warm:.1f} s)", flush=True)
+    try:
+        demo.block_thread()
+    finally:
+        demo.close()
+    return 0

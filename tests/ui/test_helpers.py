@@ -1,0 +1,61 @@
+"""The UI's pure helpers: brain area, tumour percentage, model card, output dirs, example folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from flaxtumor.ui import RequestDirs, brain_mask, find_examples, model_card_markdown, tumour_area
+from tests.ui import files as F
+
+
+def test_brain_area_fills_dark_holes_and_bounds_the_percentage() -> None:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[8:56, 8:56] = 120
+    image[28:36, 28:36] = 0  # a dark ventricle inside the head still counts as brain
+    brain = brain_mask(image)
+    assert brain.sum() == 48 * 48
+    tumour = np.zeros((64, 64), bool)
+    tumour[8:20, 8:20] = True
+    assert tumour_area(tumour, brain) == (144, 100.0 * 144 / (48 * 48))
+    everywhere = np.ones((64, 64), bool)
+    assert tumour_area(everywhere, brain)[1] == 100.0
+    assert tumour_area(tumour, np.zeros_like(tumour))[1] == 100.0
+    assert tumour_area(np.zeros_like(tumour), np.zeros_like(tumour)) == (0, None)
+
+
+def test_model_card_names_the_protocol_and_metrics() -> None:
+    summary = {
+        "models": {"segmenter": {"task": "seg", "preprocessing": {"image_size": 128, "normalisation": "volume_zscore"},
+                                 "backbone_init": "none", "dtype": "float32", "threshold": 0.5,
+                                 "split_sizes": {"train": 55, "val": 14}, "metrics": {"volumetric_dice": 0.81}}},
+        "pipeline": {"threshold": 0.5, "gate": True},
+    }
+    text = model_card_markdown(summary)
+    assert "patient-level split" in text and "val 14" in text and "backbone init `none`" in text
+    assert "volumetric_dice: 0.810 (3D Dice per patient, mean over patients)" in text
+
+
+def test_request_dirs_are_removed_after_the_grace_period() -> None:
+    dirs = RequestDirs(grace_s=3600)
+    first = dirs.new()
+    (first / "mask.png").write_bytes(b"x")
+    dirs.finish(first)
+    dirs.sweep()
+    assert first.exists()  # still within the grace period
+    dirs.sweep(grace_s=0)
+    assert not first.exists()
+    dirs.close()
+    assert not dirs.root.exists()
+
+
+def test_examples_folder(tmp_path: Path) -> None:
+    F.good_png(tmp_path, "b_2.png")
+    F.good_png(tmp_path, "b_10.png")
+    F.good_png(tmp_path, "b_2_mask.png")
+    F.zip_of(tmp_path / "patient.zip", {"p/1.png": F.png_bytes(F.slice_array())})
+    (tmp_path / "notes.txt").write_text("ignored")
+    examples = find_examples(tmp_path)
+    assert list(examples.slices) == ["b_2.png", "b_10.png"]
+    assert [p.name for p in examples.patients] == ["patient.zip"]
