@@ -79,6 +79,17 @@ class _Ranked:
         return [label("best", t[2]) for t in best] + [label("worst", t[2]) for t in worst]
 
 
+def load_volume(patient: Patient) -> tuple[list[np.ndarray], np.ndarray]:
+    """A patient's slices (uint8 HxWx3, in order) and its ground-truth volume (D, H, W) bool."""
+    images, targets = [], []
+    for s in patient.slices:
+        if s.mask_path is None:
+            raise DataError(s.image_path, "no mask: evaluation needs the ground truth of every slice")
+        images.append(read_image(s.image_path))
+        targets.append(read_mask(s.mask_path))
+    return images, np.stack(targets)
+
+
 def evaluate_patients(
     pipeline: Pipeline, patients: Sequence[Patient], lcc: bool, gallery_size: int = 4
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -90,13 +101,7 @@ def evaluate_patients(
     per_patient: dict[str, float] = {}
     ranked = _Ranked(gallery_size)
     for patient in tqdm(patients, unit="patient", desc="evaluate"):
-        images, targets = [], []
-        for s in patient.slices:
-            if s.mask_path is None:
-                raise DataError(s.image_path, "no mask: evaluation needs the ground truth of every slice")
-            images.append(read_image(s.image_path))
-            targets.append(read_mask(s.mask_path))
-        target_vol = np.stack(targets)
+        images, target_vol = load_volume(patient)
         probs = pipeline.tumour_probabilities(images, volume=True)
         seg_vol = np.stack(pipeline.segment(images, volume=True))
         calls, final = gate_and_postprocess(probs, seg_vol, pipeline.threshold, gate=pipeline.gate, lcc=lcc,

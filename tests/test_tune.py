@@ -1,0 +1,58 @@
+"""Operating-point tuning: scores on hand-made outputs, and the CLI on tiny checkpoints (validation patients only)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from flaxtumor.inference import Pipeline
+from flaxtumor.tune import main, score
+from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
+
+
+def _patient(probs, masks, truth):
+    return np.asarray(probs), np.asarray(masks, bool), np.asarray(truth, bool)
+
+
+def test_score_follows_threshold_fusion_and_lcc():
+    truth = np.zeros((3, 8, 8), bool)
+    truth[1, 2:6, 2:6] = True  # 16 px on slice 1 only
+    masks = np.zeros_like(truth)
+    masks[1, 2:6, 2:6] = True
+    masks[2, 0, 0] = True  # a 1-px false positive, far from the tumour
+    raw = [_patient([0.1, 0.3, 0.9], masks, truth)]
+
+    # classifier alone at 0.5 keeps only slice 2 (the false positive): Dice 0
+    assert score(raw, 0.5, 0.0, lcc=False)["per_patient_dice_mean"] == 0.0
+    # at 0.2 both slices pass: Dice = 2*16 / (17 + 16)
+    assert score(raw, 0.2, 0.0, lcc=False)["per_patient_dice_mean"] == pytest.approx(32 / 33)
+    # LCC removes the isolated pixel
+    assert score(raw, 0.2, 0.0, lcc=True)["per_patient_dice_mean"] == 1.0
+    # the fused gate rescues slice 1 at 0.5 (area 16/64 ≥ 0.1); LCC then drops slice 2's pixel
+    fused = score(raw, 0.5, 0.1, lcc=True)
+    assert fused["per_patient_dice_mean"] == 1.0
+    assert fused["detection_sensitivity"] == 1.0 and fused["detection_specificity"] == 0.5
+
+
+def test_cli_tunes_on_validation_patients_and_the_pipeline_reads_it(tiny, tmp_path):  # noqa: F811
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny.checkpoints, checkpoints)
+    assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints)]) == 0
+    point = json.loads((checkpoints / "pipeline.json").read_text())
+    assert point["tuned_on"]["patients"] == list(tiny.val)
+    assert {r["name"] for r in point["ablation"]} >= {"segmenter alone (no gate)", "chosen operating point"}
+    pipeline = Pipeline.from_checkpoints(checkpoints)
+    assert (pipeline.threshold, pipeline.lcc, pipeline.tta, pipeline.min_tumour_area) == (
+        point["threshold"], point["lcc"], point["tta"], point["min_tumour_area"])
+
+
+def test_cli_refuses_checkpoints_without_validation_patients(tiny, tmp_path, capsys):  # noqa: F811
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny.checkpoints, checkpoints)
+    meta_file = checkpoints / "segmenter" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["split"]["val"] = []
+    meta_file.write_text(json.dumps(meta))
+    assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints)]) == 2
+    assert "no validation patients" in capsys.readouterr().err
