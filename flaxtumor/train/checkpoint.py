@@ -193,10 +193,13 @@ def load_inference(path: str | Path) -> tuple[nnx.Module, dict]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_file}: missing or corrupt metadata ({_first_line(e)})") from None
 
-    model = build_model(config, nnx.Rngs(0))
-    model.eval()
+    # Abstract build: a real random init of ResNet50 costs seconds of start-up only to be overwritten.
+    graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))), INFERENCE_STATE, ...)
+    rest = jax.tree.map(_materialise, rest)  # the small remainder (dropout RNG streams) needs real values
     mesh = sharding.make_mesh()
-    live = sharding.replicate(nnx.to_pure_dict(nnx.state(model, INFERENCE_STATE)), mesh)
+    replicated = sharding.replicated(mesh)
+    live = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        nnx.to_pure_dict(weights))
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             saved = checkpointer.metadata(path / "state").item_metadata.tree
@@ -215,5 +218,13 @@ def load_inference(path: str | Path) -> tuple[nnx.Module, dict]:
     restored = jax.tree.map(lambda x, ref: x.astype(ref.dtype), restored, live)
     if not all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(restored)):
         raise CheckpointError(f"{path}: checkpoint holds NaN/Inf weights (corrupt)")
-    _load_into(model, restored, INFERENCE_STATE)
+    nnx.replace_by_pure_dict(weights, restored)
+    model = nnx.merge(graphdef, weights, rest)
+    model.eval()
     return model, metadata
+
+
+def _materialise(x: jax.ShapeDtypeStruct) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(0), x.shape) if x.shape else jax.random.key(0)
+    return jnp.zeros(x.shape, x.dtype)
