@@ -73,6 +73,7 @@ class TrainConfig:
     # Classification
     class_weight: float | None = None  # weight on the tumour class in BCE; None = unweighted
     backbone_weights: str = "none"  # converted weights (see flaxtumor.convert_weights) or "none" for random init
+    init_from: str | None = None  # an exported inference checkpoint of the same architecture to start from
     phase2_epochs: int = 10  # last stage unfrozen; 0 skips phase 2
     phase2_lr_factor: float = 0.1
     threshold: float = 0.5  # tumour probability (cls) or mask probability (seg)

@@ -224,6 +224,20 @@ def load_inference(path: str | Path) -> tuple[nnx.Module, dict]:
     return model, metadata
 
 
+def init_from(model: nnx.Module, path: str | Path) -> dict:
+    """Copies an exported inference checkpoint's params and BatchNorm statistics into `model`, whose architecture
+    must match (CheckpointError otherwise). Returns the source's metadata, for the record."""
+    source, metadata = load_inference(path)
+    weights = jax.device_get(nnx.to_pure_dict(nnx.state(source, INFERENCE_STATE)))
+    problems = _shape_mismatches(weights, nnx.to_pure_dict(nnx.state(model, INFERENCE_STATE)))
+    if problems:
+        raise CheckpointError(
+            f"{path}: cannot initialise this model from it ({len(problems)} difference(s), e.g. {problems[0]})"
+        )
+    _load_into(model, weights, INFERENCE_STATE)
+    return metadata
+
+
 def _materialise(x: jax.ShapeDtypeStruct) -> jax.Array:
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         return jax.random.split(jax.random.key(0), x.shape) if x.shape else jax.random.key(0)

@@ -40,6 +40,7 @@ FIELDS = {
     "seed": "train.seed",
     "split": "data.split_file",
     "backbone_weights": "train.backbone_weights",
+    "init_from": "train.init_from",
     "resume": "train.resume",
     "precision": "train.precision",
     "loss": "train.loss",
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbone-weights", metavar="DIR|none",
       help="cls: converted ImageNet ResNet50 (python -m flaxtumor.convert_weights); with it cls trains the head on the "
       "frozen backbone, then also the last stage; 'none' trains a random network whole (default none)")
+    a("--init-from", metavar="DIR",
+      help="start from an exported inference checkpoint of the same architecture (e.g. runs/cls/classifier): a new run "
+      "with a fresh optimizer and schedule, for fine-tuning or training longer")
     a("--resume", action="store_true", default=None,
       help="continue the run in --out exactly where its last checkpoint left off")
     a("--precision", choices=["fp32", "bf16"],

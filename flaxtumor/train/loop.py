@@ -35,7 +35,7 @@ from flaxtumor.data.preprocess import Preprocessing
 from flaxtumor.models import build_model
 from flaxtumor.models.classifier import load_backbone, set_phase
 from flaxtumor.train import sharding
-from flaxtumor.train.checkpoint import TrainCheckpoints, export_inference
+from flaxtumor.train.checkpoint import TrainCheckpoints, export_inference, init_from
 from flaxtumor.train.losses import LossFn, make_loss
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,8 @@ def run(cfg: Config) -> dict[str, Any]:
     model = build_model(cfg, nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1))
     if tcfg.task == "cls" and tcfg.backbone_weights != "none":
         load_backbone(model, tcfg.backbone_weights)
+    if tcfg.init_from:  # continue from an exported model of the same architecture (a new run: fresh optimizer)
+        init_from(model, tcfg.init_from)
     nnx.update(model, sharding.replicate(nnx.state(model), mesh))
     loss_fn = make_loss(tcfg)
     eval_step = make_eval_step(dtype)
@@ -443,6 +445,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "preprocessing": Preprocessing(cfg.data.image_size, cfg.data.normalisation).to_dict(),
         "threshold": tcfg.threshold,
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",
+        "init_from": tcfg.init_from,
         "split": split.to_dict(),
         "metrics": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
         "best": {"phase": best["phase"], "epoch": best["epoch"], "step": best_step},

@@ -92,3 +92,22 @@ def test_export_replaces_atomically_and_ignores_a_killed_write(exported, tmp_pat
     export_inference(target, model, {**metadata, "threshold": 0.25})  # replaces the previous export
     assert load_inference(target)[1]["threshold"] == 0.25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["segmenter"]
+
+
+def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
+    from flax import nnx
+
+    from flaxtumor.config import Config
+    from flaxtumor.models import build_model
+    from flaxtumor.train.checkpoint import CheckpointError, export_inference, init_from
+
+    cfg = Config().override(**{"train.task": "seg", "model.resunet_widths": (4, 8)})
+    source = build_model(cfg, nnx.Rngs(1))
+    export_inference(tmp_path / "segmenter", source, {"config": cfg.to_dict(), "task": "seg"})
+    target = build_model(cfg, nnx.Rngs(2))
+    init_from(target, tmp_path / "segmenter")
+    for a, b in zip(jax.tree.leaves(nnx.state(source, nnx.Param)), jax.tree.leaves(nnx.state(target, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wider = build_model(cfg.override(**{"model.resunet_widths": (8, 16)}), nnx.Rngs(3))
+    with pytest.raises(CheckpointError, match="cannot initialise this model"):
+        init_from(wider, tmp_path / "segmenter")
