@@ -14,6 +14,7 @@ weights. Targets: ≤150 ms per slice at batch 1 in the pipeline, ≤3 s per 40-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +138,27 @@ def pipeline_alone(checkpoints: Path, patient: Path, image: Path, repeats: int =
     return lines
 
 
+@contextlib.contextmanager
+def bench_setup(checkpoints: str, image_size: int, patient_slices: int) -> Iterator[dict]:
+    """A scratch folder with the checkpoints (shipped, or random at `image_size`) and a synthetic patient zip."""
+    with tempfile.TemporaryDirectory(prefix="flaxtumor-bench-") as tmp:
+        scratch = Path(tmp)
+        resolved, which = resolve_checkpoints(checkpoints, image_size, scratch)
+        archive, one_slice = synthetic_patient(scratch, patient_slices)
+        print(f"checkpoints: {which}")
+        yield dict(scratch=scratch, checkpoints=resolved, archive=archive, one_slice=one_slice)
+
+
+@contextlib.contextmanager
+def running_app(setup: dict) -> Iterator[tuple[str, float, str]]:
+    """A freshly started `python app.py` on the setup's checkpoints: (url, start-up seconds, its ready line)."""
+    proc, url, wall, line = start_app(setup["checkpoints"], setup["scratch"] / "app.log")
+    try:
+        yield url, wall, line
+    finally:
+        stop_app(proc)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", default=str(REPO / "checkpoints"))
@@ -146,13 +169,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from gradio_client import Client, handle_file
 
-    with tempfile.TemporaryDirectory(prefix="flaxtumor-bench-") as tmp:
-        scratch = Path(tmp)
-        checkpoints, which = resolve_checkpoints(args.checkpoints, args.image_size, scratch)
-        archive, one_slice = synthetic_patient(scratch, 40)
-        print(f"checkpoints: {which}")
-        proc, url, wall, line = start_app(checkpoints, scratch / "app.log")
-        try:
+    with bench_setup(args.checkpoints, args.image_size, 40) as setup:
+        one_slice = setup["one_slice"]
+        with running_app(setup) as (url, wall, line):
             print(f"start-up: {wall:.1f} s from process start to serving; app says: {line}")
             client = Client(url, verbose=False)
             client.predict(handle_file(str(one_slice)), 0.5, False, api_name="/predict_slice")  # connection warm-up
@@ -165,15 +184,15 @@ def main(argv: list[str] | None = None) -> None:
             times = []
             for _ in range(args.patients):
                 t = time.perf_counter()
-                table = client.predict([handle_file(str(archive))], 0.5, True, None, None, api_name="/predict_patient")[1]
+                table = client.predict([handle_file(str(setup["archive"]))], 0.5, True, None, None,
+                                       api_name="/predict_patient")[1]
                 times.append(time.perf_counter() - t)
                 assert len(table["data"]) == 40
             print(f"40-slice patient end-to-end via /predict_patient: {', '.join(f'{s:.2f} s' for s in times)} "
                   f"(median {np.median(times):.2f} s; target ≤3 s)")
-        finally:
-            stop_app(proc)
+        # after the server stopped, so it does not compete for the cores
         print("pipeline alone, classifier + segmenter on every slice (target ≤150 ms per slice at batch 1):")
-        for line in pipeline_alone(checkpoints, one_slice.parent, one_slice):
+        for line in pipeline_alone(setup["checkpoints"], one_slice.parent, one_slice):
             print("  " + line)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_latency import percentiles, resolve_checkpoints, start_app, stop_app, synthetic_patient  # noqa: E402
+from app_latency import bench_setup, percentiles, running_app  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from gradio_client import Client, handle_file
 
-    with tempfile.TemporaryDirectory(prefix="flaxtumor-load-") as tmp:
-        scratch = Path(tmp)
-        checkpoints, which = resolve_checkpoints(args.checkpoints, args.image_size, scratch)
-        _, one_slice = synthetic_patient(scratch, 20)
-        print(f"checkpoints: {which}")
-        proc, url, wall, _ = start_app(checkpoints, scratch / "app.log")
+    with bench_setup(args.checkpoints, args.image_size, 20) as setup, running_app(setup) as (url, wall, _):
+        one_slice = setup["one_slice"]
         print(f"app serving after {wall:.1f} s; {args.clients} clients x {args.requests} requests")
 
         def client_run(k: int) -> tuple[list[float], list[str]]:
@@ -60,12 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             return times, failures
 
         start = time.perf_counter()
-        try:
-            with ThreadPoolExecutor(args.clients) as pool:
-                results = list(pool.map(client_run, range(args.clients)))
-        finally:
-            total = time.perf_counter() - start
-            stop_app(proc)
+        with ThreadPoolExecutor(args.clients) as pool:
+            results = list(pool.map(client_run, range(args.clients)))
+        total = time.perf_counter() - start
     times = [t for ts, _ in results for t in ts]
     failures = [f for _, fs in results for f in fs]
     print(f"{len(times)} requests in {total:.1f} s ({len(times) / total:.2f} req/s); latency under load: {percentiles(times)}; "
