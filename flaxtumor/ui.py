@@ -230,6 +230,14 @@ def _positive_or_none(value: float | None, what: str) -> float | None:
     return float(value)
 
 
+def threshold_info(min_tumour_area: float) -> str:
+    """The slider's help: with a fused gate the classifier threshold is not the only way a slice is called tumour."""
+    text = "A slice is called tumour when its tumour probability is at least this"
+    if min_tumour_area > 0:
+        text += f", or when the segmenter outlines at least {min_tumour_area:.2%} of it (the fused gate)"
+    return text + "; the default is the checkpoints' operating point."
+
+
 def model_card_markdown(summary: dict[str, Any]) -> str:
     """The model-card panel: per model its validation metrics (with the protocol they came from) and how it was made."""
     lines = []
@@ -517,8 +525,7 @@ def build_demo(
             gr.Markdown(model_card_markdown(pipeline.summary()), elem_id="model-card")
         with gr.Row():
             threshold = gr.Slider(0.0, 1.0, value=pipeline.threshold, step=0.01, label="Classification threshold",
-                                  info="A slice is called tumour when its tumour probability is at least this; "
-                                       "the default comes from the checkpoint.")
+                                  info=threshold_info(getattr(pipeline, "min_tumour_area", 0.0)))
             lcc = gr.Checkbox(value=pipeline.lcc, label="Keep only the largest connected tumour component",
                               info="3D over a patient's slices, 2D on a single slice.")
 

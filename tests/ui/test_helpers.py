@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxtumor.ui import RequestDirs, brain_mask, find_examples, model_card_markdown, tumour_area
+from flaxtumor.ui import RequestDirs, brain_mask, find_examples, model_card_markdown, threshold_info, tumour_area
 from tests.ui import files as F
 
 
@@ -59,3 +59,8 @@ def test_examples_folder(tmp_path: Path) -> None:
     examples = find_examples(tmp_path)
     assert list(examples.slices) == ["b_2.png", "b_10.png"]
     assert [p.name for p in examples.patients] == ["patient.zip"]
+
+
+def test_threshold_help_mentions_the_fused_gate_only_when_it_is_on() -> None:
+    assert "fused gate" not in threshold_info(0.0)
+    assert "0.05%" in threshold_info(0.0005) and "fused gate" in threshold_info(0.0005)
