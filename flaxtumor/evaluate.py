@@ -46,12 +46,12 @@ EMPTY_SLICE_RULE = (
 POOLED_RULE = "pooled = pixel counts summed over every evaluated slice before dividing (the seed's metric)"
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """nan/inf → null (strict JSON), numpy scalars → Python."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result["plots"] = write_plots(result, plot_data, args.out)
     result["seconds"] = round(time.time() - started, 1)
-    (args.out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    (args.out / "metrics.json").write_text(json.dumps(jsonable(result), indent=2) + "\n")
 
     headline = result["pipeline"]["per_patient_dice"]
     print(

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from flaxtumor import metrics
 from flaxtumor.config import Config
 from flaxtumor.data.lgg import Patient, load_dataset, select
-from flaxtumor.evaluate import _jsonable, load_volume
+from flaxtumor.evaluate import jsonable, load_volume
 from flaxtumor.inference import OPERATING_POINT_FILE, Pipeline, gate_and_postprocess
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
@@ -83,8 +83,8 @@ def tune(pipeline: Pipeline, patients: Sequence[Patient]) -> dict[str, Any]:
                 **score(raws[point["tta"]], point["threshold"], point["min_tumour_area"], point["lcc"], gate)}
 
     base = {"tta": False, "threshold": 0.5, "min_tumour_area": 0.0, "lcc": False}
-    best_threshold = max((p for p, _ in grid if p["min_tumour_area"] == 0 and not p["lcc"] and not p["tta"]),
-                         key=lambda p: next(s for q, s in grid if q == p)["per_patient_dice_mean"])
+    classifier_gate_only = [(p, s) for p, s in grid if p["min_tumour_area"] == 0 and not p["lcc"] and not p["tta"]]
+    best_threshold = max(classifier_gate_only, key=lambda item: item[1]["per_patient_dice_mean"])[0]
     ablation = [
         row("segmenter alone (no gate)", base, gate=False),
         row("classifier gate at 0.5", base),
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     point = tune(pipeline, patients)
     out = args.out or args.checkpoints / OPERATING_POINT_FILE
-    out.write_text(json.dumps(_jsonable(point), indent=2) + "\n")
+    out.write_text(json.dumps(jsonable(point), indent=2) + "\n")
     v = point["validation"]
     print(f"chosen on {len(patients)} validation patients: threshold {point['threshold']}, min_tumour_area "
           f"{point['min_tumour_area']}, lcc {point['lcc']}, tta {point['tta']} → per-patient Dice mean "
