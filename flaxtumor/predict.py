@@ -28,18 +28,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flaxtumor.data.io import IMAGE_SUFFIXES, DataError, read_image
+from flaxtumor.data.io import IMAGE_SUFFIXES, DataError, is_mask_name, natural_key, read_image
 
 CSV_HEADER = ("image", "tumour_probability", "has_tumour", "tumour_pixels")
-
-
-def _natural_key(path: Path) -> list:
-    """Slice 2 before slice 10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
-
-
-def is_mask_file(path: Path) -> bool:
-    return path.stem.endswith("_mask")
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
@@ -52,9 +43,9 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]
         path = Path(raw)
         if path.is_dir():
             images = (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            found = sorted((p for p in images if not is_mask_file(p)), key=_natural_key)
+            found = sorted((p for p in images if not is_mask_name(p)), key=lambda p: natural_key(str(p)))
         elif path.exists():
-            if is_mask_file(path):
+            if is_mask_name(path):
                 print(f"skipping {path}: files named *_mask.* are never inputs", file=sys.stderr)
                 continue
             found = [path]

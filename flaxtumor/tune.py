@@ -31,12 +31,12 @@ THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 MIN_AREAS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)  # fraction of the slice; 0.001 ≈ 65 px at 256²
 
 
-def _raw_outputs(pipeline: Pipeline, patients: Sequence[Patient], tta: bool) -> list[tuple[np.ndarray, ...]]:
+def _raw_outputs(pipeline: Pipeline, volumes: Sequence[tuple[list[np.ndarray], np.ndarray]], tta: bool
+                 ) -> list[tuple[np.ndarray, ...]]:
     """Per patient: (classifier probabilities, ungated segmenter masks, truth), computed once per TTA setting."""
     pipeline.tta = tta
     out = []
-    for patient in tqdm(patients, unit="patient", desc=f"tta={tta}"):
-        images, truth = load_volume(patient)
+    for images, truth in tqdm(volumes, unit="patient", desc=f"tta={tta}"):
         probs = pipeline.tumour_probabilities(images, volume=True)
         masks = np.stack(pipeline.segment(images, volume=True))
         out.append((probs, masks, truth))
@@ -66,7 +66,8 @@ def score(raw: list[tuple[np.ndarray, ...]], threshold: float, min_tumour_area: 
 
 
 def tune(pipeline: Pipeline, patients: Sequence[Patient]) -> dict[str, Any]:
-    raws = {tta: _raw_outputs(pipeline, patients, tta) for tta in (False, True)}
+    volumes = [load_volume(p) for p in patients]  # read once, scored with and without TTA
+    raws = {tta: _raw_outputs(pipeline, volumes, tta) for tta in (False, True)}
     grid = []
     for tta, threshold, area, lcc in itertools.product((False, True), THRESHOLDS, MIN_AREAS, (False, True)):
         grid.append(({"tta": tta, "threshold": threshold, "min_tumour_area": area, "lcc": lcc},

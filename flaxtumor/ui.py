@@ -48,7 +48,8 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from flaxtumor.uploads import UploadError, UploadedImage, UploadLimits, load_many, load_single, natural_key
+from flaxtumor.data.io import IMAGE_SUFFIXES, is_mask_name, natural_key, read_mask
+from flaxtumor.uploads import UploadError, UploadedImage, UploadLimits, load_many, load_single
 
 NOTICE = (
     "**Research use only. Not a medical device.** This demo has not been clinically validated and must not be used "
@@ -134,13 +135,12 @@ class Examples:
 
 def make_examples(dest: Path, seed: int = EXAMPLE_SEED) -> Path:
     """Writes a tumour slice, a tumour-free slice and a patient zip made by the project's synthetic generator."""
-    from flaxtumor.data.io import read_mask
     from flaxtumor.data.synthetic import write_synthetic_dataset
 
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="flaxtumor-examples-") as tmp:
         (patient,) = [p for p in write_synthetic_dataset(tmp, n_patients=1, n_slices=24, seed=seed).iterdir() if p.is_dir()]
-        slices = sorted((p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")), key=lambda p: natural_key(p.name))
+        slices = sorted((p for p in patient.glob("*.tif") if not is_mask_name(p)), key=lambda p: natural_key(p.name))
         areas = [int(read_mask(p.with_name(f"{p.stem}_mask.tif")).sum()) for p in slices]
         shutil.copyfile(slices[int(np.argmax(areas))], dest / "synthetic_tumour_slice.tif")
         clear = min((i for i, a in enumerate(areas) if a == 0), key=lambda i: abs(i - len(areas) // 2))
@@ -167,10 +167,8 @@ def default_examples_dir() -> Path:
 
 def find_examples(folder: Path) -> Examples:
     """Image files in `folder` are slice examples, `*.zip` files patient examples (masks `*_mask.*` are skipped)."""
-    from flaxtumor.data.io import IMAGE_SUFFIXES
-
     files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
-    slices = {p.name: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.lower().endswith("_mask")}
+    slices = {p.name: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_name(p)}
     return Examples(slices=slices, patients=[p for p in files if p.suffix.lower() == ".zip"])
 
 

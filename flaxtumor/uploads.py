@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from flaxtumor.data.io import IMAGE_SUFFIXES, DataError, image_shape, read_image
+from flaxtumor.data.io import IMAGE_SUFFIXES, DataError, image_shape, is_mask_name, natural_key, read_image
 
 ZIP_SUFFIX = ".zip"
 _KIND_BY_SUFFIX = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".zip": "ZIP"}
@@ -82,16 +82,6 @@ def display_name(path: str | Path) -> str:
     return Path(path).name
 
 
-def natural_key(name: str) -> list[int | str]:
-    """`x_2.tif` sorts before `x_10.tif` (kaggle_3m numbers slices without zero padding)."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", PurePosixPath(name).name)]
-
-
-def is_mask_name(name: str) -> bool:
-    """kaggle_3m keeps ground-truth masks beside the slices as `<slice>_mask.tif`; they are not inputs."""
-    return PurePosixPath(name).stem.lower().endswith("_mask")
-
-
 def load_single(path: str | Path | None, limits: UploadLimits) -> UploadedImage:
     """One slice from one uploaded image file."""
     if path is None:
@@ -124,7 +114,7 @@ def load_many(paths: Sequence[str | Path] | None, limits: UploadLimits, workdir:
             raise UploadError(f"Too many images: more than {limits.max_files} in one submission (upload one patient).")
     if not pending:
         raise UploadError(f"No images to analyse: all {skipped_masks} uploaded files are ground-truth masks (*_mask.*).")
-    pending.sort(key=lambda p: natural_key(p.name))
+    pending.sort(key=lambda p: natural_key(PurePosixPath(p.name).name))
     return [_decode(p) for p in _check_sizes(pending, limits)], skipped_masks
 
 

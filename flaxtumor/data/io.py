@@ -6,13 +6,24 @@ and grayscale exports too, so everything is normalised here to uint8 (H, W, 3) i
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import tifffile
 from PIL import Image
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+def natural_key(name: str) -> list[int | str]:
+    """`x_2.tif` sorts before `x_10.tif` (kaggle_3m numbers slices without zero padding); case-insensitive."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(name))]
+
+
+def is_mask_name(name: str | Path) -> bool:
+    """kaggle_3m keeps ground-truth masks beside the slices as `<slice>_mask.<ext>`: they are never inputs."""
+    return PurePosixPath(str(name)).stem.lower().endswith("_mask")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 
 
