@@ -43,7 +43,9 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]
         path = Path(raw)
         if path.is_dir():
             images = (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            found = sorted((p for p in images if not is_mask_name(p)), key=lambda p: natural_key(str(p)))
+            # predict's own outputs (<stem>_pred.png) are never inputs: pointing it at its --out folder is safe
+            found = sorted((p for p in images if not is_mask_name(p) and not p.name.endswith("_pred.png")),
+                           key=lambda p: natural_key(str(p)))
         elif path.exists():
             if is_mask_name(path):
                 print(f"skipping {path}: files named *_mask.* are never inputs", file=sys.stderr)

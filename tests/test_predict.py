@@ -143,3 +143,16 @@ def test_patient_folders_become_volumes_in_slice_order(tmp_path):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "flaxtumor.predict", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--no-gate" in done.stdout
+
+
+def test_its_own_output_folder_is_not_read_back_as_inputs(tiny, loose, tmp_path):  # noqa: F811
+    # --out inside an input folder, run twice: the second run must not predict on the first run's *_pred.png
+    out = loose / "preds"
+    args = [str(loose), "--out", str(out), "--checkpoints", str(tiny.checkpoints)]
+    assert main(args) == 0 and (out / "odd_pred.png").exists()
+    assert main(args) == 0
+    _, rows = _read_csv(out / "predictions.csv")
+    assert len(rows) == 5 and not any("_pred" in r[0] for r in rows)
+    assert not list(out.glob("*_pred_pred.png"))
+    files, _ = collect_inputs([out])
+    assert files == []
