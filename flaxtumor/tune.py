@@ -24,7 +24,7 @@ from tqdm import tqdm
 from flaxtumor import metrics
 from flaxtumor.config import Config
 from flaxtumor.data.lgg import Patient, load_dataset, select
-from flaxtumor.evaluate import jsonable, load_volume
+from flaxtumor.evaluate import jsonable, load_volume, missing_checkpoints
 from flaxtumor.inference import OPERATING_POINT_FILE, Pipeline, gate_and_postprocess
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--checkpoints", default="checkpoints", type=Path, help="folder with classifier/ and segmenter/")
     ap.add_argument("--out", type=Path, default=None, help=f"where to write (default: CHECKPOINTS/{OPERATING_POINT_FILE})")
     args = ap.parse_args(argv)
+    if problem := missing_checkpoints(args.checkpoints):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         # Tune from the checkpoints' own defaults, not from a previous pipeline.json.
         pipeline = Pipeline.from_checkpoints(args.checkpoints, threshold=None)

@@ -1,6 +1,8 @@
 """`python -m flaxtumor.evaluate`: metrics.json (with its protocol) and the PNGs, on tiny checkpoints."""
 
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -89,3 +91,31 @@ def test_no_gate_pipeline_equals_the_segmenter_on_all_slices(tiny, tmp_path):  #
     ungated = m["segmenter"]["all_slices"]
     assert m["pipeline"]["per_patient_dice"] == ungated["per_patient_dice"]
     assert m["pipeline"]["tumour_slice_dice"] == ungated["tumour_slice_dice"]
+
+
+def test_data_synthetic_scores_every_synthetic_patient_without_a_phantom(tiny, tmp_path, monkeypatch, capsys,  # noqa: F811
+                                                                          caplog):
+    # Like the shipped checkpoints: the recorded split names real patients that a synthetic set does not hold.
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny.checkpoints, checkpoints)
+    meta_file = checkpoints / "segmenter" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["split"] = {"train": ["TCGA_CS_4941_19960909"], "val": ["TCGA_CS_4942_19970222"], "test": [], "seed": 0}
+    meta_file.write_text(json.dumps(meta))
+    monkeypatch.setenv("FLAXTUMOR_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="flaxtumor.data.lgg")
+    out = tmp_path / "eval"
+    assert main(["--data", "synthetic", "--checkpoints", str(checkpoints), "--out", str(out)]) == 0
+    m = _strict_json(out / "metrics.json")
+    assert m["protocol"]["n_patients"] == 6 and m["protocol"]["patients_from"].startswith("all synthetic patients")
+    assert "evaluating all 6 synthetic patients" in capsys.readouterr().err
+    assert "listed without a folder" not in caplog.text  # the generator's data.csv lists exactly its patients
+    # on real data the same mismatch stays an error that says what to pass
+    assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints), "--out", str(out)]) == 2
+    assert "pass --split FILE or --patients" in capsys.readouterr().err
+
+
+def test_missing_checkpoints_name_the_flag_and_the_folder_to_run_from(tiny, tmp_path, capsys):  # noqa: F811
+    assert main(["--data", str(tiny.data), "--checkpoints", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoints" in err and "repository root" in err and "train.py" not in err

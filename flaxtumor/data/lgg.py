@@ -138,8 +138,10 @@ def discover(root: str | Path) -> list[Patient]:
     table = read_clinical_table(folder)
     if table is not None:
         unlisted = sorted(set(pairs) - set(table["patient_id"].dropna()))
-        log.info("%s: %d patients listed without a folder; %d folders not listed %s", folder / "data.csv",
-                 int(table["patient_id"].isna().sum()), len(unlisted), unlisted[:5])
+        without_folder = int(table["patient_id"].isna().sum())
+        if without_folder or unlisted:  # only a mismatch is news (a partial copy of kaggle_3m, an edited CSV)
+            log.info("%s: %d patients listed without a folder; %d folders not listed %s", folder / "data.csv",
+                     without_folder, len(unlisted), unlisted[:5])
     return patients
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import tifffile
 from scipy import ndimage
 
-GENERATOR_VERSION = 1  # bump when the images change, so cached copies are regenerated
+GENERATOR_VERSION = 2  # bump when the written files change, so cached copies are regenerated (2: no phantom CSV row)
 # Mean brain intensity per channel (pre-contrast, FLAIR, post-contrast) and the tumour's contrast to it.
 _BRAIN = np.array([95.0, 105.0, 90.0])
 _SKULL = np.array([150.0, 60.0, 140.0])
@@ -89,7 +89,6 @@ def write_synthetic_dataset(
             tifffile.imwrite(folder / f"{pid}_{n}.tif", image, photometric="rgb", compression="zlib")
             tifffile.imwrite(folder / f"{pid}_{n}_mask.tif", mask.astype(np.uint8) * 255, compression="zlib")
         rows.append({"Patient": pid.rsplit("_", 1)[0], "gender": 1 + i % 2, "age_at_initial_pathologic": 30 + 3 * i})
-    # Like the Kaggle CSV, list a patient that has no folder.
-    rows.append({"Patient": f"TCGA_SY_{seed % 100:02d}99", "gender": 1, "age_at_initial_pathologic": 50})
+    # One row per written patient: a row without a folder made every synthetic run log a phantom patient.
     pd.DataFrame(rows).to_csv(out / "data.csv", index=False)
     return out
