@@ -34,6 +34,14 @@ class DataConfig:
     flip_probability: float = 0.5
     intensity_jitter: float = 0.1
     num_workers: int = 0  # grain worker processes; 0 decodes in the main process
+    # Training sampler. "all": every slice once per epoch, shuffled. "tumour": slices drawn with replacement with
+    # p = (1 - u) * area / sum(area) + u / N (Buda et al. 2019 use u ~ 0.09, per patient), u = sampling_uniform_share.
+    sampling: Literal["all", "tumour"] = "all"
+    sampling_uniform_share: float = 0.1
+    samples_per_epoch: int = 0  # "tumour" only; 0 = twice the number of tumour slices among the training slices
+    # Cross-validation: fold K of `folds` patient-level stratified folds; fold K's patients are the validation set.
+    fold: int | None = None
+    folds: int = 5
     cache_decoded: bool = True  # keep decoded, resized uint8 slices in memory: epochs after the first skip TIFF decoding
     synthetic_patients: int = 6
     synthetic_slices: int = 20

@@ -11,7 +11,7 @@ Conventions, used by training, `evaluate` and the model card alike:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "roc_curve",
     "calibration",
     "classification_metrics",
+    "bootstrap_interval",
 ]
 
 
@@ -281,3 +282,26 @@ def classification_metrics(
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "calibration": cal,
     }
+
+
+def bootstrap_interval(
+    items: Sequence, statistic: Callable[[list], float], n_resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(items)`: resample the items (e.g. patients) with replacement.
+
+    `statistic` takes a list of items, so it may pool what each item holds (e.g. the slices of each patient). Resamples
+    whose statistic is nan are dropped; (nan, nan) when none is left or there are no items."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    items = list(items)
+    if not items:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(len(items), size=(n_resamples, len(items)))
+    values = np.array([statistic([items[i] for i in row]) for row in draws], dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)

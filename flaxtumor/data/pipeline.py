@@ -9,6 +9,10 @@ Multi-host: with `shard_index`/`shard_count` (jax.process_index()/process_count(
 augments only its rows of every global batch: shard i of step t holds rows [i*b, (i+1)*b) of the single-process batch t
 (b = batch_size // shard_count), with the same shuffle and the same per-example augmentation, so the shards concatenated
 in shard order are that batch exactly (grain's `ds[shard_index::shard_count]` over sub-batches of b rows).
+
+Sampling (`DataConfig.sampling`): "all" visits every slice once per epoch in a shuffled order; "tumour" draws
+`epoch_length` slices with replacement, with probability (1 - u) * area / sum(area) + u / N (tumour pixels per slice, u
+= sampling_uniform_share), after Buda et al. 2019. Either way the epoch's order is a function of (seed, epoch) alone.
 """
 
 from __future__ import annotations
@@ -192,6 +196,63 @@ def steps_per_epoch(n_slices: int, batch_size: int) -> int:
     return n_slices // batch_size
 
 
+def tumour_areas(slices: Sequence[Slice]) -> np.ndarray:
+    """Tumour pixels per slice at full resolution (int64); only slices with tumour are read, once per slice list."""
+
+    def build() -> np.ndarray:
+        areas = np.zeros(len(slices), np.int64)
+        wanted = [i for i, s in enumerate(slices) if s.has_tumour and s.mask_path is not None]
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            counts = pool.map(lambda i: int(read_mask(slices[i].mask_path).sum()), wanted)
+            for i, count in zip(wanted, counts):
+                areas[i] = count
+        return areas
+
+    return _memoised("areas", slices, 0, build)
+
+
+def _check_sampling(cfg: DataConfig) -> None:
+    if cfg.sampling not in ("all", "tumour"):
+        raise ValueError(f"sampling must be 'all' or 'tumour', got {cfg.sampling!r}")
+    if not 0.0 <= cfg.sampling_uniform_share <= 1.0:
+        raise ValueError(f"sampling_uniform_share must be in [0, 1], got {cfg.sampling_uniform_share}")
+    if cfg.samples_per_epoch < 0:
+        raise ValueError(f"samples_per_epoch must be >= 0, got {cfg.samples_per_epoch}")
+
+
+def sampling_probabilities(slices: Sequence[Slice], cfg: DataConfig) -> np.ndarray:
+    """p = (1 - u) * area / sum(area) + u / N per slice (u = cfg.sampling_uniform_share); uniform without tumour."""
+    _check_sampling(cfg)
+    areas = tumour_areas(slices).astype(np.float64)
+    n, u = len(slices), cfg.sampling_uniform_share
+    if areas.sum() == 0:
+        return np.full(n, 1.0 / n)
+    p = (1.0 - u) * areas / areas.sum() + u / n
+    return p / p.sum()
+
+
+def epoch_length(slices: Sequence[Slice], cfg: DataConfig) -> int:
+    """Examples per training epoch: every slice ("all"), or cfg.samples_per_epoch draws ("tumour"; 0 = twice the
+    tumour slices, so an epoch sees each tumour slice about twice as often as "all" would, at well under its cost)."""
+    _check_sampling(cfg)
+    if cfg.sampling == "all":
+        return len(slices)
+    if cfg.samples_per_epoch:
+        return cfg.samples_per_epoch
+    return 2 * sum(s.has_tumour for s in slices) or len(slices)
+
+
+def epoch_order(slices: Sequence[Slice], cfg: DataConfig, seed: int, epoch: int) -> grain.MapDataset:
+    """Position in the epoch -> slice index, from (seed, epoch) alone (so a resumed or sharded run draws the same)."""
+    if cfg.sampling == "all":
+        shuffle_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
+        return grain.MapDataset.range(len(slices)).shuffle(seed=shuffle_seed)
+    p = sampling_probabilities(slices, cfg)
+    # Its own stream: the "all" shuffle and the augmentation draw from [seed, epoch(, position)].
+    picks = np.random.default_rng([seed, epoch, 0x5A3]).choice(len(slices), size=epoch_length(slices, cfg), p=p)
+    return grain.MapDataset.source([int(i) for i in picks])
+
+
 def train_batches(
     slices: Sequence[Slice],
     cfg: DataConfig,
@@ -202,20 +263,20 @@ def train_batches(
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of shuffled, augmented batches (drop_remainder). The order and augmentation depend only on
-    (seed, epoch), not on num_workers or the sharding; `start_step` resumes at exactly that batch of the epoch.
+    """One epoch of shuffled (or sampled, see `epoch_order`), augmented batches (drop_remainder). The order and
+    augmentation depend only on (seed, epoch), not on num_workers or the sharding; `start_step` resumes at exactly that
+    batch of the epoch.
 
     `batch_size` is the global batch; shard `shard_index` of `shard_count` gets batches of batch_size // shard_count
     rows (its block of each global batch) and reads and decodes only the slices of those rows."""
-    steps = steps_per_epoch(len(slices), batch_size)
+    steps = steps_per_epoch(epoch_length(slices, cfg), batch_size)
     if steps == 0:
-        raise ValueError(f"{len(slices)} training slices cannot fill one batch of {batch_size}")
+        raise ValueError(f"{epoch_length(slices, cfg)} training examples cannot fill one batch of {batch_size}")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} is outside the epoch's {steps} steps")
     rows = _check_shard(batch_size, shard_index, shard_count)
     source, stats = _source(slices, cfg)
-    shuffle_seed = int(np.random.default_rng([seed, epoch]).integers(2**31))
-    order = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed)  # position -> slice index
+    order = epoch_order(source.slices, cfg, seed, epoch)
     if source.decoded is not None:  # decode this shard's slices for the rest of the epoch up front, on threads
         source.decoded.fill(
             order[t * batch_size + shard_index * rows + r] for t in range(start_step, steps) for r in range(rows)

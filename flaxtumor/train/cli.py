@@ -20,6 +20,8 @@ examples:
   python train.py --task cls --data /data/lgg --backbone-weights weights/resnet50
   python train.py --task seg --data synthetic --epochs 2 --image-size 64   # smoke run, no download
   python train.py --task seg --data /data/lgg --resume          # continue runs/seg after an interruption
+  python train.py --task seg --data /data/lgg --fold 0 --folds 5 --out runs/cv/fold_0   # one cross-validation fold
+  python train.py --task seg --data /data/lgg --sampling tumour  # slices drawn by tumour area (Buda et al.)
 
 data: download mateuszbuda/lgg-mri-segmentation from Kaggle and unzip it; --data is the folder holding kaggle_3m/
 (or the TCGA_* patient folders themselves).
@@ -61,6 +63,11 @@ FIELDS = {
     "augment": "data.augment",
     "backbone": "model.backbone",
     "widths": "model.resunet_widths",
+    "sampling": "data.sampling",
+    "uniform_share": "data.sampling_uniform_share",
+    "samples_per_epoch": "data.samples_per_epoch",
+    "fold": "data.fold",
+    "folds": "data.folds",
 }
 
 
@@ -132,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"intensity normalisation (default {d.data.normalisation}; with --backbone-weights, the weights' own)")
     a("--no-augment", dest="augment", action="store_false", default=None, help="turn training augmentation off")
     a("--workers", type=int, metavar="N", help="grain worker processes decoding images (default 0: in-process)")
+    a("--sampling", choices=["all", "tumour"],
+      help="all: every training slice once per epoch, shuffled; tumour: draw slices with replacement with p = "
+      "(1-u)*area/sum(area) + u/N (tumour pixels per slice) (default all)")
+    a("--uniform-share", type=float, metavar="U",
+      help=f"--sampling tumour: the uniform share u in [0, 1] (default {d.data.sampling_uniform_share:g})")
+    a("--samples-per-epoch", type=int, metavar="N",
+      help="--sampling tumour: slices drawn per epoch (default 0 = twice the number of training tumour slices)")
+    a = p.add_argument_group("cross-validation").add_argument
+    a("--fold", type=int, metavar="K",
+      help="train fold K (0-based) of --folds patient-level folds stratified by tumour share: fold K's patients are "
+      "the validation set, all others train (excludes --split); python -m flaxtumor.crossval runs every fold")
+    a("--folds", type=int, metavar="N", help=f"number of folds for --fold (default {d.data.folds})")
     a = p.add_argument_group("checkpoints and output").add_argument
     a("--save-every", type=int, metavar="STEPS",
       help=f"also checkpoint every STEPS steps mid-epoch; 0 = per epoch only (default {d.train.save_every_steps})")
@@ -169,6 +188,7 @@ def make_config(args: argparse.Namespace) -> Config:
         if (out / "config.json").is_file():
             base = Config.from_json(out / "config.json")
     config = base.override(**_parse_set(args.set), **given)
+    _check_fold(config)
     if config.train.out_dir is None:
         config = config.override(**{"train.out_dir": f"runs/{config.train.task}"})
     if config.train.task == "cls" and config.train.backbone_weights != "none":
@@ -179,6 +199,16 @@ def make_config(args: argparse.Namespace) -> Config:
         if "data.normalisation" not in given:
             config = config.override(**{"data.normalisation": weights["normalisation"]})
     return config
+
+
+def _check_fold(config: Config) -> None:
+    fold, folds = config.data.fold, config.data.folds
+    if folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {folds}")
+    if fold is not None and not 0 <= fold < folds:
+        raise ValueError(f"--fold {fold} is outside 0..{folds - 1} (folds are numbered from 0)")
+    if fold is not None and config.data.split_file:
+        raise ValueError("--fold and --split exclude each other: a fold makes its own split")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,8 +29,10 @@ from tqdm.auto import tqdm
 from flaxtumor import metrics as M
 from flaxtumor.config import Config, TrainConfig
 from flaxtumor.data.io import DataError
-from flaxtumor.data.lgg import Patient, Slice, load_dataset, load_split, patient_split, save_split, select
-from flaxtumor.data.pipeline import eval_batches, steps_per_epoch, train_batches
+from flaxtumor.data.lgg import (
+    Patient, Slice, Split, kfold_splits, load_dataset, load_split, patient_split, save_split, select,
+)
+from flaxtumor.data.pipeline import epoch_length, eval_batches, steps_per_epoch, train_batches
 from flaxtumor.data.preprocess import Preprocessing
 from flaxtumor.models import build_model
 from flaxtumor.models.classifier import load_backbone, set_phase
@@ -79,6 +81,26 @@ class Progress:
 
 def _slices(patients: Sequence[Patient]) -> list[Slice]:
     return [s for p in patients for s in p.slices]
+
+
+def fold_split(patients: Sequence[Patient], folds: int, fold: int, seed: int) -> Split:
+    """Fold `fold` (0-based) of `folds` patient-level folds stratified by tumour share (`kfold_splits`): the fold's
+    patients are the validation set, every other patient trains, and there is no test set."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} is outside 0..{folds - 1} of {folds} folds")
+    held_out = kfold_splits(patients, folds, seed, val_fraction=0.0)[fold]
+    return Split(held_out.train, held_out.test, (), seed)
+
+
+def choose_split(cfg: Config, patients: Sequence[Patient], saved: Path) -> Split:
+    """A resumed run keeps its own split (whatever the seeds or fractions say now); else the fold or the split."""
+    if cfg.train.resume and saved.is_file():
+        return load_split(saved)
+    if cfg.data.fold is not None:
+        if cfg.data.split_file:
+            raise DataError(cfg.data.split_file, "--split and --fold exclude each other (a fold makes its own split)")
+        return fold_split(patients, cfg.data.folds, cfg.data.fold, cfg.data.split_seed)
+    return patient_split(cfg.data, patients)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,12 +292,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # -- data ----------------------------------------------------------------------------------------------------
     patients = load_dataset(cfg.data)
-    saved_split = out / "split.json"
-    # A resumed run keeps its own split, whatever the split seed or fractions say now.
-    split = load_split(saved_split) if tcfg.resume and saved_split.is_file() else patient_split(cfg.data, patients)
+    split = choose_split(cfg, patients, out / "split.json")
     train_slices = _slices(select(patients, split.train))
     val_patients = select(patients, split.val)
-    steps = steps_per_epoch(len(train_slices), batch_size)
+    steps = steps_per_epoch(epoch_length(train_slices, cfg.data), batch_size)
     if steps == 0 or not val_patients:
         raise DataError(
             cfg.data.root,
@@ -285,8 +305,10 @@ def run(cfg: Config) -> dict[str, Any]:
     # Multi-host: each process loads only its block of rows of every global batch (the pipeline's sharding).
     shard_index, shard_count = sharding.process_shard(mesh, batch_size)
     say(
-        f"data: {len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test patients, "
-        f"{len(train_slices)} training slices, {steps} steps of {batch_size} per epoch"
+        f"data: {len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test patients"
+        + (f" (fold {cfg.data.fold} of {cfg.data.folds})" if cfg.data.fold is not None else "")
+        + f", {len(train_slices)} training slices, {steps} steps of {batch_size} per epoch"
+        + (f" (tumour-aware sampling, u={cfg.data.sampling_uniform_share:g})" if cfg.data.sampling == "tumour" else "")
         + (f" ({batch_size // shard_count} rows loaded per process)" if shard_count > 1 else "")
     )
 

@@ -160,3 +160,66 @@ def test_bad_shards(slices: list) -> None:
         train_batches(slices, _cfg(), 8, seed=0, epoch=0, shard_index=0, shard_count=3)
     with pytest.raises(ValueError, match="shard_index 2 is outside the 2 shard"):
         list(eval_batches(slices, _cfg(), 8, shard_index=2, shard_count=2))
+
+
+# -- tumour-aware sampling ---------------------------------------------------------------------------------------------
+
+
+def _areas(slices: list) -> np.ndarray:
+    """Tumour pixels per slice, counted here independently of the pipeline."""
+    from flaxtumor.data.io import read_mask
+
+    return np.array([read_mask(s.mask_path).sum() for s in slices], np.float64)
+
+
+def test_sampling_probabilities_are_area_plus_uniform_share(slices: list) -> None:
+    areas = _areas(slices)
+    assert 0 < (areas > 0).sum() < len(slices)  # the fixture has tumour and tumour-free slices
+    for u in (0.0, 0.1, 0.5, 1.0):
+        p = pipeline.sampling_probabilities(slices, _cfg(sampling="tumour", sampling_uniform_share=u))
+        np.testing.assert_allclose(p, (1 - u) * areas / areas.sum() + u / len(slices), rtol=1e-12)
+    empty = [s for s, a in zip(slices, areas) if a == 0]
+    np.testing.assert_allclose(pipeline.sampling_probabilities(empty, _cfg(sampling="tumour")), 1 / len(empty))
+    with pytest.raises(ValueError, match="sampling_uniform_share"):
+        pipeline.sampling_probabilities(slices, _cfg(sampling="tumour", sampling_uniform_share=1.5))
+
+
+def test_epoch_length_defaults_to_twice_the_tumour_slices(slices: list) -> None:
+    tumour = sum(s.has_tumour for s in slices)
+    assert pipeline.epoch_length(slices, _cfg()) == len(slices)
+    assert pipeline.epoch_length(slices, _cfg(sampling="tumour")) == 2 * tumour
+    assert pipeline.epoch_length(slices, _cfg(sampling="tumour", samples_per_epoch=40)) == 40
+    batches = list(train_batches(slices, _cfg(sampling="tumour", samples_per_epoch=40), 8, seed=0, epoch=0))
+    assert len(batches) == 5
+
+
+def test_tumour_sampling_draws_in_proportion_to_area(slices: list) -> None:
+    areas = _areas(slices)
+    cfg = _cfg(sampling="tumour", sampling_uniform_share=0.0, samples_per_epoch=20000)
+    picks = np.array(list(pipeline.epoch_order(slices, cfg, seed=0, epoch=0)))
+    assert len(picks) == 20000 and set(picks) == set(np.flatnonzero(areas))  # u = 0: never an empty slice
+    counts = np.bincount(picks, minlength=len(slices))
+    expected = 20000 * areas / areas.sum()
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected.max())  # within 5 sigma of the binomial spread
+    cfg = _cfg(sampling="tumour", sampling_uniform_share=0.5, samples_per_epoch=20000)
+    picks = np.array(list(pipeline.epoch_order(slices, cfg, seed=0, epoch=0)))
+    empty_share = np.isin(picks, np.flatnonzero(areas == 0)).mean()
+    assert empty_share == pytest.approx(0.5 * (areas == 0).mean(), abs=0.02)
+
+
+def test_tumour_sampling_is_deterministic_resumable_and_shards(slices: list) -> None:
+    cfg = _cfg(sampling="tumour", augment=True)
+    epoch = list(train_batches(slices, cfg, 8, seed=0, epoch=1))
+    assert len(epoch) == steps_per_epoch(pipeline.epoch_length(slices, cfg), 8)
+    assert _same(epoch, list(train_batches(slices, cfg, 8, seed=0, epoch=1)))
+    assert not _same(epoch, list(train_batches(slices, cfg, 8, seed=0, epoch=2)))
+    assert not _same(epoch, list(train_batches(slices, cfg, 8, seed=1, epoch=1)))
+    assert _same(epoch[2:], list(train_batches(slices, cfg, 8, seed=0, epoch=1, start_step=2)))
+    shards = [list(train_batches(slices, cfg, 8, seed=0, epoch=1, start_step=1, shard_index=i, shard_count=2))
+              for i in range(2)]
+    for t, batch in enumerate(epoch[1:]):
+        for k, v in batch.items():
+            np.testing.assert_array_equal(np.concatenate([shards[0][t][k], shards[1][t][k]]), v, err_msg=k)
+    # More tumour than a shuffled epoch: the sampler favours tumour slices.
+    labels = np.concatenate([b["label"] for b in epoch])
+    assert labels.mean() > np.mean([s.has_tumour for s in slices])

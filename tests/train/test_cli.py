@@ -73,3 +73,16 @@ def test_converted_weights_set_layout_and_normalisation(tmp_path, layout, normal
     args = build_parser().parse_args(["--task", "cls", "--data", "synthetic", "--backbone-weights", str(weights),
                                       "--normalisation", "image_zscore"])
     assert make_config(args).data.normalisation == "image_zscore"
+
+
+def test_fold_and_sampling_flags_set_the_config(capsys):
+    args = build_parser().parse_args(["--task", "seg", "--data", "synthetic", "--fold", "2", "--folds", "3",
+                                      "--sampling", "tumour", "--uniform-share", "0.2", "--samples-per-epoch", "64"])
+    cfg = make_config(args)
+    assert (cfg.data.fold, cfg.data.folds) == (2, 3)
+    assert (cfg.data.sampling, cfg.data.sampling_uniform_share, cfg.data.samples_per_epoch) == ("tumour", 0.2, 64)
+    assert make_config(build_parser().parse_args(["--task", "seg", "--data", "synthetic"])).data.fold is None
+    for bad, message in ((["--fold", "3", "--folds", "3"], "outside 0..2"), (["--fold", "0", "--split", "s.json"],
+                         "exclude each other"), (["--folds", "1"], "at least 2")):
+        assert main(["--task", "seg", "--data", "synthetic", *bad]) == 2
+        assert message in capsys.readouterr().err

@@ -100,3 +100,9 @@ def test_bf16_runs_on_cpu(tmp_path):
     model, metadata = load_inference(summary["checkpoint"])
     assert metadata["dtype"] == "bfloat16"
     assert np.isfinite(summary["history"][0]["train_loss"])
+
+
+def test_tumour_sampling_sets_the_steps_per_epoch(tmp_path):
+    cfg = tiny_config(tmp_path, "seg", **{"train.epochs": 1, "data.sampling": "tumour", "data.samples_per_epoch": 24})
+    summary = loop.run(cfg)
+    assert [h["step"] for h in summary["history"]] == [24 // 8]  # not the 80 // 8 of a whole shuffled epoch

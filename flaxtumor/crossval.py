@@ -1,0 +1,289 @@
+"""`python -m flaxtumor.crossval`: k-fold cross-validation by patient, resumable, scored on out-of-fold predictions.
+
+Fold k (0-based) is `train.py --fold k --folds K` run in OUT/fold_<k>/: the fold's patients (patient-level folds
+stratified by tumour share) are its validation set and every other patient trains. Then every patient is predicted by
+the one fold model that never trained on it, and the results go to
+- OUT/oof/<patient_id>.npz: the probability volume (seg: (D, S, S) float16 at the model's input size S; cls: (D,)),
+  the slice numbers and the fold;
+- OUT/crossval.json: per-patient scores and the headline metrics with bootstrap 95% intervals over patients.
+
+Note: each fold also picks its best epoch (and stops early) on its held-out patients, so out-of-fold scores carry that
+small selection optimism (as nnU-Net's do).
+
+Resume (--resume): finished folds (exported checkpoint present) are skipped, an interrupted fold continues from its
+latest checkpoint, and the out-of-fold step is redone. Single process: train folds multi-host with train.py --fold.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from flaxtumor import metrics as M
+from flaxtumor.config import Config
+from flaxtumor.data.io import read_image, read_mask
+from flaxtumor.data.lgg import Patient, load_split
+from flaxtumor.data.preprocess import Preprocessing, preprocess, resize_mask
+
+CV_FILE = "crossval.json"
+OOF_DIR = "oof"
+_BATCH = 8  # inference batch: one compiled shape per fold model
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """One patient's prediction by the fold model that held it out."""
+
+    patient_id: str
+    fold: int
+    probabilities: np.ndarray  # seg: float16 (D, S, S) at the model's input size; cls: float32 (D,)
+    slice_index: np.ndarray  # (D,) slice numbers, in order
+
+
+def fold_dir(out: Path, fold: int) -> Path:
+    return Path(out) / f"fold_{fold}"
+
+
+def export_path(out: Path, fold: int, task: str) -> Path:
+    from flaxtumor.train.loop import EXPORT_NAME
+
+    return fold_dir(out, fold) / EXPORT_NAME[task]
+
+
+def fold_config(base: Config, out: Path, fold: int) -> Config:
+    """Fold `fold`'s run: its own folder; `resume` so an interrupted fold continues (crossval guards fresh starts)."""
+    return base.override(
+        **{"data.fold": fold, "train.out_dir": str(fold_dir(out, fold)), "train.resume": True, "train.export_dir": None}
+    )
+
+
+def train_folds(base: Config, out: Path, say: Callable[[str], None] = print) -> None:
+    """Trains each fold in turn; a fold with an exported checkpoint is finished and skipped."""
+    from flaxtumor.train import loop
+
+    for fold in range(base.data.folds):
+        if (export_path(out, fold, base.train.task) / "metadata.json").is_file():
+            say(f"fold {fold}: finished, skipped")
+            continue
+        say(f"fold {fold} of {base.data.folds}")
+        loop.run(fold_config(base, out, fold))
+
+
+def held_out(out: Path, folds: int, patients: Sequence[Patient]) -> dict[str, int]:
+    """patient_id -> the fold that held it out, from each fold's recorded split; every patient exactly once."""
+    fold_of: dict[str, int] = {}
+    for fold in range(folds):
+        for pid in load_split(fold_dir(out, fold) / "split.json").val:
+            if pid in fold_of:
+                raise ValueError(f"patient {pid} is held out by folds {fold_of[pid]} and {fold}")
+            fold_of[pid] = fold
+    missing = sorted({p.patient_id for p in patients} - fold_of.keys())
+    if missing:
+        raise ValueError(f"{len(missing)} patient(s) held out by no fold: {missing[:5]}")
+    return fold_of
+
+
+def _predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """Sigmoid outputs of `model` for (N, S, S, 3) inputs, in fixed-size batches (the last one padded)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x: jax.nn.sigmoid(nnx.merge(graphdef, state)(x).astype(jnp.float32)))
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(x), _BATCH):
+            chunk = x[start : start + _BATCH]
+            pad = np.zeros((_BATCH - len(chunk), *chunk.shape[1:]), chunk.dtype)
+            out.append(np.asarray(forward(state, np.concatenate([chunk, pad])))[: len(chunk)])
+        return np.concatenate(out)
+
+    return predict
+
+
+def predict_fold(
+    fold: int, checkpoint: Path, patients: Sequence[Patient]
+) -> tuple[list[OutOfFold], dict[str, Any]]:
+    """The fold model's probability volumes for its held-out `patients` (whole volumes, normalised as in training)."""
+    from flaxtumor.train.checkpoint import load_inference
+
+    model, metadata = load_inference(checkpoint)
+    spec = Preprocessing.from_dict(metadata["preprocessing"])
+    predict = _predictor(model)
+    results = []
+    for p in patients:
+        volume = np.stack([read_image(s.image_path) for s in p.slices])
+        probs = predict(preprocess(volume, spec))
+        # Volumes are stored (and so scored) in float16: a probability needs 3 digits, and the files stay small.
+        probs = probs[..., 0].astype(np.float16) if probs.ndim == 4 else probs
+        results.append(OutOfFold(p.patient_id, fold, probs, np.array([s.slice_index for s in p.slices])))
+    return results, metadata
+
+
+def save_oof(result: OutOfFold, folder: Path) -> Path:
+    path = Path(folder) / f"{result.patient_id}.npz"
+    np.savez_compressed(path, probabilities=result.probabilities, slice_index=result.slice_index, fold=result.fold)
+    return path
+
+
+def _truth(patient: Patient) -> list[np.ndarray]:
+    return [read_mask(s.mask_path) if s.mask_path is not None else None for s in patient.slices]
+
+
+def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, seed: int = 0) -> dict:
+    """Per-patient volumetric Dice (masks at the slices' own size, as the pipeline returns them) and tumour-slice
+    Dice, with percentile-bootstrap 95% intervals over patients."""
+    per_patient, slice_dice = {}, {}
+    for r in results:
+        truth = _truth(patients[r.patient_id])
+        truth = [t if t is not None else np.zeros(r.probabilities.shape[1:], bool) for t in truth]
+        preds = [resize_mask(p >= threshold, t.shape) for p, t in zip(r.probabilities, truth)]
+        per_patient[r.patient_id] = M.dice(np.stack(preds), np.stack(truth))
+        slice_dice[r.patient_id] = [M.dice(p, t) for p, t in zip(preds, truth)]
+    summary = M.summarise_patient_dice(per_patient)
+    scored = [v for v in per_patient.values() if not np.isnan(v)]
+    worst = min((pid for pid in per_patient if not np.isnan(per_patient[pid])), key=per_patient.get, default=None)
+    pooled_slices = lambda groups: M.mean_over_scored([d for g in groups for d in g])  # noqa: E731
+    return {
+        "per_patient_dice": per_patient,
+        "volumetric_dice": {
+            "mean": summary["mean"],
+            "mean_ci95": M.bootstrap_interval(scored, np.mean, seed=seed),
+            "median": summary["median"],
+            "median_ci95": M.bootstrap_interval(scored, np.median, seed=seed),
+            "worst": summary["min"],
+            "worst_patient": worst,
+            "n_scored": summary["n_scored"],
+            "empty_both_patients": summary["empty_both_patients"],
+        },
+        "tumour_slice_dice": {
+            "value": pooled_slices(slice_dice.values()),
+            "ci95": M.bootstrap_interval(list(slice_dice.values()), pooled_slices, seed=seed),
+        },
+    }
+
+
+def score_cls(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, seed: int = 0) -> dict:
+    """Slice-level AUC and accuracy over all out-of-fold slices, with bootstrap 95% intervals over patients."""
+    groups = [
+        (r.probabilities, np.array([s.has_tumour for s in patients[r.patient_id].slices], bool)) for r in results
+    ]
+
+    def pooled(metric: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[list], float]:
+        return lambda gs: metric(np.concatenate([g[0] for g in gs]), np.concatenate([g[1] for g in gs]))
+
+    auc = pooled(lambda p, y: M.auc(p, y) if 0 < y.sum() < len(y) else float("nan"))
+    accuracy = pooled(lambda p, y: float(((p >= threshold) == y).mean()))
+    return {
+        "auc": auc(groups), "auc_ci95": M.bootstrap_interval(groups, auc, seed=seed),
+        "accuracy": accuracy(groups), "accuracy_ci95": M.bootstrap_interval(groups, accuracy, seed=seed),
+    }
+
+
+def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Predicts every patient with the fold that held it out, writes OUT/oof/*.npz and OUT/crossval.json."""
+    from flaxtumor.data.lgg import load_dataset
+
+    patients = {p.patient_id: p for p in load_dataset(base.data)}
+    fold_of = held_out(out, base.data.folds, list(patients.values()))
+    folder = Path(out) / OOF_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    results, threshold = [], None
+    for fold in range(base.data.folds):
+        mine = [patients[pid] for pid in sorted(fold_of) if fold_of[pid] == fold]
+        fold_results, metadata = predict_fold(fold, export_path(out, fold, base.train.task), mine)
+        threshold = float(metadata["threshold"])
+        for r in fold_results:
+            save_oof(r, folder)
+        results += fold_results
+        say(f"fold {fold}: {len(mine)} held-out patients predicted")
+    score = score_seg if base.train.task == "seg" else score_cls
+    report = {
+        "task": base.train.task,
+        "folds": base.data.folds,
+        "split_seed": base.data.split_seed,
+        "n_patients": len(results),
+        "threshold": threshold,
+        "fold_of": {pid: fold_of[pid] for pid in sorted(fold_of)},
+        "protocol": "each patient predicted once, by the fold model that did not train on it; intervals: percentile "
+        "bootstrap over patients (2000 resamples); empty-vs-empty patients and slices are not scored",
+        **score(results, patients, threshold),
+    }
+    (Path(out) / CV_FILE).write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    return report
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _headline(report: dict[str, Any]) -> str:
+    if report["task"] == "seg":
+        v, s = report["volumetric_dice"], report["tumour_slice_dice"]
+        lo, hi = v["mean_ci95"]
+        return (f"per-patient Dice mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, "
+                f"worst {v['worst']:.4f} ({v['worst_patient']}); tumour-slice Dice {s['value']:.4f}")
+    lo, hi = report["auc_ci95"]
+    return f"AUC {report['auc']:.4f} [{lo:.4f}, {hi:.4f}], accuracy {report['accuracy']:.4f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from flaxtumor.train import cli
+
+    parser = cli.build_parser()
+    parser.prog = "python -m flaxtumor.crossval"
+    parser.description = ("Cross-validation by patient: trains every fold (as train.py --fold K), then scores "
+                          "out-of-fold predictions. Takes train.py's flags; --out is the cross-validation folder.")
+    args = parser.parse_args(argv)
+    if args.fold is not None:
+        parser.error("--fold: crossval runs every fold (train a single fold with train.py --fold K)")
+    if not args.resume and not args.config and (args.task is None or args.data is None):
+        parser.error("--task and --data are required (unless --config or --resume supplies them)")
+    args.out = args.out or "runs/cv"
+    out = Path(args.out)
+    if not args.resume and ((out / "config.json").exists() or any(out.glob("fold_*"))):
+        print(f"error: {out} already holds a cross-validation; pass --resume to continue it or choose another --out",
+              file=sys.stderr)
+        return 2
+    return _run(args, out)
+
+
+def _run(args: Any, out: Path) -> int:
+    import jax
+
+    from flaxtumor.data.io import DataError
+    from flaxtumor.models import WeightsError
+    from flaxtumor.train import cli, loop
+    from flaxtumor.train.checkpoint import CheckpointError
+
+    try:
+        base = cli.make_config(args).override(**{"train.out_dir": str(out), "data.fold": None, "train.resume": False})
+    except (ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "flaxtumor" / "jax"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        base.to_json(out / "config.json")  # what --resume reads back
+        train_folds(base, out)
+        print(_headline(out_of_fold(base, out)) + f"; details: {out / CV_FILE}")
+    except (DataError, WeightsError, CheckpointError, loop.RunExists, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except loop.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

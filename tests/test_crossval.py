@@ -1,0 +1,121 @@
+"""A tiny cross-validation end to end (synthetic data, tiny ResUNet, 2 folds, 1 epoch, 32²): folds disjoint by patient,
+out-of-fold predictions cover every patient exactly once, the report's numbers follow from them, and --resume skips
+finished folds."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flaxtumor import crossval
+from flaxtumor import metrics as M
+from flaxtumor.data.io import read_mask
+from flaxtumor.data.lgg import load_dataset, load_split
+from flaxtumor.data.preprocess import resize_mask
+from tests.train.helpers import tiny_config
+
+FOLDS = 2
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    config = root / "tiny.json"
+    tiny_config(root / "unused", "seg", **{"train.epochs": 1, "data.folds": FOLDS}).to_json(config)
+    out = root / "cv"
+    assert crossval.main(["--config", str(config), "--out", str(out)]) == 0
+    return config, out
+
+
+def test_folds_are_disjoint_by_patient_and_cover_everyone(cv):
+    config, out = cv
+    patients = {p.patient_id for p in load_dataset(tiny_config(out).data)}
+    splits = [load_split(crossval.fold_dir(out, k) / "split.json") for k in range(FOLDS)]
+    held = [set(s.val) for s in splits]
+    assert not held[0] & held[1] and held[0] | held[1] == patients
+    for s in splits:
+        assert set(s.train) == patients - set(s.val) and not s.test  # every other patient trains
+        assert json.loads((crossval.fold_dir(out, splits.index(s)) / "config.json").read_text())["data"]["fold"] \
+            == splits.index(s)
+
+
+def test_out_of_fold_predictions_cover_every_patient_once(cv):
+    _, out = cv
+    patients = {p.patient_id: p for p in load_dataset(tiny_config(out).data)}
+    files = sorted((out / crossval.OOF_DIR).glob("*.npz"))
+    assert sorted(f.stem for f in files) == sorted(patients)
+    report = json.loads((out / crossval.CV_FILE).read_text())
+    assert report["n_patients"] == len(patients) and sorted(report["per_patient_dice"]) == sorted(patients)
+    for f in files:
+        oof = np.load(f)
+        p = patients[f.stem]
+        assert oof["probabilities"].shape == (len(p.slices), 32, 32)
+        assert np.array_equal(oof["slice_index"], [s.slice_index for s in p.slices])
+        assert f.stem in load_split(crossval.fold_dir(out, int(oof["fold"])) / "split.json").val
+        assert report["fold_of"][f.stem] == int(oof["fold"])
+        # The reported Dice follows from the saved volume, at the masks' own size.
+        probs = oof["probabilities"]
+        truth = np.stack([read_mask(s.mask_path) for s in p.slices])
+        pred = np.stack([resize_mask(x >= report["threshold"], t.shape) for x, t in zip(probs, truth)])
+        assert report["per_patient_dice"][f.stem] == pytest.approx(M.dice(pred, truth), abs=1e-6, nan_ok=True)
+
+
+def test_report_headline_and_intervals(cv):
+    _, out = cv
+    report = json.loads((out / crossval.CV_FILE).read_text())
+    scores = [v for v in report["per_patient_dice"].values() if v is not None and not np.isnan(v)]
+    v = report["volumetric_dice"]
+    assert v["mean"] == pytest.approx(np.mean(scores)) and v["median"] == pytest.approx(np.median(scores))
+    assert v["worst"] == pytest.approx(min(scores))
+    assert v["mean_ci95"][0] <= v["mean"] <= v["mean_ci95"][1]
+    assert 0 <= report["tumour_slice_dice"]["value"] <= 1
+
+
+def test_resume_skips_finished_folds_and_a_fresh_start_is_refused(cv, capsys):
+    config, out = cv
+    assert crossval.main(["--config", str(config), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    before = (out / crossval.CV_FILE).read_text()
+    assert crossval.main(["--config", str(config), "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"fold {k}: finished, skipped" in printed for k in range(FOLDS))
+    assert (out / crossval.CV_FILE).read_text() == before  # same models, same predictions, same report
+    # A fold whose run ended before its export is resumed (it exports its best checkpoint), not retrained.
+    import shutil
+
+    shutil.rmtree(crossval.export_path(out, 1, "seg"))
+    assert crossval.main(["--config", str(config), "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "fold 1 of 2" in printed and "already finished" in printed
+    assert (out / crossval.CV_FILE).read_text() == before
+
+
+def test_classifier_scores_pool_slices_and_resample_patients():
+    from flaxtumor.data.lgg import Patient, Slice
+
+    def patient(pid, labels):
+        return Patient(pid, tuple(Slice(pid, i + 1, None, None, bool(y)) for i, y in enumerate(labels)))
+
+    patients = {"a": patient("a", [1, 0, 0]), "b": patient("b", [1, 1, 0])}
+    results = [
+        crossval.OutOfFold("a", 0, np.array([0.9, 0.2, 0.6], np.float32), np.arange(1, 4)),
+        crossval.OutOfFold("b", 1, np.array([0.7, 0.4, 0.1], np.float32), np.arange(1, 4)),
+    ]
+    score = crossval.score_cls(results, patients, threshold=0.5)
+    probs, labels = np.array([0.9, 0.2, 0.6, 0.7, 0.4, 0.1]), np.array([1, 0, 0, 1, 1, 0])
+    assert score["auc"] == pytest.approx(M.auc(probs, labels))
+    assert score["accuracy"] == pytest.approx(4 / 6)
+    assert score["accuracy_ci95"][0] <= score["accuracy"] <= score["accuracy_ci95"][1]
+
+
+def test_bootstrap_interval_brackets_the_statistic_and_narrows_with_more_items():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(0.8, 0.1, 10), rng.normal(0.8, 0.1, 1000)
+    lo, hi = M.bootstrap_interval(few, np.mean)
+    assert lo < np.mean(few) < hi
+    lo2, hi2 = M.bootstrap_interval(many, np.mean)
+    assert hi2 - lo2 < (hi - lo) / 5  # ~ 1/sqrt(n)
+    # Resampling whole groups: the statistic sees each resampled group's items together.
+    groups = [[1.0, 1.0], [0.0]]
+    assert M.bootstrap_interval(groups, lambda gs: np.mean([x for g in gs for x in g])) == pytest.approx((0.0, 1.0))
+    assert M.bootstrap_interval([], np.mean) != M.bootstrap_interval([], np.mean)  # (nan, nan)
