@@ -12,7 +12,7 @@ from flaxtumor.uploads import UploadLimits
 from tests.fixtures_checkpoints import tiny  # noqa: F401  (the session fixture, shared with the inference tests)
 
 TEST_LIMITS = UploadLimits(
-    max_files=30, max_pixels=1024 * 1024, max_total_pixels=16 * 2**20, max_zip_entries=50, max_zip_bytes=4 * 2**20
+    max_files=30, max_pixels=1024 * 1024, max_total_pixels=16 * 2**20, max_zip_entries=50, max_submission_bytes=4 * 2**20
 )
 
 

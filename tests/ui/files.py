@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -104,14 +106,14 @@ def bad_upload(folder: Path, case: str) -> tuple[list[Path], str]:
         return [zip_of(folder / "docs.zip", {"p/readme.txt": b"hi", "p/data.csv": b"a,b\n"})], "docs.zip: the zip holds no slices"
     if case == "zip_bomb_size":
         # 8 MiB of zeros compress to ~8 kB; the test limits allow 4 MiB uncompressed.
-        return [zip_of(folder / "bomb.zip", {"p/a.png": bytes(8 * 2**20)})], "bomb.zip: would expand to 8 MiB"
+        return [zip_of(folder / "bomb.zip", {"p/a.png": bytes(8 * 2**20)})], "bomb.zip: the submission would put 8 MiB on the server's disk"
     if case == "zip_bomb_entries":
         members = {f"p/{i}.txt": b"" for i in range(60)}  # test limits: 50 entries
         return [zip_of(folder / "many.zip", members)], "many.zip: 60 entries; the limit is 50"
     if case == "zip_slip":
-        return [zip_of(folder / "slip.zip", {"../../evil.png": png})], "slip.zip: member '../../evil.png' has an unsafe path"
+        return [zip_of(folder / "slip.zip", {"../../evil.png": png})], "slip.zip: member '../../evil.png' has an unsafe path ('..')"
     if case == "zip_absolute":
-        return [zip_of(folder / "abs.zip", {"/tmp/evil.png": png})], "abs.zip: member '/tmp/evil.png' has an unsafe path"
+        return [zip_of(folder / "abs.zip", {"/tmp/evil.png": png})], "abs.zip: member '/tmp/evil.png' has an absolute or drive path"
     if case == "zip_corrupt":
         data = zip_of(folder / "whole.zip", {"p/a.png": png}).read_bytes()
         return [write(folder / "broken.zip", data[: len(data) // 2])], "broken.zip: not a readable zip archive"
@@ -122,6 +124,86 @@ def bad_upload(folder: Path, case: str) -> tuple[list[Path], str]:
     if case == "mixed_sizes":
         return [good_png(folder, "a_1.png", 64), good_png(folder, "a_2.png", 96)], "must share one size"
     raise ValueError(case)
+
+
+def volume_tiff(path: Path) -> Path:
+    """Issue 14's volumetric TIFF: 32 x 32 x 2^20 (1 GiB decoded) in ~1 MB; written from one pre-compressed tile, so
+    making it costs no gigabyte here either."""
+    tile = zlib.compress(bytes(32 * 32 * 65536))
+    tifffile.imwrite(path, (tile for _ in range(16)), shape=(32, 32, 1 << 20), dtype=np.uint8, volumetric=True,
+                     tile=(32, 32, 65536), compression="zlib", photometric="minisblack")
+    return path
+
+
+def channels_tiff(path: Path, channels: int = 64, side: int = 4096) -> Path:
+    """Issue 14's 4096 x 4096 x 64-channel TIFF (1 GiB decoded) in ~1 MB."""
+    tile = zlib.compress(bytes(256 * 256 * channels))
+    tifffile.imwrite(path, (tile for _ in range((side // 256) ** 2)), shape=(side, side, channels), dtype=np.uint8,
+                     compression="zlib", photometric="minisblack", planarconfig="contig", tile=(256, 256))
+    return path
+
+
+HTML_NAME = '<a href="https://evil.example">Session expired, log in again<img src="https://evil.example/x.png">_1.tif'
+
+
+def zip_with_symlink(path: Path, png: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("p/p_1.png", png)
+        link = zipfile.ZipInfo("p/p_2.png")
+        link.create_system = 3  # unix: the mode bits in the high word of external_attr
+        link.external_attr = (0o120777 << 16)  # S_IFLNK
+        zf.writestr(link, "/etc/passwd")
+    return path
+
+
+def zip64_claiming(path: Path, entries: int) -> Path:
+    """A zip whose (zip64) end of central directory record claims `entries` entries; nothing else in it is valid."""
+    head = b"PK\x03\x04" + bytes(26)
+    record_at = len(head)
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, 46 * entries, 0)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, record_at, 1)
+    eocd = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return write(path, head + record + locator + eocd)
+
+
+def crafted(folder: Path, case: str) -> tuple[list[Path], str]:
+    """Issue 14's crafted files: one case, and a fragment the error must contain."""
+    png = png_bytes(slice_array())
+    if case == "volume_tiff":
+        return [volume_tiff(folder / "vol.tif")], "vol.tif: volumetric image (depth 32)"
+    if case == "channels_tiff":
+        return [channels_tiff(folder / "bands.tif")], "bands.tif: 64 channels per pixel"
+    if case == "float_tiff":
+        tifffile.imwrite(folder / "float.tif", slice_array()[..., 0].astype(np.float32))
+        return [folder / "float.tif"], "float.tif: unsupported pixel type float32"
+    if case == "png_junk":  # a PNG signature, then junk: the decoder's error names the temp path
+        return [write(folder / "junk.png", png[:8] + b"\x00junk" * 50)], "junk.png: unreadable or corrupt image"
+    if case == "zip_html_name":
+        return [zip_of(folder / "html.zip", {f"p/{HTML_NAME}": b"not a tiff"})], "html.zip/p/&lt;a href="
+    if case == "zip_entries_index":
+        return [zip64_claiming(folder / "index.zip", 400_000)], "index.zip: 400000 entries; the limit is 50"
+    if case == "zip_symlink":
+        return [zip_with_symlink(folder / "link.zip", png)], "link.zip: member 'p/p_2.png' is a symbolic link"
+    if case in UNSAFE_MEMBERS:
+        member, problem = UNSAFE_MEMBERS[case]
+        return [zip_of(folder / f"{case}.zip", {"p/p_1.png": png, member: png})], f"member {member!r} {problem}"
+    if case == "zips_past_budget":  # four zips, each under the 4 MiB budget, together over it
+        return ([zip_of(folder / f"part{k}.zip", {f"p{k}/p_{k}.png": png + bytes(1536 * 1024)}) for k in range(4)],
+                "part2.zip: the submission would put")
+    raise ValueError(case)
+
+
+# Issue 15, item 4: `..` anywhere, Windows separators and drives, absolute paths.
+UNSAFE_MEMBERS = {
+    "member_dotdot_inside": ("p/../../x.png", "has an unsafe path ('..')"),
+    "member_backslash": ("..\\x.png", "has an unsafe path ('..')"),
+    "member_drive": ("C:x.png", "has an absolute or drive path"),
+    "member_drive_backslash": ("C:\\x\\p_2.png", "has an absolute or drive path"),
+    "member_absolute": ("/abs/x.png", "has an absolute or drive path"),
+    "member_unc": ("\\\\server\\share\\x.png", "has an absolute or drive path"),
+}
+CRAFTED_SINGLE = ["volume_tiff", "channels_tiff", "float_tiff", "png_junk"]
+CRAFTED_PATIENT = ["zip_html_name", "zip_entries_index", "zip_symlink", "zips_past_budget", *UNSAFE_MEMBERS]
 
 
 BAD_SINGLE = [
