@@ -1,6 +1,7 @@
 """Image and mask reading: every supported format, and one clear DataError per bad file."""
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from flaxtumor.data.io import DataError, image_shape, read_image, read_mask
+from flaxtumor.data.io import DataError, image_header, image_shape, read_image, read_mask
 
 
 @pytest.fixture
@@ -129,3 +130,47 @@ def test_gray_alpha_drops_alpha(tmp_path: Path, rgb: np.ndarray) -> None:
 def test_data_error_pickles() -> None:
     error = pickle.loads(pickle.dumps(DataError(Path("/x/a.tif"), "zero-byte file")))
     assert isinstance(error, DataError) and str(error) == "/x/a.tif: zero-byte file" and error.path == Path("/x/a.tif")
+
+
+def test_header_reads_the_full_page_shape_and_dtype(tmp_path: Path, rgb: np.ndarray) -> None:
+    """A volumetric TIFF's shape starts with its depth: (H, W) must come from the tags, not shape[:2]."""
+    tifffile.imwrite(tmp_path / "v.tif", np.zeros((4, 40, 50), np.uint8), volumetric=True, photometric="minisblack")
+    header = image_header(tmp_path / "v.tif")
+    assert (header.height, header.width, header.depth, header.channels) == (40, 50, 4, 1)
+    assert header.nbytes == 4 * 40 * 50 and "volumetric image (depth 4)" in header.problem()
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((20, 30, 7), np.uint16), photometric="minisblack", planarconfig="contig")
+    header = image_header(tmp_path / "c.tif")
+    assert (header.height, header.width, header.channels, header.dtype) == (20, 30, 7, np.uint16)
+    assert header.nbytes == 20 * 30 * 7 * 2 and "7 channels per pixel" in header.problem()
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    header = image_header(tmp_path / "a.png")
+    assert (header.height, header.width, header.channels, header.dtype, header.problem()) == (20, 30, 3, np.uint8, None)
+    # uint8 RGB: the array, then the uint8 (H, W, 3) result and its intermediate
+    assert header.decode_bytes() == 20 * 30 * (3 + 3 + 3)
+
+
+@pytest.mark.parametrize(
+    "case, problem",
+    [("volume", "volumetric image (depth 3)"), ("channels", "5 channels per pixel"), ("float", "unsupported pixel type float32")],
+)
+def test_non_slices_are_refused_before_decoding(tmp_path: Path, case: str, problem: str, monkeypatch) -> None:
+    path = tmp_path / f"{case}.tif"
+    if case == "volume":
+        tifffile.imwrite(path, np.zeros((3, 32, 32), np.uint8), volumetric=True, photometric="minisblack")
+    elif case == "channels":
+        tifffile.imwrite(path, np.zeros((32, 32, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    else:
+        tifffile.imwrite(path, np.zeros((32, 32), np.float32))
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))
+    for read in (image_shape, read_image):
+        with pytest.raises(DataError, match=re.escape(problem)):
+            read(path)
+
+
+def test_pil_headers_count_what_the_decoder_makes(tmp_path: Path, rgb: np.ndarray) -> None:
+    """Palette images are converted to RGB(A), so they count 4 channels; gray + alpha counts 2; 16-bit gray 2 bytes."""
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(rgb[..., 0]).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    got = {n: image_header(tmp_path / n) for n in ("p.png", "la.png", "g16.png")}
+    assert [(h.channels, h.dtype.itemsize, h.problem()) for h in got.values()] == [(4, 1, None), (2, 1, None), (1, 2, None)]
