@@ -116,3 +116,19 @@ def gallery(items: Sequence[GalleryItem], path: Path, columns: int = 4) -> Path:
         ax.set_title(item.title, fontsize=7)
     fig.suptitle("green: truth outline, red: prediction")
     return _save(fig, path)
+
+
+def training_curves(history: Sequence[Mapping], path: Path) -> Path:
+    """Training loss and every validation metric per epoch (the run's metrics.jsonl rows)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    x = [h["global_epoch"] for h in history]
+    a.plot(x, [h["train_loss"] for h in history], marker="o")
+    a.set(title="train loss", xlabel="epoch")
+    for k in [k for k in history[-1] if k.startswith("val_")]:
+        b.plot(x, [h.get(k) for h in history], marker="o", label=k[4:])
+    b.set(title="validation", xlabel="epoch")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

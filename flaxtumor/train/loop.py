@@ -1,8 +1,9 @@
 """The training loop: `run(cfg) -> summary`.
 
-Sections, in the order a run goes through them: data, model, optimizer/schedule, sharding, checkpoint/resume, train,
-eval, export. `cls` runs phase 1 (frozen backbone) then phase 2 (last stage unfrozen at a lower LR), each with its own
-early stopping; `seg` is one phase.
+A run is named steps: `set_up` (sharding, data and split, checkpoints/resume, model), then per phase `run_phase`
+(optimizer and schedule), whose epochs are `train_epoch` and the end-of-epoch bookkeeping (`end_of_epoch`, pure),
+and finally `export`. `cls` from ImageNet weights runs phase 1 (frozen backbone) then phase 2 (last stage unfrozen at a
+lower LR), each with its own early stopping; everything else is one phase.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def _format(metrics: dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Logs, plots, export metadata
+# Logs and export metadata
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -245,22 +246,9 @@ def _write_logs(out: Path, history: list[dict[str, Any]], plot: bool) -> None:
     # Rewritten whole from the checkpointed history, so a resumed run never holds lines from lost epochs.
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     if plot and history:
-        import matplotlib
+        from flaxtumor.plots import training_curves  # matplotlib only when plotting
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-        x = [h["global_epoch"] for h in history]
-        a.plot(x, [h["train_loss"] for h in history], marker="o")
-        a.set(title="train loss", xlabel="epoch")
-        for k in [k for k in history[-1] if k.startswith("val_")]:
-            b.plot(x, [h.get(k) for h in history], marker="o", label=k[4:])
-        b.set(title="validation", xlabel="epoch")
-        b.legend()
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=100)
-        plt.close(fig)
+        training_curves(history, out / "curves.png")
 
 
 def _versions() -> dict[str, str]:
@@ -274,23 +262,76 @@ def _versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The run
+# The run: set-up, phases of epochs (train, then end-of-epoch bookkeeping), export
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    tcfg = cfg.train
-    out = Path(tcfg.out_dir or f"runs/{tcfg.task}")
-    leader = jax.process_index() == 0
-    say = print if leader else (lambda *a, **k: None)
+@dataclass(frozen=True)
+class Phase:
+    """A training phase: `number` as `classifier.set_phase` counts (0: the whole network; 1: the head on a frozen
+    backbone; 2: also the last stage), its epochs and peak LR."""
 
-    # -- sharding ------------------------------------------------------------------------------------------------
-    mesh = sharding.make_mesh()
-    say(sharding.describe(mesh))
-    batch_size = sharding.fit_batch_size(tcfg.batch_size, mesh)
-    dtype = compute_dtype(tcfg.precision)
+    number: int
+    epochs: int
+    lr: float
 
-    # -- data ----------------------------------------------------------------------------------------------------
+
+def plan_phases(tcfg: TrainConfig) -> list[Phase]:
+    """cls with ImageNet weights: phase 1 trains the head on the frozen backbone, phase 2 also the last stage at a lower
+    LR. A random backbone has nothing worth freezing, so it trains whole ("phase 0", one phase); so does seg."""
+    if tcfg.task != "cls" or tcfg.backbone_weights == "none":
+        return [Phase(0, tcfg.epochs, tcfg.lr)]
+    phases = [Phase(1, tcfg.epochs, tcfg.lr)]
+    if tcfg.phase2_epochs > 0:
+        phases.append(Phase(2, tcfg.phase2_epochs, tcfg.lr * tcfg.phase2_lr_factor))
+    return phases
+
+
+@dataclass
+class Run:
+    """What set-up decides once; the phases, epochs and export read it (and move `progress` and `latest`)."""
+
+    cfg: Config
+    out: Path
+    mesh: Mesh
+    batch_size: int
+    dtype: Any
+    split: Split
+    train_slices: list[Slice]
+    val_patients: list[Patient]
+    steps: int  # per epoch
+    checkpoints: TrainCheckpoints
+    latest: int | None  # the newest checkpoint step
+    progress: Progress
+    model: nnx.Module
+    loss_fn: LossFn
+    eval_step: Callable
+    phases: list[Phase]
+
+    @property
+    def leader(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def pretrained(self) -> bool:
+        return self.phases[0].number != 0
+
+    def say(self, *args: Any) -> None:
+        if self.leader:
+            print(*args)
+
+    def train_mode(self, phase: Phase) -> Any:
+        """Puts the model in training mode and returns the trainable-parameter filter."""
+        if self.cfg.train.task != "cls":
+            wrt = nnx.Param
+        else:
+            wrt = set_phase(self.model, phase.number, self.cfg.model.unfreeze_last_layers)
+        self.model.train()  # the classifier keeps its frozen parts in eval mode through this
+        return wrt
+
+
+def _set_up_data(cfg: Config, out: Path, batch_size: int, mesh: Mesh) -> tuple[Split, list[Slice], list[Patient], int]:
+    """The split (the saved one when resuming), the training slices, the validation patients and steps per epoch."""
     patients = load_dataset(cfg.data)
     split = choose_split(cfg, patients, out / "split.json")
     train_slices = _slices(select(patients, split.train))
@@ -303,16 +344,40 @@ def run(cfg: Config) -> dict[str, Any]:
             f"few for batch size {batch_size}"
         )
     # Multi-host: each process loads only its block of rows of every global batch (the pipeline's sharding).
-    shard_index, shard_count = sharding.process_shard(mesh, batch_size)
-    say(
-        f"data: {len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test patients"
-        + (f" (fold {cfg.data.fold} of {cfg.data.folds})" if cfg.data.fold is not None else "")
-        + f", {len(train_slices)} training slices, {steps} steps of {batch_size} per epoch"
-        + (f" (tumour-aware sampling, u={cfg.data.sampling_uniform_share:g})" if cfg.data.sampling == "tumour" else "")
-        + (f" ({batch_size // shard_count} rows loaded per process)" if shard_count > 1 else "")
-    )
+    _, shard_count = sharding.process_shard(mesh, batch_size)
+    if jax.process_index() == 0:
+        print(
+            f"data: {len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test patients"
+            + (f" (fold {cfg.data.fold} of {cfg.data.folds})" if cfg.data.fold is not None else "")
+            + f", {len(train_slices)} training slices, {steps} steps of {batch_size} per epoch"
+            + (f" (tumour sampling, u={cfg.data.sampling_uniform_share:g})" if cfg.data.sampling == "tumour" else "")
+            + (f" ({batch_size // shard_count} rows loaded per process)" if shard_count > 1 else "")
+        )
+    return split, train_slices, val_patients, steps
 
-    # -- checkpoint/resume ---------------------------------------------------------------------------------------
+
+def _build_model(cfg: Config, mesh: Mesh) -> nnx.Module:
+    tcfg = cfg.train
+    model = build_model(cfg, nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1))
+    if tcfg.task == "cls" and tcfg.backbone_weights != "none":
+        load_backbone(model, tcfg.backbone_weights)
+    if tcfg.init_from:  # continue from an exported model of the same architecture (a new run: fresh optimizer)
+        init_from(model, tcfg.init_from)
+    nnx.update(model, sharding.replicate(nnx.state(model), mesh))
+    return model
+
+
+def set_up(cfg: Config) -> Run:
+    """Sharding, data, checkpoints (refusing to overwrite a run unless resuming) and the model."""
+    tcfg = cfg.train
+    out = Path(tcfg.out_dir or f"runs/{tcfg.task}")
+    leader = jax.process_index() == 0
+    mesh = sharding.make_mesh()
+    if leader:
+        print(sharding.describe(mesh))
+    batch_size = sharding.fit_batch_size(tcfg.batch_size, mesh)
+    split, train_slices, val_patients, steps = _set_up_data(cfg, out, batch_size, mesh)
+
     checkpoints = TrainCheckpoints(out / "orbax", SELECTION_METRIC[tcfg.task])
     latest = checkpoints.latest_step()
     if latest is not None and not tcfg.resume:
@@ -324,143 +389,161 @@ def run(cfg: Config) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_json(out / "config.json")
         save_split(split, out / "split.json")
-    if latest is not None:
-        say(f"resuming from step {latest}: epoch {progress.data_epoch + 1}, step {progress.step_in_epoch}")
+        if latest is not None:
+            print(f"resuming from step {latest}: epoch {progress.data_epoch + 1}, step {progress.step_in_epoch}")
+    dtype = compute_dtype(tcfg.precision)
+    return Run(
+        cfg, out, mesh, batch_size, dtype, split, train_slices, val_patients, steps, checkpoints, latest, progress,
+        _build_model(cfg, mesh), make_loss(tcfg), make_eval_step(dtype), plan_phases(tcfg),
+    )
 
-    # -- model ---------------------------------------------------------------------------------------------------
-    model = build_model(cfg, nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1))
-    if tcfg.task == "cls" and tcfg.backbone_weights != "none":
-        load_backbone(model, tcfg.backbone_weights)
-    if tcfg.init_from:  # continue from an exported model of the same architecture (a new run: fresh optimizer)
-        init_from(model, tcfg.init_from)
-    nnx.update(model, sharding.replicate(nnx.state(model), mesh))
-    loss_fn = make_loss(tcfg)
-    eval_step = make_eval_step(dtype)
 
-    # cls with ImageNet weights: phase 1 trains the head on the frozen backbone, phase 2 also the last stage at a lower
-    # LR. A random backbone has nothing worth freezing, so it trains whole ("phase 0", one phase).
-    pretrained = tcfg.task == "cls" and tcfg.backbone_weights != "none"
-    phases = [(1 if pretrained else 0, tcfg.epochs, tcfg.lr)]
-    if pretrained and tcfg.phase2_epochs > 0:
-        phases.append((2, tcfg.phase2_epochs, tcfg.lr * tcfg.phase2_lr_factor))
+def train_epoch(run: Run, phase: Phase, optimizer: nnx.Optimizer, train_step: Callable) -> None:
+    """The rest of the current epoch (from `progress.step_in_epoch`), with mid-epoch checkpoints."""
+    progress, tcfg, steps = run.progress, run.cfg.train, run.steps
+    label = f"phase {phase.number} " if run.pretrained else ""
+    bar = tqdm(
+        total=steps, initial=progress.step_in_epoch, desc=f"{label}epoch {progress.epoch + 1}/{phase.epochs}",
+        disable=not run.leader, dynamic_ncols=True,
+    )
+    pending: tuple[int, dict[str, jax.Array]] | None = None
+    since: tuple[float, int] | None = None  # (time, step) of the first settled step: img/s leaves out compiling
 
-    def train_mode(phase: int) -> Any:
-        """Puts the model in training mode and returns the trainable-parameter filter."""
-        wrt = set_phase(model, phase, cfg.model.unfreeze_last_layers) if tcfg.task == "cls" else nnx.Param
-        model.train()  # the classifier keeps its frozen parts in eval mode through this
-        return wrt
-
-    if progress.phase_index >= len(phases):
-        say("this run had already finished (resume does not add epochs); exporting its best checkpoint again")
-    for index, (phase, epochs, lr) in enumerate(phases):
-        if index < progress.phase_index:
-            continue
-        # -- optimizer/schedule (per phase: phase 2 trains more parameters at its own LR) ----------------------------
-        wrt = train_mode(phase)
-        optimizer = nnx.Optimizer(model, make_optimizer(tcfg, lr, epochs * steps, steps), wrt=wrt)
-        nnx.update(optimizer, sharding.replicate(nnx.state(optimizer), mesh))
-        fresh = progress.epoch == 0 and progress.step_in_epoch == 0
-        if not fresh:
-            checkpoints.restore(latest, model, optimizer)
-        elif index > 0:
-            checkpoints.restore(checkpoints.best_step(), model)  # phase 2 fine-tunes phase 1's best model
-        train_step = make_train_step(loss_fn, wrt, dtype)
-        label = f"phase {phase} " if pretrained else ""
-        if pretrained:
-            say(f"phase {phase}: {'backbone frozen' if phase == 1 else 'last stage unfrozen'}, lr {lr:g}")
-
-        while True:
-            # -- train ---------------------------------------------------------------------------------------------
-            bar = tqdm(
-                total=steps, initial=progress.step_in_epoch, desc=f"{label}epoch {progress.epoch + 1}/{epochs}",
-                disable=not leader, dynamic_ncols=True,
-            )
-            pending: tuple[int, dict[str, jax.Array]] | None = None
-            since: tuple[float, int] | None = None  # (time, step) of the first settled step: img/s leaves out compiling
-
-            def settle() -> None:
-                """Reads the last step's loss (the one host sync per step), one step behind the device."""
-                nonlocal pending, since
-                if pending is None:
-                    return
-                step, result = pending
-                pending = None
-                loss = float(result["loss"])
-                if not math.isfinite(loss):
-                    bar.close()
-                    checkpoints.close()
-                    last = checkpoints.latest_step()
-                    where = checkpoints.path(last) if last is not None else "none saved yet"
-                    raise NonFiniteLoss(
-                        f"loss is {loss} at step {step} (phase {phase}, epoch {progress.epoch + 1}); stopped. "
-                        f"Last good checkpoint: {where}. Lower --lr and continue with --resume."
-                    )
-                progress.loss_sum += loss
-                now = time.perf_counter()
-                if since is None:
-                    since = (now, step)
-                rate = (step - since[1]) * batch_size / max(now - since[0], 1e-9)
-                bar.set_postfix_str(f"loss={loss:.4f} img/s={rate:.1f}" if step > since[1] else f"loss={loss:.4f}")
-
-            batches = train_batches(
-                train_slices, cfg.data, batch_size, tcfg.seed, progress.data_epoch, progress.step_in_epoch,
-                shard_index, shard_count,
-            )
-            for batch in batches:
-                local = {k: batch[k] for k in ("image", "mask", "label")}
-                result = train_step(model, optimizer, sharding.shard_batch(local, mesh))
-                settle()
-                progress.step_in_epoch += 1
-                progress.global_step += 1
-                pending = (progress.global_step, result)
-                bar.update(1)
-                every = tcfg.save_every_steps
-                if every and progress.global_step % every == 0 and progress.step_in_epoch < steps:
-                    settle()  # never save weights from a step whose loss was not checked
-                    checkpoints.save(progress.global_step, model, optimizer, {"progress": progress.to_dict()})
-            settle()
+    def settle() -> None:
+        """Reads the last step's loss (the one host sync per step), one step behind the device."""
+        nonlocal pending, since
+        if pending is None:
+            return
+        step, result = pending
+        pending = None
+        loss = float(result["loss"])
+        if not math.isfinite(loss):
             bar.close()
-
-            # -- eval ----------------------------------------------------------------------------------------------
-            model.eval()
-            val = evaluate(model, eval_step, val_patients, cfg, batch_size, mesh)
-            train_mode(phase)
-            score = _score(val, tcfg.task)
-            improved = score > progress.best
-            progress.history.append(
-                {
-                    "phase": phase, "epoch": progress.epoch + 1, "global_epoch": progress.data_epoch + 1,
-                    "step": progress.global_step, "train_loss": progress.loss_sum / steps,
-                    **{f"val_{k}": v for k, v in val.items()},
-                }
+            run.checkpoints.close()
+            last = run.checkpoints.latest_step()
+            where = run.checkpoints.path(last) if last is not None else "none saved yet"
+            raise NonFiniteLoss(
+                f"loss is {loss} at step {step} (phase {phase.number}, epoch {progress.epoch + 1}); stopped. "
+                f"Last good checkpoint: {where}. Lower --lr and continue with --resume."
             )
-            say(f"{label}epoch {progress.epoch + 1}/{epochs} val {_format(val)}{' *' if improved else ''}")
-            progress.best, progress.bad_epochs = (score, 0) if improved else (progress.best, progress.bad_epochs + 1)
-            progress.epoch += 1
-            progress.data_epoch += 1
-            progress.step_in_epoch, progress.loss_sum = 0, 0.0
-            stop = progress.bad_epochs >= tcfg.patience
-            phase_over = stop or progress.epoch == epochs
-            if phase_over:  # the checkpoint records the next phase's start
-                progress.phase_index, progress.epoch, progress.best, progress.bad_epochs = index + 1, 0, -math.inf, 0
-            checkpoints.save(
-                progress.global_step, model, optimizer, {"progress": progress.to_dict()},
-                metrics={**val, checkpoints.metric: score},
-            )
-            latest = progress.global_step
-            if leader:
-                _write_logs(out, progress.history, tcfg.plot)
-            if stop:
-                say(f"{label}early stop: no better {SELECTION_METRIC[tcfg.task]} for {tcfg.patience} epochs")
-            if phase_over:
-                break
+        progress.loss_sum += loss
+        now = time.perf_counter()
+        if since is None:
+            since = (now, step)
+        rate = (step - since[1]) * run.batch_size / max(now - since[0], 1e-9)
+        bar.set_postfix_str(f"loss={loss:.4f} img/s={rate:.1f}" if step > since[1] else f"loss={loss:.4f}")
 
-    # -- export --------------------------------------------------------------------------------------------------
+    shard_index, shard_count = sharding.process_shard(run.mesh, run.batch_size)
+    batches = train_batches(
+        run.train_slices, run.cfg.data, run.batch_size, tcfg.seed, progress.data_epoch, progress.step_in_epoch,
+        shard_index, shard_count,
+    )
+    for batch in batches:
+        local = {k: batch[k] for k in ("image", "mask", "label")}
+        result = train_step(run.model, optimizer, sharding.shard_batch(local, run.mesh))
+        settle()
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        pending = (progress.global_step, result)
+        bar.update(1)
+        every = tcfg.save_every_steps
+        if every and progress.global_step % every == 0 and progress.step_in_epoch < steps:
+            settle()  # never save weights from a step whose loss was not checked
+            run.checkpoints.save(progress.global_step, run.model, optimizer, {"progress": progress.to_dict()})
+    settle()
+    bar.close()
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """The bookkeeping of one finished epoch (see `end_of_epoch`)."""
+
+    progress: Progress  # history appended; counters at the next epoch, or at the next phase's start when phase_over
+    score: float  # the selection metric (nan ranked as worst)
+    improved: bool
+    stop: bool  # early stop: `patience` epochs in a row without a better score
+    phase_over: bool  # early stop or the phase's last epoch
+
+
+def end_of_epoch(
+    progress: Progress, val: dict[str, float], task: str, phase: Phase, phase_index: int, steps: int, patience: int
+) -> EpochEnd:
+    """Pure: the progress after an epoch of `steps` steps that scored `val` (the input is left as it was)."""
+    score = _score(val, task)
+    improved = score > progress.best
+    entry = {
+        "phase": phase.number, "epoch": progress.epoch + 1, "global_epoch": progress.data_epoch + 1,
+        "step": progress.global_step, "train_loss": progress.loss_sum / steps,
+        **{f"val_{k}": v for k, v in val.items()},
+    }
+    after = dataclasses.replace(
+        progress,
+        history=[*progress.history, entry],
+        best=score if improved else progress.best,
+        bad_epochs=0 if improved else progress.bad_epochs + 1,
+        epoch=progress.epoch + 1,
+        data_epoch=progress.data_epoch + 1,
+        step_in_epoch=0,
+        loss_sum=0.0,
+    )
+    stop = after.bad_epochs >= patience
+    phase_over = stop or after.epoch == phase.epochs
+    if phase_over:  # the checkpoint records the next phase's start
+        after = dataclasses.replace(after, phase_index=phase_index + 1, epoch=0, best=-math.inf, bad_epochs=0)
+    return EpochEnd(after, score, improved, stop, phase_over)
+
+
+def _finish_epoch(run: Run, phase: Phase, index: int, optimizer: nnx.Optimizer) -> bool:
+    """Validates, does the bookkeeping, checkpoints and logs; True when the phase is over."""
+    tcfg = run.cfg.train
+    run.model.eval()
+    val = evaluate(run.model, run.eval_step, run.val_patients, run.cfg, run.batch_size, run.mesh)
+    run.train_mode(phase)
+    done = end_of_epoch(run.progress, val, tcfg.task, phase, index, run.steps, tcfg.patience)
+    label = f"phase {phase.number} " if run.pretrained else ""
+    epoch = done.progress.history[-1]["epoch"]
+    run.say(f"{label}epoch {epoch}/{phase.epochs} val {_format(val)}{' *' if done.improved else ''}")
+    run.progress = done.progress
+    run.checkpoints.save(
+        run.progress.global_step, run.model, optimizer, {"progress": run.progress.to_dict()},
+        metrics={**val, run.checkpoints.metric: done.score},
+    )
+    run.latest = run.progress.global_step
+    if run.leader:
+        _write_logs(run.out, run.progress.history, tcfg.plot)
+    if done.stop:
+        run.say(f"{label}early stop: no better {SELECTION_METRIC[tcfg.task]} for {tcfg.patience} epochs")
+    return done.phase_over
+
+
+def run_phase(run: Run, index: int, phase: Phase) -> None:
+    """A phase's epochs, from where `progress` stands; each phase has its own optimizer and schedule."""
+    tcfg = run.cfg.train
+    wrt = run.train_mode(phase)
+    optimizer = nnx.Optimizer(run.model, make_optimizer(tcfg, phase.lr, phase.epochs * run.steps, run.steps), wrt=wrt)
+    nnx.update(optimizer, sharding.replicate(nnx.state(optimizer), run.mesh))
+    if run.progress.epoch or run.progress.step_in_epoch:  # resuming inside this phase
+        run.checkpoints.restore(run.latest, run.model, optimizer)
+    elif index > 0:
+        run.checkpoints.restore(run.checkpoints.best_step(), run.model)  # phase 2 fine-tunes phase 1's best model
+    train_step = make_train_step(run.loss_fn, wrt, run.dtype)
+    if run.pretrained:
+        run.say(f"phase {phase.number}: {'backbone frozen' if phase.number == 1 else 'last stage unfrozen'}, "
+                f"lr {phase.lr:g}")
+    while True:
+        train_epoch(run, phase, optimizer, train_step)
+        if _finish_epoch(run, phase, index, optimizer):
+            return
+
+
+def export(run: Run) -> dict[str, Any]:
+    """Restores the best checkpoint, writes the inference checkpoint with its metadata, and returns the summary."""
+    cfg, tcfg, checkpoints, history = run.cfg, run.cfg.train, run.checkpoints, run.progress.history
     checkpoints.manager.wait_until_finished()
     best_step = checkpoints.best_step()
-    checkpoints.restore(best_step, model)
-    model.eval()
-    best = next(h for h in progress.history if h["step"] == best_step)
+    checkpoints.restore(best_step, run.model)
+    run.model.eval()
+    best = next(h for h in history if h["step"] == best_step)
     metadata = {
         "config": cfg.to_dict(),
         "task": tcfg.task,
@@ -468,29 +551,41 @@ def run(cfg: Config) -> dict[str, Any]:
         "threshold": tcfg.threshold,
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",
         "init_from": tcfg.init_from,
-        "split": split.to_dict(),
+        "split": run.split.to_dict(),
         "metrics": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
         "best": {"phase": best["phase"], "epoch": best["epoch"], "step": best_step},
-        "history": progress.history,
+        "history": history,
         "versions": _versions(),
     }
-    export_dir = Path(tcfg.export_dir or out) / EXPORT_NAME[tcfg.task]
-    export_inference(export_dir, model, metadata, bf16=tcfg.save_bf16)
+    export_dir = Path(tcfg.export_dir or run.out) / EXPORT_NAME[tcfg.task]
+    export_inference(export_dir, run.model, metadata, bf16=tcfg.save_bf16)
     checkpoints.close()
+    metric = SELECTION_METRIC[tcfg.task]
     summary = {
         "best_phase": best["phase"],
         "best_epoch": best["epoch"],
         "best_step": best_step,
-        "metric": SELECTION_METRIC[tcfg.task],
-        "best_metric": best[f"val_{SELECTION_METRIC[tcfg.task]}"],
+        "metric": metric,
+        "best_metric": best[f"val_{metric}"],
         "checkpoint": str(export_dir),
         "train_checkpoint": str(checkpoints.path(best_step)),
-        "run_dir": str(out),
-        "history": progress.history,
+        "run_dir": str(run.out),
+        "history": history,
     }
-    which = f"phase {best['phase']} " if pretrained else ""
-    say(
-        f"best: {which}epoch {best['epoch']} (step {best_step}) {summary['metric']}={summary['best_metric']:.4f}; "
-        f"inference checkpoint: {export_dir}; run folder: {out}"
+    which = f"phase {best['phase']} " if run.pretrained else ""
+    run.say(
+        f"best: {which}epoch {best['epoch']} (step {best_step}) {metric}={summary['best_metric']:.4f}; "
+        f"inference checkpoint: {export_dir}; run folder: {run.out}"
     )
     return summary
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Trains as `cfg` says (resuming exactly where a checkpoint left off) and exports the best model."""
+    state = set_up(cfg)
+    if state.progress.phase_index >= len(state.phases):
+        state.say("this run had already finished (resume does not add epochs); exporting its best checkpoint again")
+    for index, phase in enumerate(state.phases):
+        if index >= state.progress.phase_index:
+            run_phase(state, index, phase)
+    return export(state)
