@@ -33,8 +33,10 @@ def test_folds_are_disjoint_by_patient_and_cover_everyone(cv):
     splits = [load_split(crossval.fold_dir(out, k) / "split.json") for k in range(FOLDS)]
     held = [set(s.val) for s in splits]
     assert not held[0] & held[1] and held[0] | held[1] == patients
-    for s in splits:
+    for k, s in enumerate(splits):
         assert set(s.train) == patients - set(s.val) and not s.test  # every other patient trains
+        trained = json.loads((crossval.export_path(out, k, "seg") / "metadata.json").read_text())["trained_patients"]
+        assert trained == sorted(patients - held[k])  # what reached its training batches (the leakage guard)
         assert json.loads((crossval.fold_dir(out, splits.index(s)) / "config.json").read_text())["data"]["fold"] \
             == splits.index(s)
 

@@ -2,7 +2,9 @@
 
 Per slice: decode -> resize to image_size (uint8) -> [augment, train only] -> normalise. Resize and normalise are the
 two halves of `preprocess`, so an evaluation batch equals `preprocess(patient volume)` exactly.
-Batch: {"image": f32 (B,S,S,3), "mask": f32 (B,S,S,1) in {0,1}, "label": f32 (B,), "valid": bool (B,)}.
+Batch: {"image": f32 (B,S,S,3), "mask": f32 (B,S,S,1) in {0,1}, "label": f32 (B,), "valid": bool (B,),
+"index": int32 (B,)}: `index` is each row's position in the given slice list (-1 on padding), so a consumer can tell
+which slices (and patients) reached it.
 Transforms are pure numpy and picklable: with num_workers > 0 they run in spawned grain processes.
 
 Multi-host: with `shard_index`/`shard_count` (jax.process_index()/process_count()) each process reads, decodes and
@@ -114,13 +116,13 @@ class _SliceSource:
     def __len__(self) -> int:
         return len(self.slices)
 
-    def __getitem__(self, i: int) -> tuple[Slice, np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[int, Slice, np.ndarray, np.ndarray]:
         s = self.slices[i]
         if self.decoded is None:
-            return (s, *_load(s, self.size))
+            return (i, s, *_load(s, self.size))
         if not self.decoded.filled[i]:  # the pipelines pre-fill what they read; this is only a fallback
             self.decoded.fill([i])
-        return s, self.decoded.images[i], self.decoded.masks[i]
+        return i, s, self.decoded.images[i], self.decoded.masks[i]
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,8 @@ class _ToExample:
     epoch: int = 0
     train: bool = False
 
-    def __call__(self, position: int, item: tuple[Slice, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
-        s, image, mask = item
+    def __call__(self, position: int, item: tuple[int, Slice, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        index, s, image, mask = item
         image = image.astype(np.float32)
         mask = mask[..., None].astype(np.float32)
         if self.train and self.cfg.augment:
@@ -147,6 +149,7 @@ class _ToExample:
             "mask": mask,
             "label": np.float32(s.has_tumour),
             "valid": np.bool_(True),
+            "index": np.int32(index),
         }
 
 
@@ -299,6 +302,7 @@ def _padding(n: int, size: int) -> dict[str, np.ndarray]:
         "mask": np.zeros((n, size, size, 1), np.float32),
         "label": np.zeros((n,), np.float32),
         "valid": np.zeros((n,), bool),
+        "index": np.full((n,), -1, np.int32),
     }
 
 

@@ -27,24 +27,22 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from flaxtumor import metrics as M
 from flaxtumor.config import Config, TrainConfig
 from flaxtumor.data.io import DataError
 from flaxtumor.data.lgg import (
     Patient, Slice, Split, kfold_splits, load_dataset, load_split, patient_split, save_split, select,
 )
-from flaxtumor.data.pipeline import epoch_length, eval_batches, steps_per_epoch, train_batches
+from flaxtumor.data.pipeline import epoch_length, steps_per_epoch, train_batches
 from flaxtumor.data.preprocess import Preprocessing
 from flaxtumor.models import build_model
 from flaxtumor.models.classifier import load_backbone, set_phase
 from flaxtumor.train import sharding
 from flaxtumor.train.checkpoint import TrainCheckpoints, export_inference, init_from
 from flaxtumor.train.losses import LossFn, make_loss
+from flaxtumor.train.validation import SELECTION_METRIC, evaluate, format_metrics, selection_score
 
 log = logging.getLogger(__name__)
 
-# The validation metric that picks the best checkpoint (higher is better).
-SELECTION_METRIC = {"cls": "auc", "seg": "volumetric_dice"}
 EXPORT_NAME = {"cls": "classifier", "seg": "segmenter"}
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
@@ -55,6 +53,10 @@ class NonFiniteLoss(RuntimeError):
 
 class RunExists(RuntimeError):
     """The run folder already holds checkpoints and --resume was not given."""
+
+
+class TrainingLeak(RuntimeError):
+    """A slice of a patient outside the split's training patients reached a training batch."""
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Progress:
     bad_epochs: int = 0
     loss_sum: float = 0.0  # this epoch's training loss so far
     history: list[dict[str, Any]] = field(default_factory=list)
+    trained_patients: list[str] = field(default_factory=list)  # whose slices reached a training batch (this process)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,67 +177,6 @@ def make_eval_step(dtype: Any) -> Callable[[nnx.Module, jax.Array], jax.Array]:
         return jax.nn.sigmoid(forward(model, images, dtype))
 
     return eval_step
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Eval
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def predict(
-    model: nnx.Module, eval_step: Callable, slices: Sequence[Slice], cfg: Config, batch_size: int, mesh: Mesh
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Probabilities for `slices` in order (cls: (N,); seg: bool masks (N, S, S) at the threshold) and the targets.
-
-    Each process loads only its rows of every batch; outputs and targets are gathered so every process has them all."""
-    shard_index, shard_count = sharding.process_shard(mesh, batch_size)
-    outputs, labels, masks = [], [], []
-    for local in eval_batches(slices, cfg.data, batch_size, shard_index, shard_count):
-        local["mask"] = local["mask"][..., 0] > 0.5
-        # One process has every row already; several gather the other processes' targets through the devices.
-        batch = sharding.shard_batch(local if shard_count > 1 else {"image": local["image"]}, mesh)
-        probs = eval_step(model, batch["image"])
-        if cfg.train.task == "seg":
-            probs = probs[..., 0] >= cfg.train.threshold  # threshold on device: a quarter of the bytes to host
-        targets = {k: sharding.to_host(batch[k]) for k in ("valid", "label", "mask")} if shard_count > 1 else local
-        valid = targets["valid"]
-        outputs.append(sharding.to_host(probs)[valid])
-        labels.append(targets["label"][valid])
-        masks.append(targets["mask"][valid])
-    return np.concatenate(outputs), {"label": np.concatenate(labels), "mask": np.concatenate(masks)}
-
-
-def evaluate(
-    model: nnx.Module, eval_step: Callable, patients: Sequence[Patient], cfg: Config, batch_size: int, mesh: Mesh
-) -> dict[str, float]:
-    """Validation metrics; seg groups the slices per patient (in slice order) for volumetric Dice."""
-    slices = _slices(patients)
-    outputs, targets = predict(model, eval_step, slices, cfg, batch_size, mesh)
-    if cfg.train.task == "cls":
-        m = M.classification_metrics(outputs, targets["label"], cfg.train.threshold)
-        return {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "auc")}
-    preds, truth, start = {}, {}, 0
-    for p in patients:
-        preds[p.patient_id] = outputs[start : start + len(p.slices)]
-        truth[p.patient_id] = targets["mask"][start : start + len(p.slices)]
-        start += len(p.slices)
-    per_patient = M.summarise_patient_dice(M.volumetric_dice_per_patient(preds, truth))
-    return {
-        "volumetric_dice": per_patient["mean"],
-        "dice": M.tumour_slice_dice(list(outputs), list(targets["mask"])),
-        "iou": M.tumour_slice_iou(list(outputs), list(targets["mask"])),
-        "pooled_dice": M.pooled_dice(list(outputs), list(targets["mask"])),
-    }
-
-
-def _score(metrics: dict[str, float], task: str) -> float:
-    """The selection metric, with nan (e.g. one class only in validation) ranked as worst."""
-    value = metrics[SELECTION_METRIC[task]]
-    return -1.0 if value is None or math.isnan(value) else float(value)
-
-
-def _format(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -439,6 +381,7 @@ def train_epoch(run: Run, phase: Phase, optimizer: nnx.Optimizer, train_step: Ca
         shard_index, shard_count,
     )
     for batch in batches:
+        record_patients(progress, run.split, run.train_slices, batch["index"])
         local = {k: batch[k] for k in ("image", "mask", "label")}
         result = train_step(run.model, optimizer, sharding.shard_batch(local, run.mesh))
         settle()
@@ -452,6 +395,31 @@ def train_epoch(run: Run, phase: Phase, optimizer: nnx.Optimizer, train_step: Ca
             run.checkpoints.save(progress.global_step, run.model, optimizer, {"progress": progress.to_dict()})
     settle()
     bar.close()
+
+
+def record_patients(progress: Progress, split: Split, slices: Sequence[Slice], indices: np.ndarray) -> None:
+    """The leakage guard: adds the patients of a training batch's rows (`index` into `slices`) to
+    `progress.trained_patients`, and stops the run if any is not one of the split's training patients."""
+    ids = {slices[i].patient_id for i in indices.tolist()}
+    if ids.issubset(progress.trained_patients):
+        return
+    if leaked := sorted(ids - set(split.train)):
+        where = "validation" if set(leaked) & set(split.val) else "test" if set(leaked) & set(split.test) else "no"
+        raise TrainingLeak(f"slices of {len(leaked)} patient(s) in the {where} split reached a training batch: "
+                           f"{leaked[:3]}; the training data must be the split's training patients only")
+    progress.trained_patients = sorted(ids | set(progress.trained_patients))
+
+
+def _trained_patients(run: Run) -> list[str]:
+    """The training patients whose slices reached a batch in any process (each process sees only its rows)."""
+    seen = set(run.progress.trained_patients)
+    if jax.process_count() == 1:
+        return sorted(seen)
+    from jax.experimental import multihost_utils
+
+    flags = np.array([pid in seen for pid in run.split.train])
+    gathered = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, len(flags))
+    return sorted(pid for pid, hit in zip(run.split.train, gathered.any(axis=0)) if hit)
 
 
 @dataclass(frozen=True)
@@ -469,7 +437,7 @@ def end_of_epoch(
     progress: Progress, val: dict[str, float], task: str, phase: Phase, phase_index: int, steps: int, patience: int
 ) -> EpochEnd:
     """Pure: the progress after an epoch of `steps` steps that scored `val` (the input is left as it was)."""
-    score = _score(val, task)
+    score = selection_score(val, task)
     improved = score > progress.best
     entry = {
         "phase": phase.number, "epoch": progress.epoch + 1, "global_epoch": progress.data_epoch + 1,
@@ -502,7 +470,7 @@ def _finish_epoch(run: Run, phase: Phase, index: int, optimizer: nnx.Optimizer) 
     done = end_of_epoch(run.progress, val, tcfg.task, phase, index, run.steps, tcfg.patience)
     label = f"phase {phase.number} " if run.pretrained else ""
     epoch = done.progress.history[-1]["epoch"]
-    run.say(f"{label}epoch {epoch}/{phase.epochs} val {_format(val)}{' *' if done.improved else ''}")
+    run.say(f"{label}epoch {epoch}/{phase.epochs} val {format_metrics(val)}{' *' if done.improved else ''}")
     run.progress = done.progress
     run.checkpoints.save(
         run.progress.global_step, run.model, optimizer, {"progress": run.progress.to_dict()},
@@ -544,6 +512,7 @@ def export(run: Run) -> dict[str, Any]:
     checkpoints.restore(best_step, run.model)
     run.model.eval()
     best = next(h for h in history if h["step"] == best_step)
+    trained = _trained_patients(run)
     metadata = {
         "config": cfg.to_dict(),
         "task": tcfg.task,
@@ -552,6 +521,7 @@ def export(run: Run) -> dict[str, Any]:
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",
         "init_from": tcfg.init_from,
         "split": run.split.to_dict(),
+        "trained_patients": trained,
         "metrics": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
         "best": {"phase": best["phase"], "epoch": best["epoch"], "step": best_step},
         "history": history,
@@ -571,6 +541,7 @@ def export(run: Run) -> dict[str, Any]:
         "train_checkpoint": str(checkpoints.path(best_step)),
         "run_dir": str(run.out),
         "history": history,
+        "trained_patients": trained,
     }
     which = f"phase {best['phase']} " if run.pretrained else ""
     run.say(
