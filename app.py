@@ -6,6 +6,10 @@ import time
 
 STARTED = time.perf_counter()  # before the heavy imports, so the reported start-up time includes them
 
+from flaxtumor.app_state import private_root  # noqa: E402
+
+private_root()  # before Gradio is imported: some of its modules read their temp dir at import time
+
 from flaxtumor.ui import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -6,13 +6,11 @@ runs: load the checkpoints once, warm up, launch.
 Files come in through `gr.File` (browsers cannot display TIFF) and are checked and decoded on the server by
 `flaxtumor.uploads`; every bad upload becomes a `gr.Error` naming the file, and the server stays up.
 
-Temporary files:
-- inputs: zip members are written to a `tempfile.TemporaryDirectory` per request, deleted when the request ends;
-  Gradio's own upload copies live in its cache and are removed by `delete_cache` (below) and at shutdown;
-- outputs: masks are written to a per-request dir under one app-owned root; Gradio copies every returned file into its
-  cache during post-processing (which `delete_cache` then ages out), so our dir is no longer needed once the request
-  has been answered. `RequestDirs` deletes dirs of finished requests after a grace period, at the start of later
-  requests, and the whole root at exit.
+Files and state (`flaxtumor.app_state`): everything lives in one private temp root (mode 0700, umask 077) that also
+holds Gradio's temp dir: uploads (deleted after 10 minutes when no request used them, and at once when a request
+refused them), per-request input and output folders (deleted with their request, outputs after a grace period),
+the slice browser's thumbnails (TTL, capacity and byte cap; sessions only hold a token) and the synthetic examples.
+What the app says to clients (escaping, number fields, errors without server details) is in `flaxtumor.app_errors`.
 
 Brain area (the denominator of "% of brain"): the non-background pixels, i.e. those whose brightest channel exceeds
 `BRAIN_LEVEL` (of 255), with holes filled. kaggle_3m slices show the head on a black background, so this is the head
@@ -22,7 +20,6 @@ region as imaged (the skull is not removed); dark ventricles inside it count.
 from __future__ import annotations
 
 import argparse
-import atexit
 import copy
 import functools
 import io
@@ -33,8 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
-import uuid
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,19 +43,22 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
+from flaxtumor.app_errors import bool_field, md_code, number_field, user_errors
+from flaxtumor.app_state import BrowserStore, Housekeeping, RequestDirs, UploadJanitor, private_root
 from flaxtumor.data.io import IMAGE_SUFFIXES, is_mask_name, natural_key, read_mask
 from flaxtumor.uploads import UploadError, UploadedImage, UploadLimits, load_many, load_single
 
 NOTICE = (
     "**Research use only. Not a medical device.** This demo has not been clinically validated and must not be used "
-    "for diagnosis or treatment decisions. Uploads and results are kept in temporary folders on the server for at most "
-    "an hour, then deleted."
+    "for diagnosis or treatment decisions. Uploads and results are kept in private temporary folders on the server for "
+    "at most an hour, then deleted."
 )
 BRAIN_LEVEL = 10  # uint8 intensity: above JPEG noise on a black background, below any tissue
 MAX_FILE_SIZE = "100mb"  # per uploaded file, enforced by Gradio before our checks run
 QUEUE_MAX_SIZE = 64  # waiting requests; more are refused with "queue full" rather than piling up memory
-OUTPUT_GRACE_S = 120.0  # finished requests' output dirs are kept this long (Gradio copies them right after return)
 DELETE_CACHE = (600, 3600)  # Gradio cache: every 10 min delete files older than 1 h
+MAX_SPACING_MM, MAX_THICKNESS_MM = 10.0, 50.0  # MRI: ~0.2-2 mm pixels, 1-10 mm slices; larger is a typo
+SESSION_CAPACITY = 1000  # sessions whose state Gradio keeps (its default, 10,000, each with a copy of the config)
 EXAMPLE_SEED = 7
 TUMOUR_COLOUR = "#ff3b30"
 IMAGE_HEIGHT = 384  # px on screen: kaggle_3m slices are 256 px; small uploads are scaled up to stay readable
@@ -84,45 +82,6 @@ class Predictor(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Temporary output folders
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class RequestDirs:
-    """Per-request output dirs under one root, deleted `grace_s` after their request finished."""
-
-    def __init__(self, grace_s: float = OUTPUT_GRACE_S):
-        self.root = Path(tempfile.mkdtemp(prefix="flaxtumor-ui-"))
-        self.grace_s = grace_s
-        self._finished: dict[Path, float] = {}
-        self._lock = threading.Lock()
-        atexit.register(self.close)
-
-    def new(self) -> Path:
-        self.sweep()
-        path = self.root / uuid.uuid4().hex
-        path.mkdir()
-        return path
-
-    def finish(self, path: Path) -> None:
-        with self._lock:
-            self._finished[path] = time.monotonic()
-
-    def sweep(self, grace_s: float | None = None) -> None:
-        grace = self.grace_s if grace_s is None else grace_s
-        now = time.monotonic()
-        with self._lock:
-            done = [p for p, t in self._finished.items() if now - t >= grace]
-            for p in done:
-                del self._finished[p]
-        for p in done:
-            shutil.rmtree(p, ignore_errors=True)
-
-    def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Examples (synthetic only: real dataset images cannot be shipped)
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -138,7 +97,7 @@ def make_examples(dest: Path, seed: int = EXAMPLE_SEED) -> Path:
     from flaxtumor.data.synthetic import write_synthetic_dataset
 
     dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="flaxtumor-examples-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="examples-", dir=private_root()) as tmp:
         (patient,) = [p for p in write_synthetic_dataset(tmp, n_patients=1, n_slices=24, seed=seed).iterdir() if p.is_dir()]
         slices = sorted((p for p in patient.glob("*.tif") if not is_mask_name(p)), key=lambda p: natural_key(p.name))
         areas = [int(read_mask(p.with_name(f"{p.stem}_mask.tif")).sum()) for p in slices]
@@ -151,17 +110,17 @@ def make_examples(dest: Path, seed: int = EXAMPLE_SEED) -> Path:
     return dest
 
 
-def default_examples_dir() -> Path:
-    """Generated once per machine (a second start reuses them), written atomically."""
-    from flaxtumor.data.synthetic import GENERATOR_VERSION
+_EXAMPLES_LOCK = threading.Lock()
 
-    dest = Path(tempfile.gettempdir()) / f"flaxtumor-examples-v{GENERATOR_VERSION}-s{EXAMPLE_SEED}"
-    if not (dest / "synthetic_patient.zip").is_file():
-        staging = make_examples(Path(tempfile.mkdtemp(prefix="flaxtumor-examples-staging-")))
-        try:
-            staging.rename(dest)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
+
+def default_examples_dir() -> Path:
+    """Generated fresh once per process inside the private root: a shared, predictable folder could be planted by
+    another local user (and anything in it would be served)."""
+    dest = private_root() / "examples"
+    with _EXAMPLES_LOCK:
+        if not (dest / "synthetic_patient.zip").is_file():
+            shutil.rmtree(dest, ignore_errors=True)
+            make_examples(dest)
     return dest
 
 
@@ -218,14 +177,6 @@ def _one_size(uploads: Sequence[UploadedImage]) -> None:
     if len(sizes) > 1:
         parts = [f"{w}x{h}: {len(names)} file(s), e.g. {names[0]}" for (h, w), names in sizes.items()]
         raise UploadError(f"The slices of one patient must share one size; found {'; '.join(parts)}.")
-
-
-def _positive_or_none(value: float | None, what: str) -> float | None:
-    if value is None or value == 0:
-        return None
-    if not np.isfinite(value) or value < 0:
-        raise UploadError(f"{what} must be a positive number of millimetres (got {value}).")
-    return float(value)
 
 
 def threshold_info(min_tumour_area: float) -> str:
@@ -319,7 +270,8 @@ class PatientResult:
     summary: str
     table: pd.DataFrame
     masks_zip: Path
-    browser: list[tuple[str, np.ndarray, np.ndarray, float]]  # (name, image, mask, probability) per slice
+    browser: str  # the slice browser's token in `App.browser` (thumbnails on disk, not arrays in session state)
+    count: int  # slices
     first: int  # 0-based slice shown first: the most probable flagged slice, else 0
 
 
@@ -331,23 +283,34 @@ class App:
         self.examples = examples
         self.limits = limits
         self.dirs = RequestDirs()
+        self.browser = BrowserStore()
+        self.janitor = UploadJanitor()
         # nnx modules are mutable Python objects and Grad-CAM runs through nnx.jit: one call at a time.
         self._gradcam_lock = threading.Lock()
 
     def _with_threshold(self, threshold: float | None) -> Predictor:
         """A shallow copy with the request's threshold: shares the compiled models, and concurrent requests with
         different thresholds never see each other's setting."""
-        if threshold is None or float(threshold) == self.pipeline.threshold:
+        threshold = number_field(threshold, "Classification threshold", 0.0, 1.0, include_low=True)
+        if threshold is None or threshold == self.pipeline.threshold:
             return self.pipeline
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise UploadError(f"The threshold must lie in [0, 1] (got {threshold}).")
         pipeline = copy.copy(self.pipeline)
-        pipeline.threshold = float(threshold)
+        pipeline.threshold = threshold
         return pipeline
 
+    def _load(self, paths: list[Any], load: Callable[[], Any]) -> Any:
+        """Runs `load`; uploads it refuses are deleted at once (nobody can use them), used ones are kept for re-runs."""
+        self.janitor.use(paths)
+        try:
+            return load()
+        except UploadError:
+            self.janitor.discard(paths)
+            raise
+
     def predict_slice(self, path: str | Path | None, threshold: float | None, lcc: bool) -> SliceResult:
-        upload = load_single(path, self.limits)
         pipeline = self._with_threshold(threshold)
+        lcc = bool_field(lcc, "Largest connected component")
+        upload = self._load([path], lambda: load_single(path, self.limits))
         # A slice is a volume of one: LCC then keeps the largest 2D blob.
         (pred,) = pipeline.predict_volume([upload.image], lcc=bool(lcc))
         with self._gradcam_lock:
@@ -362,7 +325,7 @@ class App:
             self.dirs.finish(out)
         h, w = pred.mask.shape
         details = (
-            f"`{upload.name}`: {w}x{h} px, brain area {int(brain.sum())} px; "
+            f"{md_code(upload.name)}: {w}x{h} px, brain area {int(brain.sum())} px; "
             f"threshold {pipeline.threshold:.2f}, largest connected component {'on' if lcc else 'off'}."
         )
         return SliceResult(
@@ -389,12 +352,12 @@ class App:
         spacing_mm: float | None,
         thickness_mm: float | None,
     ) -> PatientResult:
-        spacing = _positive_or_none(spacing_mm, "The pixel spacing")
-        thickness = _positive_or_none(thickness_mm, "The slice thickness")
-        with tempfile.TemporaryDirectory(prefix="flaxtumor-in-") as workdir:
-            uploads, skipped_masks = load_many(paths, self.limits, Path(workdir))
-        _one_size(uploads)
+        # Number fields first: a typo there should not cost the upload.
+        spacing = number_field(spacing_mm, "Pixel spacing", 0.0, MAX_SPACING_MM, "mm", zero_is_unset=True)
+        thickness = number_field(thickness_mm, "Slice thickness", 0.0, MAX_THICKNESS_MM, "mm", zero_is_unset=True)
         pipeline = self._with_threshold(threshold)
+        lcc = bool_field(lcc, "Largest connected component")
+        uploads, skipped_masks = self._load(list(paths or []), lambda: self._read_patient(paths))
         preds = pipeline.predict_volume([u.image for u in uploads], lcc=bool(lcc))
         rows = []
         for i, (u, p) in enumerate(zip(uploads, preds), start=1):
@@ -436,10 +399,16 @@ class App:
                 else " (give the pixel spacing and the slice thickness for mm³)."
             ),
         ]
-        browser = [(u.name, u.image, p.mask, float(p.tumour_probability)) for u, p in zip(uploads, preds)]
         probs = np.array([p.tumour_probability for p in preds])
+        token = self.browser.put([u.name for u in uploads], [u.image for u in uploads], [p.mask for p in preds], probs)
         first = int(np.argmax(np.where([p.has_tumour for p in preds], probs, -1.0))) if flagged else 0
-        return PatientResult("\n\n".join(lines), table, masks_zip, browser, first)
+        return PatientResult("\n\n".join(lines), table, masks_zip, token, len(uploads), first)
+
+    def _read_patient(self, paths: Sequence[str | Path] | None) -> tuple[list[UploadedImage], int]:
+        with tempfile.TemporaryDirectory(prefix="in-", dir=private_root()) as workdir:  # zip members, gone at return
+            uploads, skipped_masks = load_many(paths, self.limits, Path(workdir))
+        _one_size(uploads)
+        return uploads, skipped_masks
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -447,35 +416,22 @@ class App:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad uploads become a gr.Error naming the file; anything unexpected is logged and reported, never fatal."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any) -> Any:
-        try:
-            return fn(*args)
-        except gr.Error:
-            raise
-        except UploadError as e:
-            raise gr.Error(str(e), title="Cannot analyse this upload", print_exception=False) from None
-        except Exception as e:  # noqa: BLE001 — the server must keep serving other users
-            traceback.print_exc()
-            raise gr.Error(f"Internal error ({type(e).__name__}); the details are in the server log.", print_exception=False) from None
-
-    return wrapper
-
-
 def _slice_outputs(r: SliceResult) -> tuple:
     return r.verdict, r.probability, r.overlay, r.area_px, r.area_pct, r.gradcam, str(r.mask_file), r.details
 
 
-def _browse(browser: list | None, index: float | None) -> Any:
-    if not browser:
-        return gr.AnnotatedImage(value=None, label="Slice viewer")
-    i = int(np.clip(int(index or 1) - 1, 0, len(browser) - 1))
-    name, image, mask, prob = browser[i]
-    label = f"Slice {i + 1}/{len(browser)}: {name} (tumour probability {prob:.2f})"
-    return gr.AnnotatedImage(value=(image, [(mask.astype(np.float32), "tumour")]), label=label)
+def _browse(store: BrowserStore, token: Any, index: Any) -> Any:
+    """The viewer at slice `index` (1-based) of the patient behind `token`, read back from its thumbnails."""
+    try:
+        i = int(index or 1) - 1
+    except (TypeError, ValueError, OverflowError):
+        i = 0
+    shown = store.get(token, i) if token else None
+    if shown is None:
+        label = "Slice viewer (this result has expired: analyse the patient again)" if token else "Slice viewer"
+        return gr.AnnotatedImage(value=None, label=label)
+    label = f"Slice {shown.index + 1}/{shown.count}: {shown.name} (tumour probability {shown.probability:.2f})"
+    return gr.AnnotatedImage(value=(shown.image, [(shown.mask, "tumour")]), label=label)
 
 
 def _atomic_gradio_image_cache() -> None:
@@ -503,6 +459,16 @@ def _atomic_gradio_image_cache() -> None:
     processing_utils.save_pil_to_cache = save_pil_to_cache
 
 
+def _no_stray_temp_files(component: gr.File) -> gr.File:
+    """gr.File (6.31) creates an empty NamedTemporaryFile in its cache for every file it hands to a function, and never
+    deletes it; the path it returns is the upload itself. Same result without the stray file."""
+    from gradio.utils import NamedString
+
+    assert component.type == "filepath" and not component.file_types  # the only case this replaces
+    component._process_single_file = lambda f: NamedString(f.path)  # type: ignore[method-assign]
+    return component
+
+
 def build_demo(
     pipeline: Predictor,
     examples_dir: str | Path | None = None,
@@ -511,6 +477,7 @@ def build_demo(
 ) -> gr.Blocks:
     """The app around a loaded pipeline; the threshold and LCC controls start at its operating point. Examples come
     from `examples_dir`, else from the synthetic generator."""
+    private_root()  # before any Blocks: Gradio's temp dir is read when they are made
     _atomic_gradio_image_cache()
     examples = find_examples(Path(examples_dir) if examples_dir is not None else default_examples_dir())
     app = App(pipeline, examples, limits)
@@ -524,13 +491,15 @@ def build_demo(
         with gr.Row():
             threshold = gr.Slider(0.0, 1.0, value=pipeline.threshold, step=0.01, label="Classification threshold",
                                   info=threshold_info(getattr(pipeline, "min_tumour_area", 0.0)))
+            # Range-checked by App._with_threshold, with a message naming the field (Gradio's own does not).
+            threshold.preprocess = lambda payload: payload  # type: ignore[method-assign]
             lcc = gr.Checkbox(value=pipeline.lcc, label="Keep only the largest connected tumour component",
                               info="3D over a patient's slices, 2D on a single slice.")
 
         with gr.Tab("Single slice"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    slice_file = gr.File(label=f"MRI slice ({image_types})", elem_id="slice-file")
+                    slice_file = _no_stray_temp_files(gr.File(label=f"MRI slice ({image_types})", elem_id="slice-file"))
                     slice_button = gr.Button("Analyse slice", variant="primary", elem_id="slice-button")
                     example = gr.Dropdown(list(examples.slices), value=next(iter(examples.slices), None),
                                           label="Or try a synthetic example (made by flaxtumor.data.synthetic)",
@@ -551,12 +520,12 @@ def build_demo(
                                            interactive=False, height=IMAGE_HEIGHT)
             slice_outputs = [verdict, probability, overlay, area_px, area_pct, heatmap, mask_file, details]
             slice_button.click(
-                _user_errors(lambda f, t, c: _slice_outputs(app.predict_slice(f, t, c))),
+                user_errors(lambda f, t, c: _slice_outputs(app.predict_slice(f, t, c))),
                 [slice_file, threshold, lcc], slice_outputs, api_name="predict_slice", concurrency_id="slice",
                 concurrency_limit=concurrency_limit,
             )
             example_button.click(
-                _user_errors(lambda n, t, c: _slice_outputs(app.run_example(n, t, c))),
+                user_errors(lambda n, t, c: _slice_outputs(app.run_example(n, t, c))),
                 [example, threshold, lcc], slice_outputs, api_name="example", concurrency_id="slice",
                 concurrency_limit=concurrency_limit,
             )
@@ -564,11 +533,12 @@ def build_demo(
         with gr.Tab("Whole patient"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    patient_files = gr.File(file_count="multiple", label=f"Slices ({image_types}) or one .zip of a patient folder",
-                                            elem_id="patient-files")
+                    patient_files = _no_stray_temp_files(gr.File(
+                        file_count="multiple", label=f"Slices ({image_types}) or one .zip of a patient folder",
+                        elem_id="patient-files"))
                     with gr.Row():
-                        spacing = gr.Number(value=None, label="Pixel spacing (mm)", minimum=0)
-                        thickness = gr.Number(value=None, label="Slice thickness (mm)", minimum=0)
+                        spacing = gr.Number(value=None, label="Pixel spacing (mm)")
+                        thickness = gr.Number(value=None, label="Slice thickness (mm)")
                     patient_button = gr.Button("Analyse patient", variant="primary", elem_id="patient-button")
                     if examples.patients:
                         gr.Examples([[[str(p)]] for p in examples.patients], inputs=[patient_files],
@@ -583,26 +553,29 @@ def build_demo(
                         prob_plot = gr.LinePlot(x="slice", y="tumour probability", y_lim=[0, 1], label="Tumour probability per slice")
                         area_plot = gr.LinePlot(x="slice", y="tumour area (px)", label="Tumour area per slice (px)")
             table = gr.Dataframe(label="Per-slice results", interactive=False)
-            browser_state = gr.State()
+            # Only a token per session (Gradio keeps API sessions until its capacity); it expires with the thumbnails.
+            browser_state = gr.State(time_to_live=app.browser.ttl_s, delete_callback=app.browser.release)
 
             def patient(files: Any, t: float, c: bool, s: float | None, th: float | None) -> tuple:
                 r = app.predict_patient(files, t, c, s, th)
                 # Gradio sliders need minimum < maximum: a one-slice patient gets a disabled 1..2 slider.
-                n = len(r.browser)
+                n = r.count
                 slider = gr.Slider(1, max(n, 2), value=r.first + 1, step=1, label="Slice", interactive=n > 1)
-                return (r.summary, r.table, r.table, r.table, slider, _browse(r.browser, r.first + 1), str(r.masks_zip),
-                        r.browser)
+                viewer = _browse(app.browser, r.browser, r.first + 1)
+                return r.summary, r.table, r.table, r.table, slider, viewer, str(r.masks_zip), r.browser
 
             patient_button.click(
-                _user_errors(patient), [patient_files, threshold, lcc, spacing, thickness],
+                user_errors(patient), [patient_files, threshold, lcc, spacing, thickness],
                 [summary, table, prob_plot, area_plot, browser_slider, browser_image, masks_zip, browser_state],
                 api_name="predict_patient", concurrency_id="patient", concurrency_limit=1,
             )
-            browser_slider.input(_browse, [browser_state, browser_slider], browser_image, api_visibility="private",
+            browser_slider.input(functools.partial(_browse, app.browser), [browser_state, browser_slider], browser_image,
+                                 api_visibility="private",
                                  concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")
 
         gr.Markdown(f"Upload limits: {limits.describe()}; at most {MAX_FILE_SIZE} per file.")
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_MAX_SIZE)
+    app.janitor.blocks = demo
     demo.flaxtumor_app = app  # type: ignore[attr-defined]  # launch() serves its examples; tests inspect its temp dirs
     return demo
 
@@ -621,11 +594,13 @@ def warm_up(pipeline: Predictor) -> float:
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False,
            prevent_thread_lock: bool = False) -> str:
     """Starts the server with the app's limits; returns its local URL."""
-    examples: Examples = demo.flaxtumor_app.examples  # type: ignore[attr-defined]
-    allowed = sorted({str(p.parent) for p in [*examples.slices.values(), *examples.patients]})
+    app: App = demo.flaxtumor_app  # type: ignore[attr-defined]
+    # The exact example files only, never their folder: whatever else lands there is not served.
+    allowed = sorted(str(p.resolve()) for p in [*app.examples.slices.values(), *app.examples.patients])
     _, url, _ = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                             allowed_paths=allowed, prevent_thread_lock=prevent_thread_lock, theme=gr.themes.Soft(),
-                            footer_links=["api", "gradio"])
+                            footer_links=["api", "gradio"], state_session_capacity=SESSION_CAPACITY)
+    Housekeeping(app.janitor.sweep, app.browser.sweep, app.dirs.sweep).start()
     return url
 
 

@@ -7,7 +7,7 @@ then decides the verdict: 0 → every slice is tumour (full mask), 1 → none is
 from __future__ import annotations
 
 import io
-import tempfile
+import re
 import zipfile
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from flaxtumor.app_state import private_root
 from flaxtumor.ui import main
 from tests.ui import files as F
 
@@ -75,7 +76,7 @@ def test_example(client) -> None:
 @pytest.mark.parametrize("case", F.BAD_SINGLE)
 def test_bad_slice_upload_is_an_error_and_the_app_stays_up(client, files: Path, case: str) -> None:
     (path,), expected = F.bad_upload(files, case)
-    with pytest.raises(AppError, match=expected.replace("(", r"\(")):
+    with pytest.raises(AppError, match=re.escape(expected)):
         client.predict(handle_file(str(path)), 0.5, False, api_name="/predict_slice")
     verdict, *_ = client.predict(handle_file(str(F.good_png(files))), 0.0, False, api_name="/predict_slice")
     assert verdict["label"] == "tumour"
@@ -91,7 +92,7 @@ def test_16bit_gray_rgba_palette_and_jpeg_are_accepted(client, files: Path, kind
 @pytest.mark.parametrize("case", F.BAD_PATIENT)
 def test_bad_patient_upload_is_an_error_and_the_app_stays_up(client, files: Path, case: str) -> None:
     paths, expected = F.bad_upload(files, case)
-    with pytest.raises(AppError, match=expected.replace("(", r"\(")):
+    with pytest.raises(AppError, match=re.escape(expected)):
         client.predict([handle_file(str(p)) for p in paths], 0.5, False, None, None, api_name="/predict_patient")
     table = client.predict([handle_file(str(F.good_png(files)))], 0.5, False, None, None, api_name="/predict_patient")[1]
     assert len(table["data"]) == 1
@@ -106,12 +107,14 @@ def test_empty_submissions_are_errors(client) -> None:
 
 def test_temp_dirs_are_cleaned_up(client, served, files: Path) -> None:
     app = served[1].flaxtumor_app
-    before = set(Path(tempfile.gettempdir()).glob("flaxtumor-in-*"))
-    client.predict([handle_file(str(F.good_png(files)))], 0.5, False, None, None, api_name="/predict_patient")
+    root = private_root()
+    assert app.dirs.root.parent == root and app.browser.root.parent == root
+    zipped = F.zip_of(files / "p.zip", {"p/p_1.png": F.png_bytes(F.slice_array())})  # members go to an input dir
+    client.predict([handle_file(str(zipped))], 0.5, False, None, None, api_name="/predict_patient")
     assert any(app.dirs.root.iterdir())  # the outputs of the request just answered
     app.dirs.sweep(grace_s=0)
     assert not any(app.dirs.root.iterdir())
-    assert set(Path(tempfile.gettempdir()).glob("flaxtumor-in-*")) <= before
+    assert not list(root.glob("in-*"))  # the request's input folder went with the request
 
 
 def test_missing_or_broken_checkpoints_fail_fast(tmp_path: Path, tiny, capsys) -> None:
