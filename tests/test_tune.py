@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from flaxtumor.inference import Pipeline
-from flaxtumor.tune import main, score
+from flaxtumor.evaluate import jsonable
+from flaxtumor.tune import choose, main, score
 from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
 
 
@@ -56,3 +57,29 @@ def test_cli_refuses_checkpoints_without_validation_patients(tiny, tmp_path, cap
     meta_file.write_text(json.dumps(meta))
     assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints)]) == 2
     assert "no validation patients" in capsys.readouterr().err
+
+
+def test_ablation_shows_the_segmenter_alone_with_lcc_and_the_classifier_off():
+    truth = np.zeros((3, 8, 8), bool)
+    truth[1, 2:6, 2:6] = True
+    masks = truth.copy()
+    masks[2, 0, 0] = True  # a 1-px false positive (area 1/64) on a tumour-free slice
+    # the classifier misses the tumour slice and calls the empty slice 0: only the segmenter's area finds the tumour
+    raw = [_patient([0.9, 0.01, 0.01], masks, truth)]
+    point = choose({False: raw, True: raw}, 0.5, ["p"], thresholds=(0.5,))
+    rows = {r["name"]: r for r in point["ablation"]}
+    off = rows["classifier off (area-only calls)"]
+    assert off["threshold"] == float("inf") and off["min_tumour_area"] == point["min_tumour_area"] > 0
+    # area-only calls: slice 1 (16/64) is tumour; slice 2 (1/64) only when min_tumour_area <= 1/64
+    expected_calls = np.array([False, True, 1 / 64 >= off["min_tumour_area"]])
+    assert off["detection_accuracy"] == pytest.approx((expected_calls == truth.any(axis=(1, 2))).mean())
+    assert off["per_patient_dice_mean"] == 1.0  # LCC drops the isolated pixel
+    with_lcc = rows["segmenter alone + LCC (no gate)"]
+    assert with_lcc["gate"] is False and with_lcc["lcc"] is True and with_lcc["per_patient_dice_mean"] == 1.0
+    assert rows["segmenter alone (no gate)"]["per_patient_dice_mean"] == pytest.approx(32 / 33)
+    assert json.loads(json.dumps(jsonable(point)))["ablation"][-1]["threshold"] is None  # strict JSON: off = null
+
+
+def test_cli_names_the_checkpoints_flag_when_the_folder_is_missing(tmp_path, capsys):
+    assert main(["--data", "synthetic", "--checkpoints", str(tmp_path / "none")]) == 2
+    assert "--checkpoints" in capsys.readouterr().err
