@@ -104,3 +104,16 @@ def test_number_fields_accept_numbers_and_blanks() -> None:
     assert bool_field(None, "x") is False and bool_field(True, "x") is True
     with pytest.raises(UploadError, match="expected true or false"):
         bool_field("false", "x")
+
+
+def test_housekeeping_runs_the_sweeps_until_stopped() -> None:
+    from flaxtumor.app_state import Housekeeping
+
+    calls: list[int] = []
+    keeper = Housekeeping(lambda: calls.append(1), lambda: 1 / 0, period_s=0.05)  # a failing sweep stops nothing
+    keeper.start()
+    time.sleep(0.4)
+    keeper.stop()
+    seen = len(calls)
+    time.sleep(0.2)
+    assert seen >= 3 and len(calls) <= seen + 1

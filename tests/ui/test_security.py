@@ -164,3 +164,12 @@ def test_patient_results_are_browsed_from_disk(client, served, tiny, files: Path
     viewer = _browse(store, token, 2)
     assert viewer.label.startswith("Slice 2/3: s_1.png") and Path(viewer.value["image"]["path"]).is_file()
     assert "expired" in _browse(store, "no-such-token", 1).label
+
+
+def test_names_in_markdown_are_code_spans(client, files: Path) -> None:
+    """A file name with Markdown link syntax is shown as text in the details panel, not as a link."""
+    from flaxtumor.app_errors import md_code
+
+    name = "[log in again](evil.example)_1.png"  # Gradio strips ":" from uploaded names
+    details = client.predict(handle_file(str(F.good_png(files, name))), 0.5, False, api_name="/predict_slice")[-1]
+    assert details.startswith(md_code(name) + ":")
