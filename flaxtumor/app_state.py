@@ -195,18 +195,22 @@ class UploadJanitor:
     def __init__(self, unused_s: float = UNUSED_UPLOAD_S):
         self.unused_s = unused_s
         self.blocks: Any = None  # set by build_demo once the Blocks exist
-        self._used: set[str] = set()
+        self._used: dict[str, int] = {}  # upload path -> requests that used it
         self._lock = threading.Lock()
 
     def use(self, paths: Iterable[Any]) -> None:
         with self._lock:
-            self._used.update(str(p) for p in paths if p)
+            for p in {str(p) for p in paths if p}:
+                self._used[p] = self._used.get(p, 0) + 1
 
     def discard(self, paths: Iterable[Any]) -> None:
-        """Deletes these uploads now (only files Gradio recorded as uploads, never anything else)."""
+        """Deletes these refused uploads now: only files Gradio recorded as uploads, and only when no other request
+        used them (Gradio stores uploads by content, so two users' identical files share one path)."""
         uploads = self._uploads()
-        for p in [str(p) for p in paths if p]:
-            if p in uploads:
+        for p in {str(p) for p in paths if p}:
+            with self._lock:
+                mine_only = self._used.get(p, 0) <= 1
+            if p in uploads and mine_only:
                 self._delete(p)
 
     def sweep(self, unused_s: float | None = None) -> int:
@@ -240,7 +244,7 @@ class UploadJanitor:
     def _forget(self, path: str) -> None:
         self._uploads().discard(path)
         with self._lock:
-            self._used.discard(path)
+            self._used.pop(path, None)
 
 
 class Housekeeping:

@@ -117,3 +117,20 @@ def test_housekeeping_runs_the_sweeps_until_stopped() -> None:
     seen = len(calls)
     time.sleep(0.2)
     assert seen >= 3 and len(calls) <= seen + 1
+
+
+def test_janitor_deletes_only_recorded_uploads_no_other_request_used(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from flaxtumor.app_state import UploadJanitor
+
+    for folder in ("s", "u", "f"):
+        (tmp_path / folder).mkdir()
+    shared, alone, foreign = (F.good_png(tmp_path / folder, "a.png") for folder in ("s", "u", "f"))
+    janitor = UploadJanitor()
+    janitor.blocks = SimpleNamespace(upload_file_set={str(shared), str(alone)})  # `foreign` was never uploaded
+    janitor.use([shared])  # another user's request with the same content (Gradio stores uploads by content)
+    janitor.use([shared, alone, foreign])
+    janitor.discard([shared, alone, foreign])
+    assert shared.exists() and not alone.exists() and foreign.exists()
+    assert not (tmp_path / "u").exists()  # the upload's own folder goes with it
