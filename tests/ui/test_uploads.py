@@ -165,3 +165,11 @@ def test_member_names_with_html_are_kept_as_text_here(tmp_path: Path) -> None:
     with pytest.raises(UploadError, match="not a valid TIFF file") as e:
         load_many([archive], TEST_LIMITS, tmp_path)
     assert F.HTML_NAME.split("/")[-1] in str(e.value)
+
+
+def test_an_oversized_zip_index_is_refused_before_it_is_read(tmp_path: Path, monkeypatch) -> None:
+    """zipfile reads the index by its size, not its entry count: a few entries with huge names are refused too."""
+    archive = F.zip_of(tmp_path / "names.zip", {f"p/{'n' * 20_000}_{i}.png": b"x" for i in range(5)})
+    monkeypatch.setattr("flaxtumor.uploads.zipfile.ZipFile", lambda *a, **k: pytest.fail("the index was read"))
+    with pytest.raises(UploadError, match=r"names.zip: its index is 97 KiB; the limit is 50 KiB"):
+        load_many([archive], TEST_LIMITS, tmp_path)
