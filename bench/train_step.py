@@ -1,35 +1,33 @@
-"""Training-step throughput (images/s) of the real train step, both tasks, JAX vs PyTorch 2.13 in the same run.
+"""Training-step throughput (images/s) of the real train step, JAX vs PyTorch 2.13 in the same run.
 
-    python bench/train_step.py                       # cls + seg at 256x256, batch 8, fp32 (bf16 too on a GPU)
-    python bench/train_step.py --tasks seg --batch 4 --iters 2
+    python bench/train_step.py                                  # cls + seg; 256x256 batch 8 and 128x128 batch 16
+    python bench/train_step.py --tasks seg --rows 128x16 --runs 1 --steps 2     # a quick look
+    python bench/train_step.py --torch-variants nchw,channels_last             # skip torch.compile
 
 JAX runs `flaxtumor.train.loop.make_train_step`: the training loss, clipping + AdamW, the batch sharded over all
-devices, donated state. PyTorch runs the same architectures (tests/models/torch_reference.py) with the same loss and
-optimizer. The classifier trains whole (random init, as without --backbone-weights). On a shared CPU compare the
-printed ratios, not absolute numbers.
+devices, donated state. PyTorch runs the same architectures (tests/models/torch_reference.py, checked against the Flax
+models in tests/models/test_torch_twins.py) with the same loss and optimizer, in every variant of
+bench/torch_baseline.py. The classifier trains whole (random init, as without --backbone-weights).
+
+Method: every step function is warmed up (compiled) first. Then `--runs` rounds; each round times `--steps`
+consecutive steps of every framework/variant in turn, so all of them see the same machine load. Each row reports the
+min and median over rounds; the headline ratio is JAX's median against the fastest torch variant's median.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch_baseline  # noqa: E402
 
 
-def timed(fn: Callable[[], object], iters: int) -> float:
-    """Seconds per call after one warm-up call (which also compiles)."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
-
-
-def bench_jax(task: str, batch: int, size: int, iters: int, precision: str) -> float:
+def jax_step(task: str, batch: int, size: int, precision: str) -> Callable[[], object]:
+    """One call = one real train step on a fixed random batch (warm it up before timing)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -49,7 +47,7 @@ def bench_jax(task: str, batch: int, size: int, iters: int, precision: str) -> f
     nnx.update(optimizer, sharding.replicate(nnx.state(optimizer), mesh))
     step = make_train_step(make_loss(cfg.train), nnx.Param, compute_dtype(precision))
     rng = np.random.default_rng(0)
-    batch = sharding.shard_batch(
+    data = sharding.shard_batch(
         {
             "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
             "mask": (rng.random((batch, size, size, 1)) > 0.9).astype(np.float32),
@@ -57,25 +55,18 @@ def bench_jax(task: str, batch: int, size: int, iters: int, precision: str) -> f
         },
         mesh,
     )
-    return batch["image"].shape[0] / timed(lambda: jax.block_until_ready(step(model, optimizer, batch)), iters)
+    return lambda: jax.block_until_ready(step(model, optimizer, data))
 
 
-def bench_torch(task: str, batch: int, size: int, iters: int) -> float:
+def torch_step(task: str, batch: int, size: int, variant: str) -> Callable[[], object]:
     import torch
     from torch import nn
 
-    sys.path.insert(0, str(REPO))
-    from tests.models.torch_reference import TorchResUNet, torch_classifier
-
-    torch.manual_seed(0)
-    if task == "cls":
-        model = torch_classifier()
-        target = (torch.rand(batch) > 0.5).float()
-    else:
-        model = TorchResUNet()
-        target = (torch.rand(batch, 1, size, size) > 0.9).float()
-    x = torch.randn(batch, 3, size, size)
+    model = torch_baseline.torch_model(task)
+    target = (torch.rand(batch) > 0.5).float() if task == "cls" else (torch.rand(batch, 1, size, size) > 0.9).float()
+    model, x, call = torch_baseline.prepare(model, torch.randn(batch, 3, size, size), variant)
     bce = nn.BCEWithLogitsLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
 
     def loss_fn(logits: torch.Tensor) -> torch.Tensor:
         if task == "cls":
@@ -84,47 +75,82 @@ def bench_torch(task: str, batch: int, size: int, iters: int) -> float:
         dice = 1 - (2 * (probs * target).sum() + 1) / (probs.sum() + target.sum() + 1)
         return bce(logits, target) + dice
 
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
-
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x)).backward()
+        loss_fn(call(x)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return batch / timed(step, iters)
+    return step
+
+
+def candidates(task: str, batch: int, size: int, precisions: list[str], variants: list[str]) -> dict[str, Callable]:
+    """Warmed-up step functions by label; a torch variant that fails to build is reported and left out."""
+    steps: dict[str, Callable] = {}
+    for precision in precisions:
+        steps[f"jax {precision}"] = jax_step(task, batch, size, precision)
+    for variant in variants:
+        try:
+            steps[f"torch {variant}"] = torch_step(task, batch, size, variant)
+            steps[f"torch {variant}"]()
+            steps[f"torch {variant}"]()  # compile variants specialise on the second call too
+        except Exception as e:  # noqa: BLE001 — any failure to build a baseline is reported, not fatal
+            steps.pop(f"torch {variant}", None)
+            print(f"  torch {variant}: unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    for label, fn in steps.items():
+        if label.startswith("jax"):
+            fn()
+            fn()  # compiles, then one more step on donated buffers
+    return steps
+
+
+def bench_row(task: str, batch: int, size: int, args: argparse.Namespace, precisions: list[str]) -> None:
+    steps = candidates(task, batch, size, precisions, args.torch_variants.split(","))
+    rates: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(args.runs):
+        for label, fn in steps.items():  # interleaved: every framework sees the same load in each round
+            rates[label].append(batch / torch_baseline.timed_calls(fn, args.steps))
+    medians = {label: statistics.median(r) for label, r in rates.items()}
+    torch_labels = [label for label in steps if label.startswith("torch")]
+    fastest = max(torch_labels, key=medians.get) if torch_labels else None
+    for label in steps:
+        ratio = ""
+        if label.startswith("jax") and fastest and not args.gpu:
+            ratio = f"  {medians[label] / medians[fastest]:5.2f}x vs {fastest} (headline)"
+            ratio += "".join(f"; {medians[label] / medians[t]:.2f}x vs {t}" for t in torch_labels if t != fastest)
+        print(f"{task:4s} {size:4d} {batch:3d}  {label:20s} min {min(rates[label]):7.2f}  median {medians[label]:7.2f}"
+              f"{ratio}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="cls,seg", help="comma list of cls, seg")
-    parser.add_argument("--batch", type=int, default=8, help="global batch (must divide by the device count)")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--rows", default="256x8,128x16", help="comma list of SIZExBATCH (global batch)")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved rounds; min and median are reported")
+    parser.add_argument("--steps", type=int, default=5, help="timed consecutive steps per framework per round")
+    parser.add_argument("--torch-variants", default=",".join(torch_baseline.VARIANTS))
+    parser.add_argument("--no-torch", action="store_true", help="JAX only")
     args = parser.parse_args()
+    if args.no_torch:
+        args.torch_variants = ""
+    args.torch_variants = args.torch_variants.strip(",")
 
+    cpus = torch_baseline.pin_threads() if args.torch_variants else None
     import jax
 
-    gpu = jax.default_backend() == "gpu"
-    precisions = ["fp32", "bf16"] if gpu else ["fp32"]
+    args.gpu = jax.default_backend() == "gpu"
+    precisions = ["fp32", "bf16"] if args.gpu else ["fp32"]
     devices = jax.devices()
-    print(f"jax {jax.__version__} on {len(devices)} x {devices[0].device_kind}; batch {args.batch}, "
-          f"{args.size}x{args.size}, {args.iters} timed steps, images/s")
-    if not args.no_torch:
-        import torch
-
-        # The torch wheel here is CPU-only: on a GPU its numbers are a CPU reference, and no ratio is printed.
-        print(f"torch {torch.__version__} on cpu, {torch.get_num_threads()} threads")
-    print(f"{'task':5s} {'precision':9s} {'jax':>8s} {'torch':>8s} {'jax/torch':>10s}")
+    print(f"jax {jax.__version__} on {len(devices)} x {devices[0].device_kind}; {args.runs} rounds x {args.steps} "
+          f"timed steps per framework, images/s")
+    if cpus:
+        print(torch_baseline.thread_report())
+        if args.gpu:
+            print("torch here is CPU-only: its rows are a CPU reference and no ratio is printed on a GPU")
     for task in args.tasks.split(","):
-        reference = None if args.no_torch else bench_torch(task, args.batch, args.size, args.iters)
-        for precision in precisions:
-            ours = bench_jax(task, args.batch, args.size, args.iters, precision)
-            ratio = f"{ours / reference:9.2f}x" if reference and not gpu else f"{'-':>10s}"
-            torch_col = f"{reference:8.2f}" if reference else f"{'-':>8s}"
-            print(f"{task:5s} {precision:9s} {ours:8.2f} {torch_col} {ratio}", flush=True)
+        for row in args.rows.split(","):
+            size, batch = (int(v) for v in row.split("x"))
+            bench_row(task, batch, size, args, precisions)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxtumor.models.layers import BatchNorm, Conv
+
 LayoutName = Literal["torchvision", "keras"]
 # flax's momentum weighs the old value: torch's momentum=0.1 (and Keras' 0.99 would be too slow to fine-tune) -> 0.9.
 BN_MOMENTUM = 0.9
@@ -50,9 +52,9 @@ def get_layout(name: str) -> Layout:
 
 
 def _conv_bn(layout: Layout, rngs: nnx.Rngs) -> tuple[partial, partial]:
-    conv = partial(nnx.Conv, use_bias=layout.conv_bias, rngs=rngs)
+    conv = partial(Conv, use_bias=layout.conv_bias, rngs=rngs)
     # Two-pass variance: the one-pass formula drifts from torch's in train mode.
-    bn = partial(nnx.BatchNorm, momentum=BN_MOMENTUM, epsilon=layout.bn_epsilon, use_fast_variance=False, rngs=rngs)
+    bn = partial(BatchNorm, momentum=BN_MOMENTUM, epsilon=layout.bn_epsilon, use_fast_variance=False, rngs=rngs)
     return conv, bn
 
 
@@ -119,15 +121,22 @@ class ResNet(nnx.Module):
         self.num_features = in_features
         self.fc = nnx.Linear(in_features, num_classes, rngs=rngs) if num_classes else None
 
-    def feature_map(self, x: jax.Array) -> jax.Array:
-        """The last stage's activations (N, H/32, W/32, C) for a 4-stage net: what Grad-CAM looks at."""
+    def pyramid(self, x: jax.Array) -> list[jax.Array]:
+        """The stem's activations (N, H/2, W/2, width) and every stage's output (stage i at H/2^(i+2)): the skips of an
+        encoder-decoder, the last one what the classifier pools."""
         x = nnx.relu(self.bn_init(self.conv_init(x)))
+        levels = [x]
         # After the ReLU, padding with -inf (torch) and with zeros (Keras' ZeroPadding2D) give the same max.
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD_3x3)
         for stage in self.stages:
             for block in stage:
                 x = block(x)
-        return x
+            levels.append(x)
+        return levels
+
+    def feature_map(self, x: jax.Array) -> jax.Array:
+        """The last stage's activations (N, H/32, W/32, C) for a 4-stage net: what Grad-CAM looks at."""
+        return self.pyramid(x)[-1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         features = jnp.mean(self.feature_map(x), axis=(1, 2))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxtumor.models.layers import BatchNorm, Conv
 from flaxtumor.models.resnet import BN_MOMENTUM
 
 CLASSIC_WIDTHS = (16, 32, 64, 128, 256)
@@ -21,11 +22,11 @@ _PAD = ((1, 1), (1, 1))
 
 
 def _conv3x3(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(in_features, out_features, (3, 3), padding=_PAD, use_bias=False, rngs=rngs)
+    return Conv(in_features, out_features, (3, 3), padding=_PAD, use_bias=False, rngs=rngs)
 
 
 def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(features, momentum=BN_MOMENTUM, rngs=rngs)
+    return BatchNorm(features, momentum=BN_MOMENTUM, rngs=rngs)
 
 
 class ResidualBlock(nnx.Module):
@@ -37,7 +38,7 @@ class ResidualBlock(nnx.Module):
         self.conv2 = _conv3x3(out_features, out_features, rngs)
         self.bn2 = _bn(out_features, rngs)
         if in_features != out_features:
-            self.proj_conv = nnx.Conv(in_features, out_features, (1, 1), use_bias=False, rngs=rngs)
+            self.proj_conv = Conv(in_features, out_features, (1, 1), use_bias=False, rngs=rngs)
             self.proj_bn = _bn(out_features, rngs)
         else:
             self.proj_conv = self.proj_bn = None
@@ -76,7 +77,7 @@ class ResUNet(nnx.Module):
         ups = (bottom, *levels[:0:-1])
         self.upsamples = nnx.List([Upsample(a, b, rngs=rngs) for a, b in zip(ups, levels[::-1])])
         self.decoder = nnx.List([ResidualBlock(2 * b, b, rngs=rngs) for b in levels[::-1]])
-        self.out = nnx.Conv(levels[0], 1, (1, 1), rngs=rngs)
+        self.out = Conv(levels[0], 1, (1, 1), rngs=rngs)
 
     @property
     def divisor(self) -> int:
