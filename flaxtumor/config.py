@@ -56,7 +56,9 @@ class ModelConfig:
     head_widths: tuple[int, ...] = (256, 256)
     dropout: float = 0.3
     unfreeze_last_layers: int = 30  # phase 2: the seed's "last 30 layers", rounded to whole blocks of the last stage
-    # Segmenter: ResUNet.
+    # Segmenter: "resunet" (widths below), or "resnet50_unet": a U-Net on the classifier's ResNet50 (torchvision
+    # layout), whose encoder exports as in-domain backbone weights; "resnet_tiny_unet" is its one-block test twin.
+    segmenter: Literal["resunet", "resnet50_unet", "resnet_tiny_unet"] = "resunet"
     resunet_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
 
 

@@ -1,4 +1,5 @@
-"""Models: the ResNet backbone (two layouts) and its ImageNet weights, the tumour classifier, the ResUNet, Grad-CAM."""
+"""Models: the ResNet backbone (two layouts) and its ImageNet weights, the tumour classifier, the segmenters (ResUNet,
+ResNet50-UNet), Grad-CAM."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from flaxtumor.config import Config, ModelConfig
 from flaxtumor.models.classifier import TumourClassifier, load_backbone, set_phase
 from flaxtumor.models.gradcam import gradcam
 from flaxtumor.models.resnet import ResNet, ResNet50, _ResNet1
+from flaxtumor.models.resnet_unet import ResNet50UNet, ResNetUNet, _ResNet1UNet
 from flaxtumor.models.resunet import ResUNet
 from flaxtumor.models.weights import WeightsError, load_resnet50, read_metadata
 
 __all__ = [
-    "ResNet", "ResNet50", "ResUNet", "TumourClassifier", "WeightsError", "build_classifier", "build_model",
+    "ResNet", "ResNet50", "ResNetUNet", "ResUNet", "TumourClassifier", "WeightsError", "build_classifier", "build_model",
     "build_segmenter", "gradcam", "load_backbone", "load_resnet50", "read_metadata", "set_phase",
 ]
 
@@ -28,12 +30,18 @@ def build_classifier(model_cfg: ModelConfig, rngs: nnx.Rngs) -> TumourClassifier
     return TumourClassifier(backbone, model_cfg.head_widths, model_cfg.dropout, rngs=rngs)
 
 
-def build_segmenter(model_cfg: ModelConfig, rngs: nnx.Rngs) -> ResUNet:
-    return ResUNet(model_cfg.resunet_widths, rngs=rngs)
+def build_segmenter(model_cfg: ModelConfig, rngs: nnx.Rngs) -> ResUNet | ResNetUNet:
+    if model_cfg.segmenter == "resunet":
+        return ResUNet(model_cfg.resunet_widths, rngs=rngs)
+    if model_cfg.segmenter == "resnet50_unet":
+        return ResNet50UNet(rngs=rngs)
+    if model_cfg.segmenter == "resnet_tiny_unet":
+        return _ResNet1UNet(rngs=rngs)
+    raise ValueError(f"unknown segmenter {model_cfg.segmenter!r}; expected 'resunet', 'resnet50_unet' or 'resnet_tiny_unet'")
 
 
-def build_model(cfg: Config, rngs: nnx.Rngs) -> TumourClassifier | ResUNet:
-    """The model `cfg.train.task` trains: "cls" -> TumourClassifier, "seg" -> ResUNet."""
+def build_model(cfg: Config, rngs: nnx.Rngs) -> TumourClassifier | ResUNet | ResNetUNet:
+    """The model `cfg.train.task` trains: "cls" -> TumourClassifier, "seg" -> the configured segmenter."""
     if cfg.train.task == "cls":
         return build_classifier(cfg.model, rngs)
     if cfg.train.task == "seg":

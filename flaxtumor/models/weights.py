@@ -310,6 +310,32 @@ def save_converted(flat: dict[str, np.ndarray], metadata: dict[str, Any], dst: s
     return dst
 
 
+def export_encoder(encoder: ResNet, dst: str | Path, provenance: dict[str, Any]) -> Path:
+    """Writes a trained encoder (a ResNet50 without top, e.g. a ResNet50-UNet's) as backbone weights in the converted
+    format, so `train.py --task cls --backbone-weights DST` and `load_resnet50(DST)` take it like ImageNet weights.
+
+    `provenance` must say how the encoder was trained: ``normalisation`` (the preprocessing it saw), ``image_size``,
+    ``source`` and the ``patients`` whose slices trained it; it is recorded in metadata.json.
+    """
+    missing = {"normalisation", "image_size", "source", "patients"} - set(provenance)
+    if missing:
+        raise ValueError(f"export_encoder needs provenance fields {sorted(missing)}")
+    if encoder.fc is not None:
+        raise WeightsError(f"{dst}: only a ResNet without top exports as backbone weights")
+    flat = {key: np.asarray(v[...], dtype=np.float32) for key, v in _variables(encoder).items()}
+    metadata = {
+        "format": FORMAT,
+        "architecture": "resnet50" if encoder.stage_sizes == RESNET50_STAGES else "resnet_tiny",
+        "layout": encoder.layout.name,
+        "source_format": "flaxtumor-encoder",
+        "source_sha256": None,
+        "has_top": False,
+        "num_classes": None,
+        **provenance,
+    }
+    return save_converted(flat, metadata, dst)
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Metadata of converted weights (a DST directory); for a raw source, what converting it would record."""
     path = Path(path)

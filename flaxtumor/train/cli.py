@@ -63,6 +63,7 @@ FIELDS = {
     "augment": "data.augment",
     "backbone": "model.backbone",
     "widths": "model.resunet_widths",
+    "segmenter": "model.segmenter",
     "sampling": "data.sampling",
     "uniform_share": "data.sampling_uniform_share",
     "samples_per_epoch": "data.samples_per_epoch",
@@ -92,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = Config()  # defaults shown in --help come from the config itself
     a = p.add_argument
     a("--task", choices=["cls", "seg"],
-      help="cls: slice-level tumour classifier (ResNet50); seg: ResUNet tumour masks")
+      help="cls: slice-level tumour classifier (ResNet50); seg: tumour masks (--segmenter)")
+    a("--segmenter", choices=["resunet", "resnet50_unet", "resnet_tiny_unet"],
+      help=f"seg architecture (default {d.model.segmenter}); resnet50_unet's encoder is the classifier's ResNet50 "
+           "and exports as in-domain backbone weights (python -m flaxtumor.convert_weights RUN/segmenter DST)")
     a("--data", metavar="PATH|synthetic",
       help="folder holding kaggle_3m/ or the TCGA_* folders; 'synthetic' makes a small fake set")
     a("--out", metavar="DIR",

@@ -298,11 +298,18 @@ def _set_up_data(cfg: Config, out: Path, batch_size: int, mesh: Mesh) -> tuple[S
     return split, train_slices, val_patients, steps
 
 
-def _build_model(cfg: Config, mesh: Mesh) -> nnx.Module:
+def _build_model(cfg: Config, mesh: Mesh, split: Split) -> nnx.Module:
     tcfg = cfg.train
     model = build_model(cfg, nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1))
     if tcfg.task == "cls" and tcfg.backbone_weights != "none":
-        load_backbone(model, tcfg.backbone_weights)
+        weights = load_backbone(model, tcfg.backbone_weights)
+        # In-domain pretrained weights record their training patients: none may be one this run validates on.
+        seen = set(weights.get("patients") or []) & set(split.val + split.test)
+        if seen:
+            raise ValueError(
+                f"{tcfg.backbone_weights}: these backbone weights were trained on {len(seen)} of this run's "
+                f"validation/test patients (e.g. {sorted(seen)[0]}); pretrain on this split's training patients only"
+            )
     if tcfg.init_from:  # continue from an exported model of the same architecture (a new run: fresh optimizer)
         init_from(model, tcfg.init_from)
     nnx.update(model, sharding.replicate(nnx.state(model), mesh))
@@ -336,7 +343,7 @@ def set_up(cfg: Config) -> Run:
     dtype = compute_dtype(tcfg.precision)
     return Run(
         cfg, out, mesh, batch_size, dtype, split, train_slices, val_patients, steps, checkpoints, latest, progress,
-        _build_model(cfg, mesh), make_loss(tcfg), make_eval_step(dtype), plan_phases(tcfg),
+        _build_model(cfg, mesh, split), make_loss(tcfg), make_eval_step(dtype), plan_phases(tcfg),
     )
 
 
