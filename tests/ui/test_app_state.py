@@ -28,7 +28,8 @@ def test_browser_keeps_thumbnails_on_disk_not_arrays(tmp_path: Path) -> None:
     token = store.put(*_patient(3, side=512))
     shown = store.get(token, 7)  # clipped to the last slice
     assert (shown.index, shown.count, shown.name) == (2, 3, "s_2.png") and shown.probability == pytest.approx(0.2)
-    assert Path(shown.image).parent.parent == tmp_path and shown.mask.shape == (128, 128)
+    assert shown.image.shape == (128, 128, 3) and shown.image.dtype == np.uint8 and shown.mask.shape == (128, 128)
+    assert sorted(p.name for p in (tmp_path / token).iterdir())[:2] == ["0000_image.npy", "0000_mask.npy"]
     assert shown.mask[:64].all() and not shown.mask[64:].any()
     entry = store._entries[token]
     assert not any(isinstance(v, np.ndarray) for v in vars(entry).values())  # only names, probabilities, a folder

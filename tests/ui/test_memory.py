@@ -3,7 +3,8 @@ started `python app.py`; the server's resident memory (psutil) must plateau.
 
 Each request is a 60-slice 256x256 patient: before the fix, the slice browser kept every decoded image and mask in
 per-session state forever (~15 MB a request here, ~450 MB after 30). The bound, measured after 5 warm-up requests:
-growth of at most 100 MB over the next 30. Measured: +7 MB; the code before the fix grew +454 MB (599 -> 1053 MB).
+growth of at most 100 MB over the next 30. Measured: +7 and +16 MB (two runs); the code before the fix grew +454 MB
+(599 -> 1053 MB).
 """
 
 from __future__ import annotations
