@@ -78,6 +78,7 @@ class ImageHeader:
     pages: int = 1
     channels: int = 1  # samples per pixel (palette images count as the RGBA they are converted to)
     dtype: np.dtype | None = np.dtype(np.uint8)  # None: a pixel type numpy cannot hold
+    kind: str = "image"  # the format, for messages
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +96,7 @@ class ImageHeader:
     def problem(self) -> str | None:
         """Why this is not a 2-D slice `read_image` can convert, or None. Checked before anything is decoded."""
         if self.pages != 1:
-            return f"multi-page TIFF ({self.pages} pages); expected one 2-D slice per file"
+            return f"multi-page {self.kind} ({self.pages} pages); expected one 2-D slice per file"
         if self.depth != 1:
             return f"volumetric image (depth {self.depth}); expected one 2-D slice per file"
         if self.channels > MAX_CHANNELS:
@@ -111,13 +112,13 @@ def _tiff_header(tif: tifffile.TiffFile) -> ImageHeader:
     pages = len(tif.pages)
     dtype = None if page.dtype is None else np.dtype(page.dtype)
     return ImageHeader(int(page.imagelength), int(page.imagewidth), int(page.imagedepth), pages,
-                       int(page.samplesperpixel), dtype)
+                       int(page.samplesperpixel), dtype, "TIFF")
 
 
 def _pil_header(im: Image.Image) -> ImageHeader:
     channels, dtype = _PIL_MODES.get(im.mode, (len(im.getbands()), None))
     return ImageHeader(im.height, im.width, 1, int(getattr(im, "n_frames", 1)), channels,
-                       None if dtype is None else np.dtype(dtype))
+                       None if dtype is None else np.dtype(dtype), im.format or "image")
 
 
 def image_header(path: str | Path) -> ImageHeader:

@@ -174,3 +174,10 @@ def test_pil_headers_count_what_the_decoder_makes(tmp_path: Path, rgb: np.ndarra
     Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "g16.png")
     got = {n: image_header(tmp_path / n) for n in ("p.png", "la.png", "g16.png")}
     assert [(h.channels, h.dtype.itemsize, h.problem()) for h in got.values()] == [(4, 1, None), (2, 1, None), (1, 2, None)]
+
+
+def test_animated_png_is_refused_as_multi_page(tmp_path: Path, rgb: np.ndarray) -> None:
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(tmp_path / "a.png", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"a\.png: multi-page PNG \(2 pages\)"):
+        read_image(tmp_path / "a.png")
