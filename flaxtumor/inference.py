@@ -15,6 +15,7 @@ did. `predict_slices` treats each slice as a volume of one (per-slice stats), th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,14 @@ class Pipeline:
             min_tumour_area=self.min_tumour_area,
         )
         return {"models": models, "pipeline": settings, "operating_point": self.operating_point}
+
+    def warm_up(self) -> float:
+        """Compiles both models at the fixed batch shape, with the pipeline's TTA setting; returns seconds. Inputs are
+        resized to the checkpoints' size and batches padded to a fixed size, so later calls never compile again."""
+        start = time.perf_counter()
+        for runner, spec in ((self._classify, self.classifier_spec), (self._segment, self.segmenter_spec)):
+            runner(np.zeros((1, spec.image_size, spec.image_size, 3), np.float32), self.tta)
+        return time.perf_counter() - start
 
     # -- raw model outputs -----------------------------------------------------------------------------------------
     def tumour_probabilities(self, images: Sequence[np.ndarray], volume: bool = False) -> np.ndarray:

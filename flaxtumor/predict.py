@@ -20,15 +20,16 @@ import argparse
 import csv
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from flaxtumor.data.io import IMAGE_SUFFIXES, DataError, is_mask_name, natural_key, read_image
+from flaxtumor.runtime import enable_compilation_cache, process_seconds
 
 CSV_HEADER = ("image", "tumour_probability", "has_tumour", "tumour_pixels")
 
@@ -116,7 +117,26 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="average with a horizontal flip (default: checkpoints' pipeline.json)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--verbose", action="store_true",
+                    help="print one line with where the time went: import, restore, compile, compute, write")
     return ap
+
+
+class Timer:
+    """Wall-clock seconds per stage since the process started; `line()` is --verbose's breakdown."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {"import": process_seconds()}
+        self._mark = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._mark
+        self._mark = now
+
+    def line(self, slices: int) -> str:
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items())
+        return f"time: {sum(self.stages.values()):.2f} s for {slices} slice(s) from process start ({parts})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,8 +154,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no input images found" + "".join(f"\n  {f}" for f in failures), file=sys.stderr)
         return 2
 
+    pipeline, timer = _load_pipeline(args)
+    if pipeline is None:
+        return 2
+    rows = _predict_all(pipeline, files, failures, args, timer)
+
+    with open(args.out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows[p] for p in files if p in rows)
+    timer.lap("write")
+
+    print(f"wrote {len(rows)} mask(s) and predictions.csv to {args.out}", file=sys.stderr)
+    if args.verbose:
+        print(timer.line(len(rows)), file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} input(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_pipeline(args: argparse.Namespace):
+    """(pipeline compiled at its fixed shapes, timer), or (None, timer) after printing a one-line error."""
+    enable_compilation_cache()  # before anything compiles: a warm cache skips compilation entirely
     from flaxtumor.inference import Pipeline  # jax loads only once the inputs are known to be usable
 
+    timer = Timer()
     try:
         pipeline = Pipeline.from_checkpoints(
             args.checkpoints, threshold=args.threshold, gate=False if args.no_gate else None, tta=args.tta, lcc=args.lcc,
@@ -143,11 +187,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as e:  # CheckpointError is a ValueError: one clear line
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None, timer
+    timer.lap("restore")
+    pipeline.warm_up()
+    timer.lap("compile")
+    return pipeline, timer
+
+
+def _predict_all(pipeline, files: list[Path], failures: list[str], args: argparse.Namespace, timer: Timer) -> dict:
+    """Reads, predicts and writes every group; returns the CSV rows by input path (unreadable inputs go to
+    `failures`). Reading and writing count as "write", the models and post-processing as "compute"."""
+    from tqdm import tqdm
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows: dict[Path, tuple] = {}
-    with tqdm(total=len(files), unit="slice", desc="predict") as bar:
+    with tqdm(total=len(files), unit="slice", desc="predict", disable=None) as bar:
         for group in group_volumes(files, args.batch_size):
             images, readable = [], []
             for path in group.files:
@@ -157,12 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except DataError as e:
                     failures.append(str(e))
                     bar.update(1)
+            timer.lap("write")
             if not readable:
                 continue
             if group.volume and len({im.shape for im in images}) == 1:
                 preds = pipeline.predict_volume(images)
             else:
                 preds = pipeline.predict_slices(images)
+            timer.lap("compute")
             for path, pred in zip(readable, preds):
                 write_mask(pred.mask, args.out / f"{path.stem}_pred.png")
                 rows[path] = (
@@ -172,17 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     int(np.count_nonzero(pred.mask)),
                 )
             bar.update(len(readable))
-
-    with open(args.out / "predictions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_HEADER)
-        writer.writerows(rows[p] for p in files if p in rows)
-
-    print(f"wrote {len(rows)} mask(s) and predictions.csv to {args.out}", file=sys.stderr)
-    if failures:
-        print(f"{len(failures)} input(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+            timer.lap("write")
+    return rows
 
 
 if __name__ == "__main__":

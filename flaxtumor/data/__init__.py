@@ -1,68 +1,31 @@
-"""Data layer: reading files, LGG records and splits, synthetic data, preprocessing, augmentation, grain pipeline."""
+"""Data layer: reading files, LGG records and splits, synthetic data, preprocessing, augmentation, grain pipeline.
 
+Every name is loaded on first use (PEP 562): serving imports `flaxtumor.data.preprocess` and `.io` alone, without
+pandas (the clinical table) or grain and jax (the training pipeline), which would add seconds to start-up.
+"""
+
+from __future__ import annotations
+
+import importlib
 from typing import Any
 
-from flaxtumor.data.augment import augment
-from flaxtumor.data.io import IMAGE_SUFFIXES, DataError, image_shape, read_image, read_mask
-from flaxtumor.data.lgg import (
-    Patient,
-    Slice,
-    Split,
-    discover,
-    kfold_splits,
-    load_dataset,
-    load_split,
-    make_split,
-    patient_split,
-    read_clinical_table,
-    resolve_root,
-    save_split,
-    select,
-)
-from flaxtumor.data.preprocess import Preprocessing, normalise, preprocess, resize_images, resize_mask, volume_stats
-from flaxtumor.data.synthetic import write_synthetic_dataset
-
-# The pipeline pulls in grain (and with it jax, ~1.5 s): loaded on first use, so readers of files stay light.
-_PIPELINE = ("decode_all", "eval_batches", "steps_per_epoch", "train_batches")
+_EXPORTS = {
+    "augment": ("augment",),
+    "io": ("IMAGE_SUFFIXES", "DataError", "image_shape", "read_image", "read_mask"),
+    "lgg": ("Patient", "Slice", "Split", "discover", "kfold_splits", "load_dataset", "load_split", "make_split",
+            "patient_split", "read_clinical_table", "resolve_root", "save_split", "select"),
+    "preprocess": ("Preprocessing", "normalise", "preprocess", "resize_images", "resize_mask", "volume_stats"),
+    "synthetic": ("write_synthetic_dataset",),
+    "pipeline": ("decode_all", "eval_batches", "steps_per_epoch", "train_batches"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _PIPELINE:
-        from flaxtumor.data import pipeline
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "DataError",
-    "Patient",
-    "Preprocessing",
-    "Slice",
-    "Split",
-    "augment",
-    "decode_all",
-    "discover",
-    "eval_batches",
-    "image_shape",
-    "kfold_splits",
-    "load_dataset",
-    "load_split",
-    "make_split",
-    "normalise",
-    "patient_split",
-    "preprocess",
-    "read_clinical_table",
-    "read_image",
-    "read_mask",
-    "resize_images",
-    "resize_mask",
-    "resolve_root",
-    "save_split",
-    "select",
-    "steps_per_epoch",
-    "train_batches",
-    "volume_stats",
-    "write_synthetic_dataset",
-]
+__all__ = sorted(_MODULE_OF)
