@@ -1,36 +1,30 @@
-"""Forward and train-step throughput (images/s) of the ResNet50 classifier and the ResUNet, JAX vs PyTorch, same run.
+"""Forward (inference) throughput, images/s, of the ResNet50 classifier and the ResUNet: JAX vs PyTorch, same run.
 
-    python bench/models.py                                  # both models, both frameworks, batch 8 at 256x256
-    python bench/models.py --xla-flags=--xla_cpu_use_onednn=true --frameworks jax
-    python bench/models.py --models resunet --batch 4 --torch-channels-last
+    python bench/models.py                                   # both models; 256x256 batch 8 and 128x128 batch 16
+    python bench/models.py --models resunet --rows 128x16 --runs 2
+    python bench/models.py --xla-flags=--xla_cpu_use_onednn=true
 
-The PyTorch models are the test references (tests/models/torch_reference.py): same layers, NCHW by default.
-Timings on a shared CPU are noisy: compare the printed JAX/torch ratios, not absolute numbers.
+Eval mode on both sides (BatchNorm running statistics, no dropout); PyTorch under `torch.inference_mode()` in every
+variant of bench/torch_baseline.py (NCHW, channels-last, torch.compile). Each round times `--calls` consecutive calls
+of every framework/variant in turn; rows give min and median over rounds, and the headline ratio is JAX's median
+against the fastest torch variant's median. Training steps are in bench/train_step.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch_baseline  # noqa: E402
 
 
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def jax_passes(model_name: str, batch: int, size: int) -> dict[str, Callable[[], object]]:
-    """Compiled forward (eval mode) and train step (Adam, every parameter) of one model, warmed up."""
+def jax_forward(model_name: str, batch: int, size: int) -> Callable[[], object]:
     import jax
-    import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     from flaxtumor.config import ModelConfig
@@ -38,110 +32,77 @@ def jax_passes(model_name: str, batch: int, size: int) -> dict[str, Callable[[],
 
     rngs = nnx.Rngs(0)
     model = build_classifier(ModelConfig(), rngs) if model_name == "resnet50" else build_segmenter(ModelConfig(), rngs)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))  # as the inference pipeline runs it
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-    y = jnp.ones((batch,) if model_name == "resnet50" else (batch, size, size, 1)) * 0.5
-
-    forward_model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-    forward = nnx.jit(lambda m, x: m(x))
-    optimizer = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer, x, y):
-        loss, grads = nnx.value_and_grad(lambda m: optax.sigmoid_binary_cross_entropy(m(x), y).mean())(model)
-        optimizer.update(model, grads)
-        return loss
-
-    model.train()
-    passes = {
-        "forward": lambda: forward(forward_model, x).block_until_ready(),
-        "train": lambda: step(model, optimizer, x, y).block_until_ready(),
-    }
-    for fn in passes.values():
-        fn()  # compiles
-    return passes
+    return lambda: forward(state, x).block_until_ready()
 
 
-def torch_passes(model_name: str, batch: int, size: int, channels_last: bool) -> dict[str, Callable[[], object]]:
+def torch_forward(model_name: str, batch: int, size: int, variant: str) -> Callable[[], object]:
     import torch
-    from torch import nn
 
-    sys.path.insert(0, str(REPO))
-    from tests.models.torch_reference import TorchResUNet, torch_classifier
-
-    torch.manual_seed(0)
-    if model_name == "resnet50":
-        model = torch_classifier()
-        y = torch.full((batch,), 0.5)
-    else:
-        model = TorchResUNet()
-        y = torch.full((batch, 1, size, size), 0.5)
-    x = torch.randn(batch, 3, size, size)
-    if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    model = torch_baseline.torch_model("cls" if model_name == "resnet50" else "seg").eval()
+    model, x, call = torch_baseline.prepare(model, torch.randn(batch, 3, size, size), variant)
 
     def forward() -> None:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-        model.train()
+        with torch.inference_mode():
+            call(x)
 
-    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
-    loss_fn = nn.BCEWithLogitsLoss()
+    return forward
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
 
-    passes = {"forward": forward, "train": step}
-    for fn in passes.values():
-        fn()  # warm-up: allocator, oneDNN primitive caches
-    return passes
+def bench_row(model_name: str, batch: int, size: int, args: argparse.Namespace) -> None:
+    calls: dict[str, Callable] = {"jax": jax_forward(model_name, batch, size)}
+    for variant in filter(None, args.torch_variants.split(",")):
+        try:
+            calls[f"torch {variant}"] = torch_forward(model_name, batch, size, variant)
+        except Exception as e:  # noqa: BLE001 — a baseline that cannot be built here is reported, not fatal
+            print(f"  torch {variant}: unavailable here ({type(e).__name__})")
+    for label, fn in list(calls.items()):
+        try:
+            fn(), fn()  # compile / specialise, then one steady call
+        except Exception as e:  # noqa: BLE001
+            calls.pop(label)
+            print(f"  {label}: failed to run here ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    rates: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(args.runs):
+        for label, fn in calls.items():
+            rates[label].append(batch / torch_baseline.timed_calls(fn, args.calls))
+    medians = {label: statistics.median(r) for label, r in rates.items()}
+    torch_labels = [label for label in calls if label != "jax"]
+    fastest = max(torch_labels, key=medians.get) if torch_labels else None
+    for label in calls:
+        ratio = ""
+        if label == "jax" and fastest:
+            ratio = f"  {medians['jax'] / medians[fastest]:5.2f}x vs {fastest} (headline)"
+            ratio += "".join(f"; {medians['jax'] / medians[t]:.2f}x vs {t}" for t in torch_labels if t != fastest)
+        print(f"{model_name:9s} {size:4d} {batch:3d}  {label:20s} min {min(rates[label]):7.2f}  "
+              f"median {medians[label]:7.2f}{ratio}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet50,resunet", help="comma list of resnet50, resunet")
-    parser.add_argument("--frameworks", default="jax,torch", help="comma list of jax, torch")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--iters", type=int, default=3, help="timed rounds after one warm-up; the fastest counts")
+    parser.add_argument("--rows", default="256x8,128x16", help="comma list of SIZExBATCH")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved rounds; min and median are reported")
+    parser.add_argument("--calls", type=int, default=5, help="timed consecutive calls per framework per round")
+    parser.add_argument("--torch-variants", default=",".join(torch_baseline.VARIANTS))
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
-    parser.add_argument("--torch-channels-last", action="store_true", help="NHWC memory format for torch")
     args = parser.parse_args()
 
-    # Must happen before jax is imported anywhere.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    frameworks = args.frameworks.split(",")
-    if "torch" in frameworks:
-        import torch
+    torch_baseline.pin_threads()
+    import jax
 
-        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, channels_last={args.torch_channels_last}")
-    if "jax" in frameworks:
-        import jax
-
-        print(f"jax {jax.__version__}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
-    print(f"batch {args.batch}, {args.size}x{args.size}, best of {args.iters} alternating rounds, images/s")
-    ratio_header = "  jax/torch" if len(frameworks) == 2 else ""
-    print(f"{'model':10s} {'pass':8s} " + " ".join(f"{f:>8s}" for f in frameworks) + ratio_header)
+    print(f"jax {jax.__version__}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}; {torch_baseline.thread_report()}")
+    print(f"{args.runs} rounds x {args.calls} timed calls per framework, images/s (forward, eval mode)")
     for model_name in args.models.split(","):
-        passes = {
-            f: jax_passes(model_name, args.batch, args.size) if f == "jax"
-            else torch_passes(model_name, args.batch, args.size, args.torch_channels_last)
-            for f in frameworks
-        }
-        # Rounds alternate the frameworks and keep each one's fastest call: on a shared CPU the minimum is the least
-        # disturbed measurement, and alternating exposes both to the same load.
-        best = {(f, p): float("inf") for f in frameworks for p in ("forward", "train")}
-        for _ in range(args.iters):
-            for (f, p) in best:
-                best[f, p] = min(best[f, p], seconds(passes[f][p]))
-        for phase in ("forward", "train"):
-            rate = {f: args.batch / best[f, phase] for f in frameworks}
-            row = " ".join(f"{rate[f]:8.2f}" for f in frameworks)
-            ratio = f"  {rate['jax'] / rate['torch']:8.2f}x" if len(frameworks) == 2 else ""
-            print(f"{model_name:10s} {phase:8s} {row}{ratio}", flush=True)
+        for row in args.rows.split(","):
+            size, batch = (int(v) for v in row.split("x"))
+            bench_row(model_name, batch, size, args)
+
 
 if __name__ == "__main__":
     main()
