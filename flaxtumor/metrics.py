@@ -305,3 +305,33 @@ def bootstrap_interval(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+# -- explanation quality ---------------------------------------------------------------------------------------------
+
+POINTING_MIN_PIXELS = 200  # only slices with a tumour this large are scored
+POINTING_TOLERANCE_PX = 8  # the peak may miss the outline by this much (the true mask is dilated by a disk)
+
+
+def pointing_hit(heatmap: np.ndarray, mask: np.ndarray, tolerance_px: int = POINTING_TOLERANCE_PX) -> bool:
+    """Whether the heatmap's peak (the first maximum) lies inside the true mask dilated by `tolerance_px`."""
+    from scipy import ndimage
+
+    heatmap, mask = np.asarray(heatmap), _bool(mask)
+    if heatmap.shape != mask.shape:
+        raise ValueError(f"heatmap {heatmap.shape} and mask {mask.shape} differ in shape")
+    r = np.arange(-tolerance_px, tolerance_px + 1)
+    disk = (r[:, None] ** 2 + r[None, :] ** 2) <= tolerance_px**2
+    grown = ndimage.binary_dilation(mask, structure=disk) if tolerance_px > 0 else mask
+    return bool(grown.flat[int(np.argmax(heatmap))])
+
+
+def pointing_score(
+    heatmaps: Sequence[np.ndarray], masks: Sequence[np.ndarray], min_pixels: int = POINTING_MIN_PIXELS,
+    tolerance_px: int = POINTING_TOLERANCE_PX,
+) -> dict[str, float | int]:
+    """Share of tumour slices (>= `min_pixels` true pixels) whose Grad-CAM peak falls on the tumour (pointing game,
+    Zhang et al. 2018, with a tolerance); NaN when no slice qualifies."""
+    hits = [pointing_hit(h, m, tolerance_px) for h, m in zip(heatmaps, masks) if np.count_nonzero(m) >= min_pixels]
+    return {"pointing_score": float(np.mean(hits)) if hits else float("nan"), "pointing_slices": len(hits),
+            "pointing_min_pixels": min_pixels, "pointing_tolerance_px": tolerance_px}

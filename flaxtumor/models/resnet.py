@@ -134,6 +134,13 @@ class ResNet(nnx.Module):
             levels.append(x)
         return levels
 
+    def run_stages(self, x: jax.Array, first: int) -> jax.Array:
+        """Stages `first`.. applied to stage `first - 1`'s output: the rest of the network from an inner level."""
+        for stage in self.stages[first:]:
+            for block in stage:
+                x = block(x)
+        return x
+
     def feature_map(self, x: jax.Array) -> jax.Array:
         """The last stage's activations (N, H/32, W/32, C) for a 4-stage net: what Grad-CAM looks at."""
         return self.pyramid(x)[-1]
