@@ -70,7 +70,7 @@ def train_folds(base: Config, out: Path, say: Callable[[str], None] = print) -> 
         if (export_path(out, fold, base.train.task) / "metadata.json").is_file():
             say(f"fold {fold}: finished, skipped")
             continue
-        say(f"fold {fold} of {base.data.folds}")
+        say(f"fold {fold} (0-based) of {base.data.folds}")
         loop.run(fold_config(base, out, fold))
 
 

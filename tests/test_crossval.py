@@ -88,7 +88,7 @@ def test_resume_skips_finished_folds_and_a_fresh_start_is_refused(cv, capsys):
     shutil.rmtree(crossval.export_path(out, 1, "seg"))
     assert crossval.main(["--config", str(config), "--out", str(out), "--resume"]) == 0
     printed = capsys.readouterr().out
-    assert "fold 1 of 2" in printed and "already finished" in printed
+    assert "fold 1 (0-based) of 2" in printed and "already finished" in printed
     assert (out / crossval.CV_FILE).read_text() == before
 
 

@@ -290,7 +290,7 @@ def _set_up_data(cfg: Config, out: Path, batch_size: int, mesh: Mesh) -> tuple[S
     if jax.process_index() == 0:
         print(
             f"data: {len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test patients"
-            + (f" (fold {cfg.data.fold} of {cfg.data.folds})" if cfg.data.fold is not None else "")
+            + (f" (fold {cfg.data.fold} (0-based) of {cfg.data.folds})" if cfg.data.fold is not None else "")
             + f", {len(train_slices)} training slices, {steps} steps of {batch_size} per epoch"
             + (f" (tumour sampling, u={cfg.data.sampling_uniform_share:g})" if cfg.data.sampling == "tumour" else "")
             + (f" ({batch_size // shard_count} rows loaded per process)" if shard_count > 1 else "")
@@ -524,7 +524,8 @@ def export(run: Run) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "task": tcfg.task,
         "preprocessing": Preprocessing(cfg.data.image_size, cfg.data.normalisation).to_dict(),
-        "threshold": tcfg.threshold,
+        # the task's own threshold: a classifier's tumour probability, a segmenter's mask probability
+        "threshold": tcfg.cls_threshold if tcfg.task == "cls" else tcfg.mask_threshold,
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",
         "init_from": tcfg.init_from,
         "split": run.split.to_dict(),
