@@ -524,8 +524,7 @@ def export(run: Run) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "task": tcfg.task,
         "preprocessing": Preprocessing(cfg.data.image_size, cfg.data.normalisation).to_dict(),
-        # the task's own threshold: a classifier's tumour probability, a segmenter's mask probability
-        "threshold": tcfg.cls_threshold if tcfg.task == "cls" else tcfg.mask_threshold,
+        "threshold": tcfg.threshold,
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",
         "init_from": tcfg.init_from,
         "split": run.split.to_dict(),
