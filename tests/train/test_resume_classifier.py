@@ -5,12 +5,11 @@ uninterrupted run with the same seed.
 The kill is a real SIGKILL, sent by the training process to itself right after it has issued the mid-epoch save of a
 chosen step (Orbax may still be writing it: then --resume starts from the save before, which must be exact too).
 
-Tolerance: rtol 1e-5, atol 1e-7 on floats (float32 carries ~6e-8 relative; 1e-5 is ~170 ulps); integers (RNG counters,
-step counts) exact. A correct resume replays the same compiled steps on the same data in the same order and comes out
-bit-identical here, in both phases. The headroom is for per-process float noise: once in ~15 processes, an
-*uninterrupted* run of this recipe ended 1-2 ulps away from all the others (up to 2.4e-7 on a BatchNorm variance, 12%
-of this tolerance), so two processes cannot be required to agree bit for bit. A wrong resume is orders of magnitude
-away: without the RNG counters the dropout masks differ and BatchNorm biases are off by ~1e-3 (relative error ~15).
+Tolerance: none; every float, RNG counter and step count must be bit-identical. A correct resume replays the same
+compiled steps on the same data in the same order, and nothing in a run depends on thread timing (XLA:CPU's in-process
+all-reduce sums the devices' parts in rank order), so it comes out bit-identical here in both phases, also on the code
+before this test existed. Any difference is a bug, or code that changed between the runs. A wrong resume is far off
+anyway: without the RNG counters the dropout masks differ and BatchNorm biases are off by ~1e-3 (relative error ~15).
 """
 
 import json
@@ -74,11 +73,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
     flat_b = dict(jax.tree_util.tree_leaves_with_path(b))
     assert set(flat_b) == {p for p, _ in jax.tree_util.tree_leaves_with_path(a)}
     for path, value in jax.tree_util.tree_leaves_with_path(a):
-        expected = flat_b[path]
-        if np.issubdtype(np.asarray(value).dtype, np.floating):
-            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-        else:  # RNG counters, optimizer step counts: exact
-            np.testing.assert_array_equal(value, expected, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(value, flat_b[path], err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
