@@ -105,7 +105,7 @@ def candidates(task: str, batch: int, size: int, precisions: list[str], variants
 
 
 def bench_row(task: str, batch: int, size: int, args: argparse.Namespace, precisions: list[str]) -> None:
-    steps = candidates(task, batch, size, precisions, args.torch_variants.split(","))
+    steps = candidates(task, batch, size, precisions, [v for v in args.torch_variants.split(",") if v])
     rates: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(args.runs):
         for label, fn in steps.items():  # interleaved: every framework sees the same load in each round
