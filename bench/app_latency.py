@@ -38,7 +38,7 @@ def random_checkpoints(out: Path, image_size: int) -> Path:
     from flaxtumor.config import Config
     from flaxtumor.data.preprocess import Preprocessing
     from flaxtumor.models import build_model
-    from flaxtumor.train.checkpoint import export_inference
+    from flaxtumor.checkpoints import export_inference
 
     for name, task, normalisation in (("classifier", "cls", "imagenet"), ("segmenter", "seg", "volume_zscore")):
         cfg = Config().override(**{"train.task": task, "data.image_size": image_size, "data.normalisation": normalisation})
@@ -132,7 +132,7 @@ def pipeline_alone(checkpoints: Path, patient: Path, image: Path, repeats: int =
             pipeline.predict_slices([x])
             times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        pipeline.predict_volume(volume, lcc=True)
+        pipeline.predict_volume(volume, pipeline.point.override(lcc=True))
         lines.append(f"batch_size={batch_size}: one slice {percentiles(times)}; "
                      f"{len(volume)}-slice volume {time.perf_counter() - t:.2f} s")
     return lines

@@ -86,7 +86,9 @@ class TrainConfig:
     init_from: str | None = None  # an exported inference checkpoint of the same architecture to start from
     phase2_epochs: int = 10  # last stage unfrozen; 0 skips phase 2
     phase2_lr_factor: float = 0.1
-    threshold: float = 0.5  # tumour probability (cls) or mask probability (seg)
+    # Two thresholds, one per task (the old single `threshold` meant either; config files with it still load).
+    cls_threshold: float = 0.5  # cls: a slice is called tumour when its tumour probability is >= this
+    mask_threshold: float = 0.5  # seg: a pixel is tumour when its probability is >= this
     save_bf16: bool = False  # inference export in bfloat16
     export_dir: str | None = None  # inference checkpoint goes to <export_dir>/{classifier,segmenter}; None = the run folder
     plot: bool = True
@@ -104,7 +106,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        return _from_dict(cls, d, "config")
+        return _from_dict(cls, _upgrade(d), "config")
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -127,6 +129,20 @@ class Config:
                 raise KeyError(f"unknown config field {key!r}")
             d[section][name] = value
         return Config.from_dict(d)
+
+
+def _upgrade(d: Any) -> Any:
+    """A config written before `train.threshold` was split: its value becomes the threshold of the run's task."""
+    train = d.get("train") if isinstance(d, dict) else None
+    if not isinstance(train, dict) or "threshold" not in train:
+        return d
+    train = dict(train)
+    legacy = train.pop("threshold")
+    name = "cls_threshold" if train.get("task", TrainConfig.task) == "cls" else "mask_threshold"
+    if name in train and train[name] != legacy:
+        raise ValueError(f"config.train: 'threshold' ({legacy}) contradicts {name!r} ({train[name]})")
+    train[name] = legacy
+    return {**d, "train": train}
 
 
 def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 def _export_pretrained_encoder(src: Path, dst: Path) -> int:
     """The encoder of an exported ResNet50-UNet segmenter checkpoint, as backbone weights with its provenance."""
     from flaxtumor.models import ResNetUNet
-    from flaxtumor.train.checkpoint import CheckpointError, load_inference
+    from flaxtumor.checkpoints import CheckpointError, load_inference
 
     try:
         model, meta = load_inference(src)
@@ -63,18 +63,18 @@ def _export_pretrained_encoder(src: Path, dst: Path) -> int:
         return 1
     if not isinstance(model, ResNetUNet):
         print(f"error: {src}: not a resnet50_unet segmenter checkpoint (segmenter "
-              f"{meta['config']['model'].get('segmenter')!r}); only its ResNet50 encoder can become backbone weights",
+              f"{meta.config.model.segmenter!r}); only its ResNet50 encoder can become backbone weights",
               file=sys.stderr)
         return 1
-    preprocessing = meta["preprocessing"]
+    split = meta.split or {}
     provenance = {
         "source": f"in-domain segmentation pretraining: encoder of {src.resolve()}",
-        "normalisation": preprocessing["normalisation"],
-        "image_size": preprocessing["image_size"],
+        "normalisation": meta.preprocessing.normalisation,
+        "image_size": meta.preprocessing.image_size,
         # The patients whose slices reached training batches (the leakage guard's record), else the split's.
-        "patients": sorted(meta.get("trained_patients") or meta["split"]["train"]),
-        "validation_patients": sorted(meta["split"].get("val", [])),
-        "pretraining_metrics": meta.get("metrics", {}),
+        "patients": sorted(meta.extra.get("trained_patients") or split["train"]),
+        "validation_patients": sorted(split.get("val", [])),
+        "pretraining_metrics": meta.metrics,
     }
     export_encoder(model.encoder, dst, provenance)
     print(f"{dst}: {'ResNet50' if model.encoder.stage_sizes == (3, 4, 6, 3) else 'tiny ResNet'} encoder of {src} ({len(provenance['patients'])} training patients); expects "

@@ -112,10 +112,10 @@ def predict_fold(
     fold: int, checkpoint: Path, patients: Sequence[Patient]
 ) -> tuple[list[OutOfFold], dict[str, Any]]:
     """The fold model's probability volumes for its held-out `patients` (whole volumes, normalised as in training)."""
-    from flaxtumor.train.checkpoint import load_inference
+    from flaxtumor.checkpoints import load_inference
 
     model, metadata = load_inference(checkpoint)
-    spec = Preprocessing.from_dict(metadata["preprocessing"])
+    spec = metadata.preprocessing
     predict = _predictor(model)
     results = []
     for p in patients:
@@ -199,7 +199,7 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> 
     for fold in range(base.data.folds):
         mine = [patients[pid] for pid in sorted(fold_of) if fold_of[pid] == fold]
         fold_results, metadata = predict_fold(fold, export_path(out, fold, base.train.task), mine)
-        threshold = float(metadata["threshold"])
+        threshold = metadata.threshold
         for r in fold_results:
             save_oof(r, folder)
         results += fold_results
@@ -263,7 +263,7 @@ def _run(args: Any, out: Path) -> int:
     from flaxtumor.data.io import DataError
     from flaxtumor.models import WeightsError
     from flaxtumor.train import cli, loop
-    from flaxtumor.train.checkpoint import CheckpointError
+    from flaxtumor.checkpoints import CheckpointError
 
     try:
         base = cli.make_config(args).override(**{"train.out_dir": str(out), "data.fold": None, "train.resume": False})

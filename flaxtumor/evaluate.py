@@ -33,10 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxtumor import metrics, plots
-from flaxtumor.config import Config
 from flaxtumor.data.io import DataError, read_image, read_mask
 from flaxtumor.data.lgg import Patient, Split, load_dataset, load_split, select
-from flaxtumor.inference import Pipeline, gate_and_postprocess
+from flaxtumor.inference import Pipeline
+from flaxtumor.operating_point import OperatingPoint, gate_and_postprocess
 
 EMPTY_SLICE_RULE = (
     "dice/iou of an empty prediction against an empty truth is undefined, never 1: such slices are excluded from "
@@ -91,9 +91,11 @@ def load_volume(patient: Patient) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def evaluate_patients(
-    pipeline: Pipeline, patients: Sequence[Patient], lcc: bool, gallery_size: int = 4
+    pipeline: Pipeline, patients: Sequence[Patient], point: OperatingPoint | None = None, gallery_size: int = 4
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, plot data) for the pipeline on these patients; see the module docstring for the three views."""
+    """(metrics, plot data) for the pipeline at `point` (default: its own) on these patients; see the module
+    docstring for the three views."""
+    point = point or pipeline.point
     probs_all, labels_all, calls_all = [], [], []
     seg_dice, seg_iou, seg_counts = [], [], metrics.PixelCounts()
     ungated_dice, ungated_counts, ungated_per_patient = [], metrics.PixelCounts(), {}
@@ -102,10 +104,9 @@ def evaluate_patients(
     ranked = _Ranked(gallery_size)
     for patient in tqdm(patients, unit="patient", desc="evaluate"):
         images, target_vol = load_volume(patient)
-        probs = pipeline.tumour_probabilities(images, volume=True)
-        seg_vol = np.stack(pipeline.segment(images, volume=True))
-        calls, final = gate_and_postprocess(probs, seg_vol, pipeline.threshold, gate=pipeline.gate, lcc=lcc,
-                                            min_tumour_area=pipeline.min_tumour_area)
+        probs = pipeline.tumour_probabilities(images, volume=True, point=point)
+        seg_vol = np.stack(pipeline.segment(images, volume=True, point=point))
+        calls, final = gate_and_postprocess(probs, seg_vol, point)
         labels = target_vol.any(axis=(1, 2))
         probs_all.append(probs)
         labels_all.append(labels)
@@ -133,7 +134,7 @@ def evaluate_patients(
                 ranked.offer(d, int(target.sum()), plots.GalleryItem(title, image, target, pred))
 
     probs, labels = np.concatenate(probs_all), np.concatenate(labels_all)
-    classifier = metrics.classification_metrics(probs, labels, pipeline.threshold)
+    classifier = metrics.classification_metrics(probs, labels, point.threshold)
     # The pipeline's slice calls: the classifier's alone, or fused with the segmenter's area (min_tumour_area > 0).
     detection = metrics.classification_metrics(np.concatenate(calls_all).astype(float), labels, 0.5)
     detection = {k: detection[k] for k in ("accuracy", "precision", "recall", "specificity", "f1", "tn", "fp", "fn", "tp")}
@@ -250,22 +251,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoints, threshold=args.threshold, gate=False if args.no_gate else None, tta=args.tta, lcc=args.lcc,
             batch_size=args.batch_size,
         )
+        point = pipeline.point
         seg_meta, cls_meta = pipeline.metadata["segmenter"], pipeline.metadata["classifier"]
         # The data section of the training config (synthetic generator settings included), pointed at --data.
-        data_cfg = dataclasses.replace(Config.from_dict(seg_meta["config"]).data, root=args.data, split_file=None)
-        patients, source = _choose_patients(args, load_dataset(data_cfg), seg_meta.get("split"))
+        data_cfg = dataclasses.replace(seg_meta.config.data, root=args.data, split_file=None)
+        patients, source = _choose_patients(args, load_dataset(data_cfg), seg_meta.split)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     ids = [p.patient_id for p in patients]
-    classifier_train = set((cls_meta.get("split") or {}).get("train", []))
+    classifier_train = set((cls_meta.split or {}).get("train", []))
     leaked = sorted(set(ids) & classifier_train)
     if leaked:
         print(f"warning: {len(leaked)} evaluated patient(s) were in the classifier's training split", file=sys.stderr)
 
     try:
-        result, plot_data = evaluate_patients(pipeline, patients, pipeline.lcc, args.gallery)
+        result, plot_data = evaluate_patients(pipeline, patients, point, args.gallery)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -277,17 +279,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "n_patients": len(ids),
         "n_slices": int(sum(len(p.slices) for p in patients)),
         "n_tumour_slices": int(sum(s.has_tumour for p in patients for s in p.slices)),
-        "threshold": pipeline.threshold,
+        "threshold": point.threshold,
         "threshold_from": "--threshold" if args.threshold is not None
-        else "pipeline.json" if "threshold" in pipeline.operating_point else "classifier checkpoint",
-        "operating_point": pipeline.operating_point,
-        "mask_threshold": pipeline.mask_threshold,
-        "gate": pipeline.gate,
-        "lcc": pipeline.lcc,
-        "min_tumour_area": pipeline.min_tumour_area,
+        else "pipeline.json" if "threshold" in pipeline.record else "classifier checkpoint",
+        "operating_point": pipeline.record,
+        "mask_threshold": point.mask_threshold,
+        "gate": point.gate,
+        "lcc": point.lcc,
+        "postprocess": point.postprocess,
+        "min_tumour_area": point.min_tumour_area,
         "lcc_connectivity": "3D, 26-neighbourhood, largest component per patient",
-        "tta": pipeline.tta,
-        "preprocessing": {"classifier": cls_meta["preprocessing"], "segmenter": seg_meta["preprocessing"]},
+        "tta": point.tta,
+        "preprocessing": {"classifier": cls_meta.preprocessing.to_dict(), "segmenter": seg_meta.preprocessing.to_dict()},
         "volume_normalisation": "volume_zscore statistics over each patient's full stack",
         "masks_scored_at": "input resolution (predictions resized back with nearest-neighbour); training's "
         "validation metrics score at the model resolution instead, so they differ slightly",
@@ -297,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pooled_rule": POOLED_RULE,
         "classifier_train_overlap": leaked,
     }
-    result["checkpoint_metrics"] = {"classifier": cls_meta.get("metrics", {}), "segmenter": seg_meta.get("metrics", {})}
+    result["checkpoint_metrics"] = {"classifier": cls_meta.metrics, "segmenter": seg_meta.metrics}
     args.out.mkdir(parents=True, exist_ok=True)
     result["plots"] = write_plots(result, plot_data, args.out)
     result["seconds"] = round(time.time() - started, 1)

@@ -17,38 +17,45 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
-from scipy import ndimage
 
 from flaxtumor.data.preprocess import Preprocessing, preprocess, resize_mask
+from flaxtumor.operating_point import (
+    OPERATING_POINT_FILE, OperatingPoint, gate_and_postprocess, largest_connected_component, read_operating_point,
+    slice_calls, verdicts,
+)
 
 __all__ = [
     "SlicePrediction", "Pipeline", "as_rgb", "gate_and_postprocess", "largest_connected_component",
-    "read_operating_point", "slice_calls", "OPERATING_POINT_FILE",
+    "read_operating_point", "slice_calls", "OperatingPoint", "OPERATING_POINT_FILE",
 ]
 
+if TYPE_CHECKING:  # orbax loads only with the checkpoints (start-up time)
+    from flaxtumor.checkpoints import InferenceMetadata
+
 DEFAULT_BATCH_SIZE = 8
-# The pair's operating point (threshold, LCC, flip-TTA), chosen on validation patients and stored beside the two
-# checkpoints: it belongs to neither model alone.
-OPERATING_POINT_FILE = "pipeline.json"
-_OPERATING_KEYS = {
-    "threshold": float, "mask_threshold": float, "lcc": bool, "tta": bool, "gate": bool, "min_tumour_area": float,
-}
 
 
 @dataclass(frozen=True)
 class SlicePrediction:
     tumour_probability: float  # classifier's P(tumour) for the slice, in [0, 1]
-    has_tumour: bool  # the pipeline's call: tumour_probability >= threshold, or (fused gate) enough segmented area
-    mask: np.ndarray  # bool (H, W) at the input size; empty when gated out (or removed by LCC)
+    classifier_call: bool  # the classifier flags the slice: tumour_probability >= the operating point's threshold
+    mask: np.ndarray  # bool (H, W) at the input size: the final mask (gated and post-processed)
+    verdict: str  # "tumour" (a region is outlined) / "suspicious" (classifier flags, nothing outlined) / "no tumour"
+
+    @property
+    def has_tumour(self) -> bool:
+        """A tumour region is drawn: exactly when the mask is not empty (the verdict is "tumour")."""
+        return bool(self.mask.any())
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -63,40 +70,6 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[-1] in (3, 4):
         return np.ascontiguousarray(a[..., :3])
     raise ValueError(f"unsupported image shape {a.shape} (expected HxW, HxWx1, HxWx3 or HxWx4)")
-
-
-def largest_connected_component(volume: np.ndarray) -> np.ndarray:
-    """Keeps the largest 3D component of a (D, H, W) bool volume (26-connectivity: slices are thick, so a tumour
-    may only touch its neighbour slice diagonally)."""
-    labels, n = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
-    if n <= 1:
-        return volume.astype(bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (int(np.argmax(sizes)) + 1)
-
-
-def slice_calls(probabilities: np.ndarray, masks: Sequence[np.ndarray], threshold: float, min_tumour_area: float
-                ) -> np.ndarray:
-    """(N,) bool: the classifier's probability clears `threshold`, or (fused gate, `min_tumour_area` > 0) the
-    segmenter's mask covers at least that fraction of the slice. Sizes may differ between slices."""
-    calls = np.asarray(probabilities) >= threshold
-    if min_tumour_area > 0:
-        calls |= np.array([m.mean() >= min_tumour_area for m in masks], bool)
-    return calls
-
-
-def gate_and_postprocess(
-    probabilities: np.ndarray, masks: np.ndarray, threshold: float, gate: bool, lcc: bool,
-    min_tumour_area: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The pipeline's post-processing of a volume: (D,) tumour probabilities and (D, H, W) ungated segmenter masks
-    → (slice calls (D,), masks (D, H, W)): slices not called tumour are emptied when `gate`, then optional 3D
-    largest connected component."""
-    masks = np.asarray(masks, bool)
-    calls = slice_calls(probabilities, masks, threshold, min_tumour_area)
-    if gate:
-        masks = masks & calls[:, None, None]
-    return calls, (largest_connected_component(masks) if lcc else masks)
 
 
 class _Runner:
@@ -130,114 +103,98 @@ class _Runner:
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def _spec(metadata: dict, name: str) -> Preprocessing:
-    try:
-        return Preprocessing.from_dict(metadata["preprocessing"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{name} checkpoint metadata has no usable 'preprocessing' ({e})") from None
-
-
 class Pipeline:
-    """Classifier → gate → segmenter → (optional) 3D LCC, on slices of any size.
+    """Classifier → gate → segmenter → post-processing, on slices of any size.
 
-    threshold: tumour-probability gate (default: the classifier checkpoint's); a slice with probability >= threshold
-      is called tumour. mask_threshold: per-pixel segmenter probability (default: the segmenter checkpoint's).
-    gate=False runs the segmenter on every slice (has_tumour still reports the classifier's call).
-    tta=True averages the probabilities of the image and its horizontal flip, for both models.
-    lcc=True keeps the largest 3D connected component of each volume (`predict_volume` only).
-    min_tumour_area > 0 fuses the gate: the segmenter runs on every slice, and a slice is also called tumour when its
-      mask covers at least that fraction of the slice (the segmenter's evidence rescues the classifier's misses).
+    What turns probabilities into calls and masks is an `OperatingPoint` (`flaxtumor.operating_point`), given per
+    call to `predict_slices` / `predict_volume`; `self.point` is the default: DIR/pipeline.json's point over the
+    checkpoints' own thresholds. A pipeline is never changed after it is made: to try another point, pass one (e.g.
+    `dataclasses.replace(pipeline.point, threshold=0.3)`). The models compile once per TTA setting.
     """
 
     def __init__(
         self,
         classifier: nnx.Module,
         segmenter: nnx.Module,
-        classifier_metadata: dict[str, Any],
-        segmenter_metadata: dict[str, Any],
+        classifier_metadata: InferenceMetadata,
+        segmenter_metadata: InferenceMetadata,
         *,
-        threshold: float | None = None,
-        mask_threshold: float | None = None,
-        gate: bool = True,
-        tta: bool = False,
-        lcc: bool = False,
-        min_tumour_area: float = 0.0,
+        point: OperatingPoint | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        operating_point: dict[str, Any] | None = None,
+        record: dict[str, Any] | None = None,
     ):
         self.classifier = classifier
         self.metadata = {"classifier": classifier_metadata, "segmenter": segmenter_metadata}
-        self.classifier_spec = _spec(classifier_metadata, "classifier")
-        self.segmenter_spec = _spec(segmenter_metadata, "segmenter")
-        self.threshold = float(classifier_metadata.get("threshold", 0.5) if threshold is None else threshold)
-        self.mask_threshold = float(
-            segmenter_metadata.get("threshold", 0.5) if mask_threshold is None else mask_threshold
-        )
-        self.gate = gate
-        self.tta = tta
-        self.lcc = lcc
-        self.min_tumour_area = float(min_tumour_area)
-        self.operating_point = operating_point or {}  # where the defaults came from, for the model card
+        self.classifier_spec = classifier_metadata.preprocessing
+        self.segmenter_spec = segmenter_metadata.preprocessing
+        self.point = point or self.checkpoint_point(classifier_metadata, segmenter_metadata)
+        self.record = record or {}  # pipeline.json as read (provenance, validation, ablation), for the model card
         self._classify = _Runner(classifier, batch_size)
         self._segment = _Runner(segmenter, batch_size)
 
+    @staticmethod
+    def checkpoint_point(classifier_metadata: InferenceMetadata, segmenter_metadata: InferenceMetadata
+                         ) -> OperatingPoint:
+        """The checkpoints' own operating point: the classifier's and the segmenter's recorded thresholds."""
+        return OperatingPoint(threshold=classifier_metadata.threshold, mask_threshold=segmenter_metadata.threshold)
+
     @classmethod
-    def from_checkpoints(cls, dir: str | Path = "checkpoints", **options: Any) -> "Pipeline":
-        """Loads DIR/classifier and DIR/segmenter (raises CheckpointError with one clear line when either is bad),
-        with DIR/pipeline.json's operating point as defaults when it exists. `options` are the keyword options of
-        `Pipeline` (threshold, mask_threshold, gate, tta, lcc, min_tumour_area, batch_size); an option given as None keeps the default."""
-        from flaxtumor.train.checkpoint import load_inference  # the training stack is only needed when loading
+    def from_checkpoints(cls, dir: str | Path = "checkpoints", batch_size: int = DEFAULT_BATCH_SIZE,
+                         **overrides: Any) -> "Pipeline":
+        """Loads DIR/classifier and DIR/segmenter (raises CheckpointError with one clear line when either is bad).
+        The default point is DIR/pipeline.json's over the checkpoints' thresholds, then `overrides` (OperatingPoint
+        fields, or `lcc`; None keeps the value). An invalid point raises ValueError naming the field."""
+        from flaxtumor.checkpoints import load_inference  # orbax and the model builders: only needed when loading
 
         dir = Path(dir)
         classifier, classifier_metadata = load_inference(dir / "classifier")
         segmenter, segmenter_metadata = load_inference(dir / "segmenter")
-        operating_point = read_operating_point(dir)
-        settings = {k: operating_point[k] for k in _OPERATING_KEYS if k in operating_point}
-        settings.update({k: v for k, v in options.items() if v is not None})
-        return cls(
-            classifier, segmenter, classifier_metadata, segmenter_metadata, operating_point=operating_point, **settings
-        )
+        point, record = read_operating_point(dir, cls.checkpoint_point(classifier_metadata, segmenter_metadata))
+        return cls(classifier, segmenter, classifier_metadata, segmenter_metadata, point=point.override(**overrides),
+                   batch_size=batch_size, record=record)
 
     # -- model card ------------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """What a model-card panel shows: per model its preprocessing, init, dtype, threshold, split sizes and
-        validation metrics, plus the pipeline's operating settings."""
+        validation metrics, plus the default operating point and pipeline.json's record."""
         models = {}
         for name, meta in self.metadata.items():
-            split = meta.get("split") or {}
+            split = meta.split or {}
             models[name] = {
-                "task": meta.get("task"),
-                "preprocessing": meta.get("preprocessing"),
-                "backbone_init": meta.get("backbone_init"),
-                "dtype": meta.get("dtype"),
-                "threshold": meta.get("threshold"),
+                "task": meta.task,
+                "preprocessing": meta.preprocessing.to_dict(),
+                "backbone_init": meta.backbone_init,
+                "dtype": meta.dtype,
+                "threshold": meta.threshold,
                 "split_sizes": {k: len(v) for k, v in split.items() if isinstance(v, (list, tuple))},
-                "metrics": meta.get("metrics", {}),
+                "metrics": meta.metrics,
             }
-        settings = dict(
-            threshold=self.threshold, mask_threshold=self.mask_threshold, gate=self.gate, tta=self.tta, lcc=self.lcc,
-            min_tumour_area=self.min_tumour_area,
-        )
-        return {"models": models, "pipeline": settings, "operating_point": self.operating_point}
+        return {"models": models, "pipeline": dataclasses.asdict(self.point), "operating_point": self.record}
 
-    def warm_up(self) -> float:
-        """Compiles both models at the fixed batch shape, with the pipeline's TTA setting; returns seconds. Inputs are
+    def warm_up(self, point: OperatingPoint | None = None) -> float:
+        """Compiles both models at the fixed batch shape, with the point's TTA setting; returns seconds. Inputs are
         resized to the checkpoints' size and batches padded to a fixed size, so later calls never compile again."""
+        tta = (point or self.point).tta
         start = time.perf_counter()
         for runner, spec in ((self._classify, self.classifier_spec), (self._segment, self.segmenter_spec)):
-            runner(np.zeros((1, spec.image_size, spec.image_size, 3), np.float32), self.tta)
+            runner(np.zeros((1, spec.image_size, spec.image_size, 3), np.float32), tta)
         return time.perf_counter() - start
 
     # -- raw model outputs -----------------------------------------------------------------------------------------
-    def tumour_probabilities(self, images: Sequence[np.ndarray], volume: bool = False) -> np.ndarray:
-        """(N,) classifier probabilities; `volume=True` normalises the stack as one patient volume."""
-        return self._classify(self._prepare(images, self.classifier_spec, volume), self.tta).reshape(-1)
+    def tumour_probabilities(self, images: Sequence[np.ndarray], volume: bool = False,
+                             point: OperatingPoint | None = None) -> np.ndarray:
+        """(N,) classifier probabilities; `volume=True` normalises the stack as one patient volume. Only the point's
+        `tta` matters here."""
+        tta = (point or self.point).tta
+        return self._classify(self._prepare(images, self.classifier_spec, volume), tta).reshape(-1)
 
-    def segment(self, images: Sequence[np.ndarray], volume: bool = False) -> list[np.ndarray]:
-        """Ungated segmenter masks, bool (H, W) at each input size."""
+    def segment(self, images: Sequence[np.ndarray], volume: bool = False,
+                point: OperatingPoint | None = None) -> list[np.ndarray]:
+        """Ungated segmenter masks, bool (H, W) at each input size, at the point's mask threshold (and TTA)."""
+        point = point or self.point
         images = [as_rgb(im) for im in images]
-        probs = self._segment(self._prepare(images, self.segmenter_spec, volume), self.tta)
-        return [resize_mask(p[..., 0] >= self.mask_threshold, im.shape[:2]) for p, im in zip(probs, images)]
+        probs = self._segment(self._prepare(images, self.segmenter_spec, volume), point.tta)
+        return [resize_mask(p[..., 0] >= point.mask_threshold, im.shape[:2]) for p, im in zip(probs, images)]
 
     def _prepare(self, images: Sequence[np.ndarray], spec: Preprocessing, volume: bool) -> np.ndarray:
         images = [as_rgb(im) for im in images]
@@ -251,44 +208,42 @@ class Pipeline:
         return np.concatenate([preprocess(im[None], spec) for im in images])
 
     # -- the pipeline ----------------------------------------------------------------------------------------------
-    def predict_slices(self, images: Sequence[np.ndarray]) -> list[SlicePrediction]:
-        """Independent slices (any sizes, a batch or a list of one). No LCC: there is no volume to take it over."""
-        return self._predict(images, volume=False, lcc=False, gate=self.gate)
+    def predict_slices(self, images: Sequence[np.ndarray], point: OperatingPoint | None = None
+                       ) -> list[SlicePrediction]:
+        """Independent slices (any sizes, a batch or a list of one). No post-processing: there is no volume to run
+        it over (the point's `postprocess` is ignored)."""
+        point = dataclasses.replace(point or self.point, postprocess="none")
+        return self._predict(images, volume=False, point=point)
 
-    def predict_volume(
-        self, images: Sequence[np.ndarray], lcc: bool | None = None, gate: bool | None = None
-    ) -> list[SlicePrediction]:
-        """One patient's slices in slice order (all one size): volume normalisation, then optional 3D LCC over the
-        stacked gated masks. `lcc` and `gate` override the pipeline's settings for this call."""
-        return self._predict(
-            images, volume=True, lcc=self.lcc if lcc is None else lcc, gate=self.gate if gate is None else gate
-        )
+    def predict_volume(self, images: Sequence[np.ndarray], point: OperatingPoint | None = None
+                       ) -> list[SlicePrediction]:
+        """One patient's slices in slice order (all one size): volume normalisation, then the point's
+        post-processing over the stacked gated masks."""
+        return self._predict(images, volume=True, point=point or self.point)
 
-    def _predict(self, images: Sequence[np.ndarray], volume: bool, lcc: bool, gate: bool) -> list[SlicePrediction]:
+    def _predict(self, images: Sequence[np.ndarray], volume: bool, point: OperatingPoint) -> list[SlicePrediction]:
         images = [as_rgb(im) for im in images]
         if not images:
             return []
-        probs = self.tumour_probabilities(images, volume)
-        # The segmenter runs where its mask can matter: everywhere without a gate or with the fused gate.
-        everywhere = not gate or self.min_tumour_area > 0
-        selected = np.arange(len(images)) if everywhere else np.flatnonzero(probs >= self.threshold)
+        probs = self.tumour_probabilities(images, volume, point)
+        # The segmenter runs where its mask can matter: everywhere without a gate or with the fused gate. Elsewhere
+        # the mask is gated out anyway, so leaving it empty gives what segmenting every slice would.
+        everywhere = not point.gate or point.min_tumour_area > 0
+        selected = np.arange(len(images)) if everywhere else np.flatnonzero(probs >= point.threshold)
         masks = [np.zeros(im.shape[:2], bool) for im in images]
         if selected.size:
             if volume:  # normalise with the whole volume's stats, then keep the selected slices
                 x = self._prepare(images, self.segmenter_spec, volume=True)[selected]
-                for i, p in zip(selected, self._segment(x, self.tta)):
-                    masks[i] = resize_mask(p[..., 0] >= self.mask_threshold, images[i].shape[:2])
+                for i, p in zip(selected, self._segment(x, point.tta)):
+                    masks[i] = resize_mask(p[..., 0] >= point.mask_threshold, images[i].shape[:2])
             else:
-                for i, m in zip(selected, self.segment([images[i] for i in selected])):
+                for i, m in zip(selected, self.segment([images[i] for i in selected], point=point)):
                     masks[i] = m
-        calls = slice_calls(probs, masks, self.threshold, self.min_tumour_area)
-        if gate:
-            masks = [m if call else np.zeros_like(m) for m, call in zip(masks, calls)]
-        if lcc:
-            masks = list(largest_connected_component(np.stack(masks)))
+        _, final = gate_and_postprocess(probs, np.stack(masks) if volume else masks, point)
+        classifier_calls = probs >= point.threshold
         return [
-            SlicePrediction(tumour_probability=float(p), has_tumour=bool(call), mask=m)
-            for p, call, m in zip(probs, calls, masks)
+            SlicePrediction(tumour_probability=float(p), classifier_call=bool(c), mask=m, verdict=v)
+            for p, c, m, v in zip(probs, classifier_calls, final, verdicts(classifier_calls, final))
         ]
 
     # -- explanation -----------------------------------------------------------------------------------------------
@@ -301,24 +256,3 @@ class Pipeline:
         h, w = image.shape[:2]
         resized = np.asarray(Image.fromarray(heat.astype(np.float32)).resize((w, h), Image.BILINEAR))
         return np.clip(resized, 0.0, 1.0).astype(np.float32)
-
-
-def read_operating_point(dir: str | Path) -> dict[str, Any]:
-    """DIR/pipeline.json (empty when absent): threshold, mask_threshold, lcc, tta, gate, plus free-form provenance
-    such as `tuned_on`. A malformed file is an error naming it, never silently ignored."""
-    path = Path(dir) / OPERATING_POINT_FILE
-    if not path.is_file():
-        return {}
-    import json
-
-    try:
-        point = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the operating point ({e})") from None
-    if not isinstance(point, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    for key, kind in _OPERATING_KEYS.items():
-        if key in point and (not isinstance(point[key], (int, float) if kind is float else bool)
-                             or kind is float and isinstance(point[key], bool)):
-            raise ValueError(f"{path}: {key!r} must be a {kind.__name__}, got {point[key]!r}")
-    return point

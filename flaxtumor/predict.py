@@ -3,7 +3,7 @@
 Output contract (scripts depend on it):
 - `DIR/<image stem>_pred.png` for every readable input: uint8 0/255, the same height and width as that input;
 - `DIR/predictions.csv`, header `image,tumour_probability,has_tumour,tumour_pixels`: one row per written mask, in
-  input order; `image` is the resolved path, `has_tumour` the classifier's 0/1 call, `tumour_pixels` the mask's count.
+  input order; `image` is the resolved path, `has_tumour` 1 exactly when a mask is drawn, `tumour_pixels` the mask's count.
 
 INPUTs are image files and/or folders searched recursively; files named `*_mask.*` are never inputs. Two inputs with
 the same stem are refused before any work. An unreadable input is reported by name; the others are still written and

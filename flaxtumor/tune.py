@@ -12,8 +12,8 @@ the model card says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,10 +22,12 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxtumor import metrics
-from flaxtumor.config import Config
 from flaxtumor.data.lgg import Patient, load_dataset, select
-from flaxtumor.evaluate import jsonable, load_volume, missing_checkpoints
-from flaxtumor.inference import OPERATING_POINT_FILE, Pipeline, gate_and_postprocess
+from flaxtumor.evaluate import load_volume, missing_checkpoints
+from flaxtumor.inference import Pipeline
+from flaxtumor.operating_point import (
+    OPERATING_POINT_FILE, OperatingPoint, gate_and_postprocess, write_operating_point,
+)
 
 # The chosen 0.05 is this grid's lower edge. Below it per-patient Dice is flat on the shipped models (0.8443 at 0.01 too)
 # while specificity falls (0.81 → 0.68), and ties go to sensitivity, so a wider grid would pick 0.01 for no Dice gain;
@@ -37,23 +39,23 @@ MIN_AREAS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)  # fraction of the slice; 
 
 def _raw_outputs(pipeline: Pipeline, volumes: Sequence[tuple[list[np.ndarray], np.ndarray]], tta: bool
                  ) -> list[tuple[np.ndarray, ...]]:
-    """Per patient: (classifier probabilities, ungated segmenter masks, truth), computed once per TTA setting."""
-    pipeline.tta = tta
+    """Per patient: (classifier probabilities, ungated segmenter masks, truth), computed once per TTA setting. Only
+    the mask threshold (the pipeline's) and TTA shape these outputs; every other setting is searched over them."""
+    point = OperatingPoint(mask_threshold=pipeline.point.mask_threshold, tta=tta)
     out = []
     for images, truth in tqdm(volumes, unit="patient", desc=f"tta={tta}"):
-        probs = pipeline.tumour_probabilities(images, volume=True)
-        masks = np.stack(pipeline.segment(images, volume=True))
+        probs = pipeline.tumour_probabilities(images, volume=True, point=point)
+        masks = np.stack(pipeline.segment(images, volume=True, point=point))
         out.append((probs, masks, truth))
     return out
 
 
-def score(raw: list[tuple[np.ndarray, ...]], threshold: float, min_tumour_area: float, lcc: bool, gate: bool = True
-          ) -> dict[str, float]:
-    """Pipeline metrics for one operating point over the patients' raw outputs."""
+def score(raw: list[tuple[np.ndarray, ...]], point: OperatingPoint) -> dict[str, float]:
+    """Pipeline metrics for one operating point over the patients' raw outputs (made at the point's TTA and mask
+    threshold)."""
     per_patient, calls_all, labels_all = {}, [], []
     for i, (probs, masks, truth) in enumerate(raw):
-        calls, final = gate_and_postprocess(probs, masks, threshold, gate=gate, lcc=lcc,
-                                            min_tumour_area=min_tumour_area)
+        calls, final = gate_and_postprocess(probs, masks, point)
         per_patient.update(metrics.volumetric_dice_per_patient({str(i): final}, {str(i): truth}))
         calls_all.append(calls)
         labels_all.append(truth.any(axis=(1, 2)))
@@ -76,16 +78,21 @@ def raw_outputs(pipeline: Pipeline, patients: Sequence[Patient]) -> dict[bool, l
 
 
 def tune(pipeline: Pipeline, patients: Sequence[Patient]) -> dict[str, Any]:
-    return choose(raw_outputs(pipeline, patients), pipeline.mask_threshold, [p.patient_id for p in patients])
+    return choose(raw_outputs(pipeline, patients), pipeline.point.mask_threshold, [p.patient_id for p in patients])
 
 
 def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float, patient_ids: Sequence[str],
            thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
     """The operating point (best per-patient Dice over the grid), its validation scores and the ablation."""
+    def point_of(p: dict[str, Any], gate: bool = True) -> OperatingPoint:
+        return OperatingPoint(threshold=p["threshold"], min_tumour_area=p["min_tumour_area"],
+                              mask_threshold=mask_threshold, tta=p["tta"], gate=gate,
+                              postprocess="largest_component" if p["lcc"] else "none")
+
     grid = []
     for tta, threshold, area, lcc in itertools.product((False, True), thresholds, MIN_AREAS, (False, True)):
-        grid.append(({"tta": tta, "threshold": threshold, "min_tumour_area": area, "lcc": lcc},
-                     score(raws[tta], threshold, area, lcc)))
+        p = {"tta": tta, "threshold": threshold, "min_tumour_area": area, "lcc": lcc}
+        grid.append((p, score(raws[tta], point_of(p))))
     # Best mean per-patient Dice; ties go to the simpler setting (no TTA, no LCC, no fusion), then to sensitivity.
     def key(item):
         point, s = item
@@ -94,8 +101,7 @@ def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float
     best, best_scores = max(grid, key=key)
 
     def row(name: str, point: dict[str, Any], gate: bool = True) -> dict[str, Any]:
-        return {"name": name, **point, "gate": gate,
-                **score(raws[point["tta"]], point["threshold"], point["min_tumour_area"], point["lcc"], gate)}
+        return {"name": name, **point, "gate": gate, **score(raws[point["tta"]], point_of(point, gate))}
 
     base = {"tta": False, "threshold": 0.5, "min_tumour_area": 0.0, "lcc": False}
     classifier_gate_only = [(p, s) for p, s in grid if p["min_tumour_area"] == 0 and not p["lcc"] and not p["tta"]]
@@ -138,22 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        # Tune from the checkpoints' own defaults, not from a previous pipeline.json.
-        pipeline = Pipeline.from_checkpoints(args.checkpoints, threshold=None)
-        pipeline.lcc, pipeline.min_tumour_area = False, 0.0
+        # Raw outputs depend only on the mask threshold and TTA (set per call); the rest is searched, so a previous
+        # pipeline.json's threshold, area and post-processing play no part.
+        pipeline = Pipeline.from_checkpoints(args.checkpoints)
         seg_meta = pipeline.metadata["segmenter"]
-        val = (seg_meta.get("split") or {}).get("val") or []
+        val = (seg_meta.split or {}).get("val") or []
         if not val:
             raise ValueError(f"{args.checkpoints}/segmenter: its metadata records no validation patients")
-        data_cfg = Config.from_dict(seg_meta["config"]).data
-        data_cfg.root, data_cfg.split_file = str(args.data), None
+        data_cfg = dataclasses.replace(seg_meta.config.data, root=str(args.data), split_file=None)
         patients = select(load_dataset(data_cfg), val)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
     point = tune(pipeline, patients)
     out = args.out or args.checkpoints / OPERATING_POINT_FILE
-    out.write_text(json.dumps(jsonable(point), indent=2) + "\n")
+    chosen = OperatingPoint.from_dict(point)
+    write_operating_point(out, chosen, **{k: v for k, v in point.items() if k not in chosen.to_dict()})
     v = point["validation"]
     print(f"chosen on {len(patients)} validation patients: threshold {point['threshold']}, min_tumour_area "
           f"{point['min_tumour_area']}, lcc {point['lcc']}, tta {point['tta']} → per-patient Dice mean "

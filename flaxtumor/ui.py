@@ -20,7 +20,6 @@ region as imaged (the skull is not removed); dark ventricles inside it count.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import io
 import os
@@ -46,6 +45,7 @@ from scipy import ndimage
 from flaxtumor.app_errors import bool_field, md_code, number_field, user_errors
 from flaxtumor.app_state import BrowserStore, Housekeeping, RequestDirs, UploadJanitor, private_root
 from flaxtumor.data.io import IMAGE_SUFFIXES, is_mask_name, natural_key, read_mask
+from flaxtumor.operating_point import OperatingPoint
 from flaxtumor.uploads import UploadError, UploadedImage, UploadLimits, load_many, load_single
 
 NOTICE = (
@@ -69,12 +69,12 @@ BATCH_SIZE = 1
 
 
 class Predictor(Protocol):
-    """What the UI needs from `flaxtumor.inference.Pipeline` (also the `threshold` attribute, set on shallow copies)."""
+    """What the UI needs from `flaxtumor.inference.Pipeline`: its default operating point, and predictions at the
+    point a request asks for (the pipeline itself never changes)."""
 
-    threshold: float
-    lcc: bool
+    point: OperatingPoint
 
-    def predict_volume(self, images: Sequence[np.ndarray], lcc: bool | None = None, gate: bool | None = None) -> list[Any]: ...
+    def predict_volume(self, images: Sequence[np.ndarray], point: OperatingPoint | None = None) -> list[Any]: ...
 
     def gradcam(self, image: np.ndarray) -> np.ndarray: ...
 
@@ -288,15 +288,12 @@ class App:
         # nnx modules are mutable Python objects and Grad-CAM runs through nnx.jit: one call at a time.
         self._gradcam_lock = threading.Lock()
 
-    def _with_threshold(self, threshold: float | None) -> Predictor:
-        """A shallow copy with the request's threshold: shares the compiled models, and concurrent requests with
-        different thresholds never see each other's setting."""
+    def _point(self, threshold: float | None, lcc: Any) -> OperatingPoint:
+        """The request's operating point: the pipeline's, with the request's threshold and post-processing. A value
+        per call, so concurrent requests never see each other's settings."""
         threshold = number_field(threshold, "Classification threshold", 0.0, 1.0, include_low=True)
-        if threshold is None or threshold == self.pipeline.threshold:
-            return self.pipeline
-        pipeline = copy.copy(self.pipeline)
-        pipeline.threshold = threshold
-        return pipeline
+        lcc = bool_field(lcc, "Largest connected component")
+        return self.pipeline.point.override(threshold=threshold, lcc=lcc)
 
     def _load(self, paths: list[Any], load: Callable[[], Any]) -> Any:
         """Runs `load`; uploads it refuses are deleted at once (nobody can use them), used ones are kept for re-runs."""
@@ -308,13 +305,12 @@ class App:
             raise
 
     def predict_slice(self, path: str | Path | None, threshold: float | None, lcc: bool) -> SliceResult:
-        pipeline = self._with_threshold(threshold)
-        lcc = bool_field(lcc, "Largest connected component")
+        point = self._point(threshold, lcc)
         upload = self._load([path], lambda: load_single(path, self.limits))
         # A slice is a volume of one: LCC then keeps the largest 2D blob.
-        (pred,) = pipeline.predict_volume([upload.image], lcc=bool(lcc))
+        (pred,) = self.pipeline.predict_volume([upload.image], point)
         with self._gradcam_lock:
-            heat = pipeline.gradcam(upload.image)
+            heat = self.pipeline.gradcam(upload.image)
         brain = brain_mask(upload.image)
         area_px, area_pct = tumour_area(pred.mask, brain)
         out = self.dirs.new()
@@ -326,7 +322,7 @@ class App:
         h, w = pred.mask.shape
         details = (
             f"{md_code(upload.name)}: {w}x{h} px, brain area {int(brain.sum())} px; "
-            f"threshold {pipeline.threshold:.2f}, largest connected component {'on' if lcc else 'off'}."
+            f"threshold {point.threshold:.2f}, largest connected component {'on' if point.lcc else 'off'}."
         )
         return SliceResult(
             verdict=_verdict(pred.has_tumour),
@@ -355,10 +351,9 @@ class App:
         # Number fields first: a typo there should not cost the upload.
         spacing = number_field(spacing_mm, "Pixel spacing", 0.0, MAX_SPACING_MM, "mm", zero_is_unset=True)
         thickness = number_field(thickness_mm, "Slice thickness", 0.0, MAX_THICKNESS_MM, "mm", zero_is_unset=True)
-        pipeline = self._with_threshold(threshold)
-        lcc = bool_field(lcc, "Largest connected component")
+        point = self._point(threshold, lcc)
         uploads, skipped_masks = self._load(list(paths or []), lambda: self._read_patient(paths))
-        preds = pipeline.predict_volume([u.image for u in uploads], lcc=bool(lcc))
+        preds = self.pipeline.predict_volume([u.image for u in uploads], point)
         rows = []
         for i, (u, p) in enumerate(zip(uploads, preds), start=1):
             area_px, area_pct = tumour_area(p.mask, brain_mask(u.image))
@@ -388,8 +383,8 @@ class App:
         h, w = uploads[0].image.shape[:2]
         lines = [
             f"**{len(uploads)} slices** ({w}x{h} px){f', {skipped_masks} ground-truth mask file(s) skipped' if skipped_masks else ''}; "
-            f"threshold {pipeline.threshold:.2f}, largest connected component {'on' if lcc else 'off'}.",
-            f"**Flagged slices** (tumour probability ≥ {pipeline.threshold:.2f}): "
+            f"threshold {point.threshold:.2f}, largest connected component {'on' if point.lcc else 'off'}.",
+            f"**Flagged slices** (tumour probability ≥ {point.threshold:.2f}): "
             + (", ".join(map(str, flagged)) if flagged else "none")
             + f" ({len(flagged)} of {len(uploads)}).",
             f"**Total tumour burden:** {burden_px} px"
@@ -489,11 +484,11 @@ def build_demo(
         with gr.Accordion("Model card", open=False):
             gr.Markdown(model_card_markdown(pipeline.summary()), elem_id="model-card")
         with gr.Row():
-            threshold = gr.Slider(0.0, 1.0, value=pipeline.threshold, step=0.01, label="Classification threshold",
-                                  info=threshold_info(getattr(pipeline, "min_tumour_area", 0.0)))
-            # Range-checked by App._with_threshold, with a message naming the field (Gradio's own does not).
+            threshold = gr.Slider(0.0, 1.0, value=pipeline.point.threshold, step=0.01, label="Classification threshold",
+                                  info=threshold_info(pipeline.point.min_tumour_area))
+            # Range-checked by App._point, with a message naming the field (Gradio's own does not).
             threshold.preprocess = lambda payload: payload  # type: ignore[method-assign]
-            lcc = gr.Checkbox(value=pipeline.lcc, label="Keep only the largest connected tumour component",
+            lcc = gr.Checkbox(value=pipeline.point.lcc, label="Keep only the largest connected tumour component",
                               info="3D over a patient's slices, 2D on a single slice.")
 
         with gr.Tab("Single slice"):
@@ -586,7 +581,8 @@ def warm_up(pipeline: Predictor) -> float:
     start = time.perf_counter()
     image = np.zeros((256, 256, 3), np.uint8)
     image[64:192, 64:192] = 100
-    pipeline.predict_volume([image], lcc=True, gate=False)  # gate off: the segmenter compiles too
+    # gate off: the segmenter compiles too
+    pipeline.predict_volume([image], pipeline.point.override(lcc=True, gate=False))
     pipeline.gradcam(image)
     return time.perf_counter() - start
 

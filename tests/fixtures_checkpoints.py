@@ -17,7 +17,7 @@ from flaxtumor.data.lgg import discover
 from flaxtumor.data.preprocess import Preprocessing
 from flaxtumor.data.synthetic import write_synthetic_dataset
 from flaxtumor.models import build_model
-from flaxtumor.train.checkpoint import export_inference
+from flaxtumor.checkpoints import export_inference
 
 IMAGE_SIZE = 32
 

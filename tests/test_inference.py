@@ -1,11 +1,16 @@
 """Pipeline: gating, input sizes and channels, volumes, LCC, TTA, fixed batch shape, Grad-CAM, metadata."""
 
+import dataclasses
+import json
+import re
+
 import numpy as np
 import pytest
 
 from flaxtumor.data.io import read_image
 from flaxtumor.inference import Pipeline, as_rgb, gate_and_postprocess, largest_connected_component
-from flaxtumor.train.checkpoint import CheckpointError
+from flaxtumor.operating_point import OperatingPoint
+from flaxtumor.checkpoints import CheckpointError
 from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
 
 
@@ -23,19 +28,22 @@ def _random_images(shapes, seed=0):
 
 def test_gate_empties_slices_below_threshold_and_no_gate_segments_all(tiny):  # noqa: F811
     images = _random_images([(40, 40, 3)] * 3)
-    gated = Pipeline.from_checkpoints(tiny.checkpoints, threshold=1.01).predict_slices(images)
-    assert all(not p.has_tumour and not p.mask.any() for p in gated)
-    ungated = Pipeline.from_checkpoints(tiny.checkpoints, threshold=1.01, gate=False).predict_slices(images)
-    # the fixture's segmenter (mask threshold 0) marks every pixel wherever it runs
-    assert all(not p.has_tumour and p.mask.all() for p in ungated)
-    passed = Pipeline.from_checkpoints(tiny.checkpoints, threshold=0.0).predict_slices(images)
-    assert all(p.has_tumour and p.mask.all() for p in passed)
+    pipeline = Pipeline.from_checkpoints(tiny.checkpoints)
+    off = pipeline.point.override(threshold=float("inf"))  # the classifier flags nothing
+    gated = pipeline.predict_slices(images, off)
+    assert all(not p.has_tumour and not p.mask.any() and p.verdict == "no tumour" for p in gated)
+    ungated = pipeline.predict_slices(images, off.override(gate=False))
+    # the fixture's segmenter (mask threshold 0) marks every pixel wherever it runs: a drawn mask is "tumour" even
+    # where the classifier does not flag the slice
+    assert all(p.has_tumour and p.mask.all() and not p.classifier_call and p.verdict == "tumour" for p in ungated)
+    passed = pipeline.predict_slices(images, off.override(threshold=0.0))
+    assert all(p.has_tumour and p.mask.all() and p.classifier_call for p in passed)
     assert [p.tumour_probability for p in gated] == [p.tumour_probability for p in passed]
 
 
 def test_threshold_defaults_come_from_the_checkpoints(tiny):  # noqa: F811
     p = Pipeline.from_checkpoints(tiny.checkpoints)
-    assert p.threshold == 0.5 and p.mask_threshold == 0.0
+    assert p.point == OperatingPoint(threshold=0.5, mask_threshold=0.0)
     summary = p.summary()
     assert summary["models"]["classifier"]["preprocessing"] == {"image_size": 32, "normalisation": "image_zscore"}
     assert summary["models"]["segmenter"]["split_sizes"] == {"train": 1, "val": 2, "test": 0}
@@ -92,11 +100,13 @@ def test_predict_volume_matches_raw_outputs_gated_and_postprocessed(tiny):  # no
     p = Pipeline.from_checkpoints(tiny.checkpoints, mask_threshold=0.5, threshold=threshold)
     masks = np.stack(p.segment(volume, volume=True))
     for lcc in (False, True):
-        preds = p.predict_volume(volume, lcc=lcc)
-        calls, expected = gate_and_postprocess(probs, masks, threshold, gate=True, lcc=lcc)
+        point = p.point.override(lcc=lcc)
+        preds = p.predict_volume(volume, point)
+        calls, expected = gate_and_postprocess(probs, masks, point)
         np.testing.assert_array_equal(np.stack([x.mask for x in preds]), expected)
-        assert [x.has_tumour for x in preds] == list(probs >= threshold) == list(calls)
-    ungated = p.predict_volume(volume, gate=False)
+        assert [x.classifier_call for x in preds] == list(probs >= threshold) == list(calls)
+        assert [x.has_tumour for x in preds] == list(expected.any(axis=(1, 2)))
+    ungated = p.predict_volume(volume, p.point.override(gate=False))
     np.testing.assert_array_equal(np.stack([x.mask for x in ungated]), masks)
 
     # Fused gate: a slice the classifier rejects is still called tumour when its mask is large enough.
@@ -104,20 +114,21 @@ def test_predict_volume_matches_raw_outputs_gated_and_postprocessed(tiny):  # no
     min_area = float(np.sort(area[area > 0])[0]) if (area > 0).any() else 1.0
     fused = Pipeline.from_checkpoints(tiny.checkpoints, mask_threshold=0.5, threshold=threshold,
                                       min_tumour_area=min_area)
-    calls, expected = gate_and_postprocess(probs, masks, threshold, gate=True, lcc=False, min_tumour_area=min_area)
+    point = fused.point.override(lcc=False)
+    calls, expected = gate_and_postprocess(probs, masks, point)
     np.testing.assert_array_equal(calls, (probs >= threshold) | (area >= min_area))
-    preds = fused.predict_volume(volume, lcc=False)
+    preds = fused.predict_volume(volume, point)
     np.testing.assert_array_equal(np.stack([x.mask for x in preds]), expected)
-    assert [x.has_tumour for x in preds] == list(calls)
+    assert [x.has_tumour for x in preds] == list(expected.any(axis=(1, 2)))
 
 
 def test_fused_gate_rescues_a_slice_the_classifier_rejects():
     probs = np.array([0.9, 0.1, 0.1])
     masks = np.zeros((3, 10, 10), bool)
     masks[0, :2] = masks[1, :5] = masks[2, :1, :3] = True  # areas 0.2, 0.5, 0.03
-    calls, out = gate_and_postprocess(probs, masks, threshold=0.5, gate=True, lcc=False)
+    calls, out = gate_and_postprocess(probs, masks, OperatingPoint(threshold=0.5))
     assert list(calls) == [True, False, False] and not out[1:].any()
-    calls, out = gate_and_postprocess(probs, masks, threshold=0.5, gate=True, lcc=False, min_tumour_area=0.1)
+    calls, out = gate_and_postprocess(probs, masks, OperatingPoint(threshold=0.5, min_tumour_area=0.1))
     assert list(calls) == [True, True, False]
     np.testing.assert_array_equal(out[1], masks[1])
     assert not out[2].any()
@@ -177,12 +188,55 @@ def test_operating_point_file_sets_defaults_and_options_win(tiny, tmp_path):  # 
     shutil.copytree(tiny.checkpoints, checkpoints)
     (checkpoints / "pipeline.json").write_text(json.dumps({"threshold": 0.3, "lcc": True, "tta": True,
                                                            "tuned_on": "val patients"}))
-    p = Pipeline.from_checkpoints(checkpoints)
-    assert (p.threshold, p.lcc, p.tta, p.gate) == (0.3, True, True, True)
-    assert p.summary()["operating_point"]["tuned_on"] == "val patients"
-    p = Pipeline.from_checkpoints(checkpoints, threshold=0.7, lcc=False, tta=None)
+    p = Pipeline.from_checkpoints(checkpoints).point
+    assert (p.threshold, p.lcc, p.tta, p.gate, p.mask_threshold) == (0.3, True, True, True, 0.0)
+    assert Pipeline.from_checkpoints(checkpoints).summary()["operating_point"]["tuned_on"] == "val patients"
+    p = Pipeline.from_checkpoints(checkpoints, threshold=0.7, lcc=False, tta=None).point
     assert (p.threshold, p.lcc, p.tta) == (0.7, False, True)  # None keeps the file's setting
 
-    (checkpoints / "pipeline.json").write_text(json.dumps({"lcc": "yes"}))
-    with pytest.raises(ValueError, match=r"pipeline.json: 'lcc' must be a bool"):
-        Pipeline.from_checkpoints(checkpoints)
+    for bad, message in (({"lcc": "yes"}, "'lcc' must be a bool"), ({"threshold": 1.5}, "'threshold' must lie in"),
+                         ({"postprocess": "blur"}, "'postprocess' must be one of"),
+                         ({"lcc": True, "postprocess": "none"}, "'lcc' (True) contradicts")):
+        (checkpoints / "pipeline.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"pipeline.json: " + re.escape(message)):
+            Pipeline.from_checkpoints(checkpoints)
+
+
+def test_operating_point_round_trips_through_pipeline_json(tmp_path):
+    from flaxtumor.operating_point import read_operating_point, write_operating_point
+
+    point = OperatingPoint(threshold=0.25, min_tumour_area=0.001, mask_threshold=0.4, postprocess="largest_component",
+                           tta=True, gate=False)
+    write_operating_point(tmp_path / "pipeline.json", point, tuned_on={"patients": ["a"]}, ablation=[])
+    read, record = read_operating_point(tmp_path)
+    assert read == point and record["tuned_on"] == {"patients": ["a"]}
+    assert json.loads((tmp_path / "pipeline.json").read_text())["lcc"] is True  # the format older versions read
+    with pytest.raises(ValueError, match="repeats"):
+        write_operating_point(tmp_path / "x.json", point, threshold=0.3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        point.threshold = 0.9  # type: ignore[misc]
+    assert read_operating_point(tmp_path / "nowhere", point) == (point, {})
+
+
+def test_predict_never_changes_the_pipeline(tiny):  # noqa: F811
+    p = Pipeline.from_checkpoints(tiny.checkpoints)
+    before = p.point
+    images = _random_images([(32, 32, 3)] * 2)
+    p.predict_volume(images, p.point.override(threshold=0.0, lcc=True, tta=True, gate=False))
+    assert p.point is before
+
+
+def test_train_config_threshold_is_two_fields_and_old_configs_still_load():
+    from flaxtumor.config import Config
+
+    old_cls = Config().to_dict()
+    del old_cls["train"]["cls_threshold"], old_cls["train"]["mask_threshold"]
+    old_seg = json.loads(json.dumps(old_cls))
+    old_cls["train"].update(task="cls", threshold=0.3)
+    old_seg["train"].update(task="seg", threshold=0.4)
+    cls, seg = Config.from_dict(old_cls).train, Config.from_dict(old_seg).train
+    assert (cls.cls_threshold, cls.mask_threshold) == (0.3, 0.5)
+    assert (seg.cls_threshold, seg.mask_threshold) == (0.5, 0.4)
+    assert "threshold" not in Config().to_dict()["train"]
+    with pytest.raises(ValueError, match="contradicts"):
+        Config.from_dict({"train": {"task": "cls", "threshold": 0.3, "cls_threshold": 0.6}})

@@ -62,8 +62,7 @@ def test_output_contract_for_a_patient_folder_and_loose_images(tiny, loose, tmp_
         assert 0.0 <= float(row[1]) <= 1.0
         assert row[2] in ("0", "1")
         assert int(row[3]) == int((mask == 255).sum())
-        if row[2] == "0":
-            assert int(row[3]) == 0  # gated: no tumour call, no mask
+        assert (row[2] == "1") == (int(row[3]) > 0)  # has_tumour exactly when a mask is drawn
     assert not (out / "odd_mask_pred.png").exists()
     assert not list(out.glob("*_mask_pred.png"))
 
@@ -79,10 +78,10 @@ def test_threshold_and_no_gate_flags(tiny, loose, tmp_path):  # noqa: F811
     assert main(args + ["--out", str(tmp_path / "b"), "--threshold", "1"]) == 0
     _, rows = _read_csv(tmp_path / "b" / "predictions.csv")
     assert all(r[2] == "0" and r[3] == "0" for r in rows)
-    # ... unless --no-gate runs the segmenter everywhere
+    # ... unless --no-gate runs the segmenter everywhere: a drawn mask is a tumour call
     assert main(args + ["--out", str(tmp_path / "c"), "--threshold", "1", "--no-gate"]) == 0
     _, rows = _read_csv(tmp_path / "c" / "predictions.csv")
-    assert all(r[2] == "0" and int(r[3]) > 0 for r in rows)
+    assert all(r[2] == "1" and int(r[3]) > 0 for r in rows)
     assert main(args + ["--out", str(tmp_path / "d"), "--threshold", "1.5"]) == 2
 
 

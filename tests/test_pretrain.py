@@ -43,7 +43,7 @@ def test_encoder_export_records_provenance(pretrained) -> None:
 
 def test_exported_backbone_loads_strictly_and_equals_the_encoder(pretrained) -> None:
     _, encoder, _ = pretrained
-    from flaxtumor.train.checkpoint import load_inference
+    from flaxtumor.checkpoints import load_inference
 
     segmenter, _ = load_inference(pretrained[0] / "seg" / "segmenter")
     classifier = build_classifier(ModelConfig(backbone="resnet_tiny", head_widths=(8,)), nnx.Rngs(1))

@@ -27,7 +27,7 @@ def test_bundled_checkpoints_fit_the_budget_and_record_their_provenance(pipeline
         assert meta["backbone_init"] == "none"  # no ImageNet weights here: the card says "from scratch"
         assert set(meta["split"]["val"]).isdisjoint(meta["split"]["train"])
     assert pipeline.metadata["classifier"]["dtype"] == "bfloat16"
-    assert pipeline.operating_point["tuned_on"]["patients"] == pipeline.metadata["segmenter"]["split"]["val"]
+    assert pipeline.record["tuned_on"]["patients"] == pipeline.metadata["segmenter"]["split"]["val"]
 
 
 def test_bundled_pipeline_predicts_a_synthetic_volume(pipeline, tmp_path):

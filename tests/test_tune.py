@@ -8,6 +8,7 @@ import pytest
 
 from flaxtumor.inference import Pipeline
 from flaxtumor.evaluate import jsonable
+from flaxtumor.operating_point import OperatingPoint
 from flaxtumor.tune import choose, main, score
 from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
 
@@ -24,14 +25,17 @@ def test_score_follows_threshold_fusion_and_lcc():
     masks[2, 0, 0] = True  # a 1-px false positive, far from the tumour
     raw = [_patient([0.1, 0.3, 0.9], masks, truth)]
 
+    def at(threshold, area, lcc):
+        return OperatingPoint(threshold=threshold, min_tumour_area=area, postprocess="largest_component" if lcc else "none")
+
     # classifier alone at 0.5 keeps only slice 2 (the false positive): Dice 0
-    assert score(raw, 0.5, 0.0, lcc=False)["per_patient_dice_mean"] == 0.0
+    assert score(raw, at(0.5, 0.0, lcc=False))["per_patient_dice_mean"] == 0.0
     # at 0.2 both slices pass: Dice = 2*16 / (17 + 16)
-    assert score(raw, 0.2, 0.0, lcc=False)["per_patient_dice_mean"] == pytest.approx(32 / 33)
+    assert score(raw, at(0.2, 0.0, lcc=False))["per_patient_dice_mean"] == pytest.approx(32 / 33)
     # LCC removes the isolated pixel
-    assert score(raw, 0.2, 0.0, lcc=True)["per_patient_dice_mean"] == 1.0
+    assert score(raw, at(0.2, 0.0, lcc=True))["per_patient_dice_mean"] == 1.0
     # the fused gate rescues slice 1 at 0.5 (area 16/64 ≥ 0.1); LCC then drops slice 2's pixel
-    fused = score(raw, 0.5, 0.1, lcc=True)
+    fused = score(raw, at(0.5, 0.1, lcc=True))
     assert fused["per_patient_dice_mean"] == 1.0
     assert fused["detection_sensitivity"] == 1.0 and fused["detection_specificity"] == 0.5
 
@@ -43,8 +47,8 @@ def test_cli_tunes_on_validation_patients_and_the_pipeline_reads_it(tiny, tmp_pa
     point = json.loads((checkpoints / "pipeline.json").read_text())
     assert point["tuned_on"]["patients"] == list(tiny.val)
     assert {r["name"] for r in point["ablation"]} >= {"segmenter alone (no gate)", "chosen operating point"}
-    pipeline = Pipeline.from_checkpoints(checkpoints)
-    assert (pipeline.threshold, pipeline.lcc, pipeline.tta, pipeline.min_tumour_area) == (
+    p = Pipeline.from_checkpoints(checkpoints).point
+    assert (p.threshold, p.lcc, p.tta, p.min_tumour_area) == (
         point["threshold"], point["lcc"], point["tta"], point["min_tumour_area"])
 
 

@@ -53,7 +53,8 @@ FIELDS = {
     "schedule": "train.schedule",
     "weight_decay": "train.weight_decay",
     "grad_clip": "train.grad_clip",
-    "threshold": "train.threshold",
+    "cls_threshold": "train.cls_threshold",
+    "mask_threshold": "train.mask_threshold",
     "save_every": "train.save_every_steps",
     "export_dir": "train.export_dir",
     "save_bf16": "train.save_bf16",
@@ -134,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"warmup + cosine decay, or one-cycle (default {d.train.schedule})")
     a("--weight-decay", type=float, metavar="WD", help=f"AdamW decay on kernels (default {d.train.weight_decay:g})")
     a("--grad-clip", type=float, metavar="NORM", help=f"global-norm gradient clipping (default {d.train.grad_clip})")
-    a("--threshold", type=float, help=f"probability threshold for metrics and inference (default {d.train.threshold})")
+    a("--cls-threshold", type=float, metavar="T",
+      help=f"cls: tumour-probability threshold for metrics and inference (default {d.train.cls_threshold})")
+    a("--mask-threshold", type=float, metavar="T",
+      help=f"seg: mask-probability threshold for metrics and inference (default {d.train.mask_threshold})")
     a = p.add_argument_group("model and data").add_argument
     a("--backbone", choices=["resnet50", "resnet_tiny"], help="cls backbone (resnet_tiny: tests only)")
     a("--widths", type=_widths, metavar="W1,W2,...",
@@ -230,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flaxtumor.data.lgg import resolve_root
     from flaxtumor.models import WeightsError
     from flaxtumor.train import loop
-    from flaxtumor.train.checkpoint import CheckpointError
+    from flaxtumor.checkpoints import CheckpointError
     from flaxtumor.train.sharding import initialize_distributed
 
     try:

@@ -37,7 +37,8 @@ from flaxtumor.data.preprocess import Preprocessing
 from flaxtumor.models import build_model
 from flaxtumor.models.classifier import load_backbone, set_phase
 from flaxtumor.train import sharding
-from flaxtumor.train.checkpoint import TrainCheckpoints, export_inference, init_from
+from flaxtumor.checkpoints import export_inference, init_from
+from flaxtumor.train.checkpoint import TrainCheckpoints
 from flaxtumor.train.losses import LossFn, make_loss
 from flaxtumor.train.validation import SELECTION_METRIC, evaluate, format_metrics, selection_score
 
@@ -524,7 +525,8 @@ def export(run: Run) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "task": tcfg.task,
         "preprocessing": Preprocessing(cfg.data.image_size, cfg.data.normalisation).to_dict(),
-        "threshold": tcfg.threshold,
+        # the task's own threshold: a classifier's tumour probability, a segmenter's mask probability
+        "threshold": tcfg.cls_threshold if tcfg.task == "cls" else tcfg.mask_threshold,
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",
         "init_from": tcfg.init_from,
         "split": run.split.to_dict(),

@@ -35,7 +35,7 @@ def predict(
         batch = sharding.shard_batch({k: local[k] for k in keys}, mesh)
         probs = eval_step(model, batch["image"])
         if cfg.train.task == "seg":
-            probs = probs[..., 0] >= cfg.train.threshold  # threshold on device: a quarter of the bytes to host
+            probs = probs[..., 0] >= cfg.train.mask_threshold  # threshold on device: a quarter of the bytes to host
         targets = {k: sharding.to_host(batch[k]) for k in ("valid", "label", "mask")} if shard_count > 1 else local
         valid = targets["valid"]
         outputs.append(sharding.to_host(probs)[valid])
@@ -51,7 +51,7 @@ def evaluate(
     slices = [s for p in patients for s in p.slices]
     outputs, targets = predict(model, eval_step, slices, cfg, batch_size, mesh)
     if cfg.train.task == "cls":
-        m = M.classification_metrics(outputs, targets["label"], cfg.train.threshold)
+        m = M.classification_metrics(outputs, targets["label"], cfg.train.cls_threshold)
         return {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "auc")}
     preds, truth, start = {}, {}, 0
     for p in patients:

@@ -10,7 +10,7 @@ from flax import nnx
 
 from flaxtumor.models import build_model
 from flaxtumor.train import sharding
-from flaxtumor.train.checkpoint import CheckpointError, export_inference, load_inference
+from flaxtumor.checkpoints import CheckpointError, export_inference, load_inference
 from tests.train.helpers import tiny_config
 
 
@@ -99,7 +99,7 @@ def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
 
     from flaxtumor.config import Config
     from flaxtumor.models import build_model
-    from flaxtumor.train.checkpoint import CheckpointError, export_inference, init_from
+    from flaxtumor.checkpoints import CheckpointError, export_inference, init_from
 
     cfg = Config().override(**{"train.task": "seg", "model.resunet_widths": (4, 8)})
     source = build_model(cfg, nnx.Rngs(1))

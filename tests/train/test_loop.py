@@ -10,7 +10,7 @@ import pytest
 from flaxtumor.data.lgg import load_dataset, select
 from flaxtumor.data.pipeline import eval_batches
 from flaxtumor.train import loop
-from flaxtumor.train.checkpoint import load_inference
+from flaxtumor.checkpoints import load_inference
 from tests.train.helpers import tiny_config
 
 

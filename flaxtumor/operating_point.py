@@ -1,0 +1,211 @@
+"""The pipeline's operating point: one frozen type, read, validated and written in one place (`pipeline.json`).
+
+An `OperatingPoint` says how the classifier's probabilities and the segmenter's masks become a slice's verdict and its
+final mask:
+
+- `threshold`: a slice is flagged by the classifier when its tumour probability is ≥ this (`math.inf`: the classifier
+  is off, no slice is flagged by it);
+- `min_tumour_area`: the fused gate; > 0 also flags a slice whose segmenter mask covers at least this fraction of it;
+- `mask_threshold`: the segmenter's per-pixel probability;
+- `postprocess`: the rule applied to a patient's gated masks, by name (`POSTPROCESS_RULES`): "none" or
+  "largest_component" (3D largest connected component);
+- `tta`: average each model's output over the image and its horizontal flip;
+- `gate`: empty the masks of slices that are not flagged (off: the segmenter's masks are kept everywhere).
+
+`gate_and_postprocess` is the single function that turns raw outputs into slice calls and final masks; the pipeline,
+`evaluate` and `tune` all call it. `verdicts` turns a final mask and the classifier's call into the slice's verdict,
+which always agrees with the mask: "tumour" exactly when a region is outlined.
+
+Nothing changes a point in place: use `dataclasses.replace(point, threshold=0.3)` or `point.override(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+OPERATING_POINT_FILE = "pipeline.json"
+
+TUMOUR, SUSPICIOUS, NO_TUMOUR = "tumour", "suspicious", "no tumour"
+VERDICT_MEANINGS = {
+    TUMOUR: "a tumour region is outlined on this slice",
+    SUSPICIOUS: "the classifier flags this slice, but no region is outlined: look at it yourself",
+    NO_TUMOUR: "the classifier does not flag this slice and no region is outlined",
+}
+
+
+def largest_connected_component(volume: np.ndarray) -> np.ndarray:
+    """Keeps the largest 3D component of a (D, H, W) bool volume (26-connectivity: slices are thick, so a tumour
+    may only touch its neighbour slice diagonally)."""
+    labels, n = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return volume.astype(bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+# Post-processing rules by name: (D, H, W) bool volume of gated masks -> the final volume. Add rules here.
+POSTPROCESS_RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "none": lambda volume: volume,
+    "largest_component": largest_connected_component,
+}
+_FIELDS = {"threshold": float, "min_tumour_area": float, "mask_threshold": float, "postprocess": str, "tta": bool,
+           "gate": bool}
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    threshold: float = 0.5
+    min_tumour_area: float = 0.0
+    mask_threshold: float = 0.5
+    postprocess: str = "none"
+    tta: bool = False
+    gate: bool = True
+
+    def __post_init__(self) -> None:
+        for name, kind in _FIELDS.items():
+            value = getattr(self, name)
+            ok = isinstance(value, bool) if kind is bool else isinstance(value, str) if kind is str else (
+                isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_)))
+            if not ok:
+                raise ValueError(f"{name!r} must be a {kind.__name__}, got {value!r}")
+            if kind is float:
+                object.__setattr__(self, name, float(value))
+        if not (0.0 <= self.threshold <= 1.0 or self.threshold == math.inf):
+            raise ValueError(f"'threshold' must lie in [0, 1] (or be inf: classifier off), got {self.threshold!r}")
+        for name in ("min_tumour_area", "mask_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name!r} must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.postprocess not in POSTPROCESS_RULES:
+            raise ValueError(f"'postprocess' must be one of {sorted(POSTPROCESS_RULES)}, got {self.postprocess!r}")
+
+    @property
+    def lcc(self) -> bool:
+        """Whether the post-processing keeps the largest 3D component."""
+        return self.postprocess == "largest_component"
+
+    def override(self, **changes: Any) -> "OperatingPoint":
+        """A copy with the given fields changed; a None value keeps the field. `lcc=True/False` is accepted as a
+        shorthand for `postprocess="largest_component"/"none"` (the CLIs' --lcc flag)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "lcc" in changes:
+            changes["postprocess"] = "largest_component" if changes.pop("lcc") else "none"
+        unknown = set(changes) - set(_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown operating-point field(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as `pipeline.json` stores them: the two original rules as `"lcc": true/false` (the format every
+        version reads), any other rule as `"postprocess": NAME`."""
+        d = dataclasses.asdict(self)
+        if self.postprocess in ("none", "largest_component"):
+            d["lcc"] = self.lcc
+            del d["postprocess"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], defaults: "OperatingPoint | None" = None) -> "OperatingPoint":
+        """The operating-point keys of `d` over `defaults`; other keys (provenance such as `tuned_on`) are ignored.
+        A file written before `postprocess` existed says `"lcc": true/false`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        changes = {k: d[k] for k in _FIELDS if k in d}
+        if "lcc" in d:
+            if not isinstance(d["lcc"], bool):
+                raise ValueError(f"'lcc' must be a bool, got {d['lcc']!r}")
+            rule = "largest_component" if d["lcc"] else "none"
+            if changes.get("postprocess", rule) != rule:
+                raise ValueError(f"'lcc' ({d['lcc']}) contradicts 'postprocess' ({changes['postprocess']!r})")
+            changes["postprocess"] = rule
+        base = defaults or cls()
+        return dataclasses.replace(base, **changes)
+
+
+def read_operating_point(dir: str | Path, defaults: OperatingPoint | None = None) -> tuple[OperatingPoint, dict]:
+    """(the point in DIR/pipeline.json over `defaults`, the file's whole content for the record: provenance,
+    validation scores, ablation). No file: (`defaults`, {}). A malformed file is an error naming it."""
+    path = Path(dir) / OPERATING_POINT_FILE
+    defaults = defaults or OperatingPoint()
+    if not path.is_file():
+        return defaults, {}
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the operating point ({e})") from None
+    try:
+        return OperatingPoint.from_dict(content, defaults), content
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def write_operating_point(path: str | Path, point: OperatingPoint, **record: Any) -> Path:
+    """Writes `point` plus `record` (provenance, scores, ablation; strict JSON, nan/inf as null) to `path`."""
+    path = Path(path)
+    clash = set(record) & (set(_FIELDS) | {"lcc"})
+    if clash:
+        raise ValueError(f"the record repeats operating-point field(s) {sorted(clash)}")
+    content = {**point.to_dict(), **record}
+    path.write_text(json.dumps(_jsonable(content), indent=2) + "\n")
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From raw model outputs to calls, masks and verdicts: the one code path of the pipeline, evaluate and tune
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def slice_calls(probabilities: np.ndarray, masks: Sequence[np.ndarray], threshold: float, min_tumour_area: float
+                ) -> np.ndarray:
+    """(N,) bool: the classifier's probability clears `threshold`, or (fused gate, `min_tumour_area` > 0) the
+    segmenter's mask covers at least that fraction of the slice. Sizes may differ between slices."""
+    calls = np.asarray(probabilities) >= threshold
+    if min_tumour_area > 0:
+        calls |= np.array([np.asarray(m).mean() >= min_tumour_area for m in masks], bool)
+    return calls
+
+
+def gate_and_postprocess(probabilities: np.ndarray, masks: np.ndarray | Sequence[np.ndarray], point: OperatingPoint
+                         ) -> tuple[np.ndarray, np.ndarray | list[np.ndarray]]:
+    """(N,) tumour probabilities and N ungated segmenter masks → (slice calls (N,), final masks): slices not called
+    are emptied when `point.gate`, then `point.postprocess` runs over the stack as one volume. Masks given as one
+    (N, H, W) array come back as one; masks given as a list (sizes may differ) come back as a list, and then only
+    the rule "none" is possible."""
+    as_array = isinstance(masks, np.ndarray)
+    masks = np.asarray(masks, bool) if as_array else [np.asarray(m, bool) for m in masks]
+    calls = slice_calls(probabilities, masks, point.threshold, point.min_tumour_area)
+    if point.gate:
+        masks = masks & calls[:, None, None] if as_array else [m & c for m, c in zip(masks, calls)]
+    if point.postprocess == "none" or len(masks) == 0:
+        return calls, masks
+    if not as_array:
+        if len({m.shape for m in masks}) != 1:
+            raise ValueError(f"post-processing {point.postprocess!r} needs a volume of one slice size")
+        return calls, list(POSTPROCESS_RULES[point.postprocess](np.stack(masks)))
+    return calls, POSTPROCESS_RULES[point.postprocess](masks)
+
+
+def verdicts(classifier_calls: Sequence[bool], masks: Sequence[np.ndarray]) -> list[str]:
+    """Per slice: "tumour" when its final mask outlines a region, else "suspicious" when the classifier flags it,
+    else "no tumour". The verdict never contradicts the mask."""
+    return [TUMOUR if np.any(m) else SUSPICIOUS if c else NO_TUMOUR for c, m in zip(classifier_calls, masks)]
