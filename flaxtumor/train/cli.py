@@ -230,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here so `--help` and flag errors stay instant (no jax start-up).
     import jax
 
+    from flaxtumor.runtime import enable_compilation_cache
+
+    enable_compilation_cache()  # a resumed or repeated run skips compiling its train and eval steps
     from flaxtumor.data.io import DataError
     from flaxtumor.data.lgg import resolve_root
     from flaxtumor.models import WeightsError
