@@ -77,8 +77,9 @@ def raw_outputs(pipeline: Pipeline, patients: Sequence[Patient]) -> dict[bool, l
     return {tta: _raw_outputs(pipeline, volumes, tta) for tta in (False, True)}
 
 
-def tune(pipeline: Pipeline, patients: Sequence[Patient]) -> dict[str, Any]:
-    return choose(raw_outputs(pipeline, patients), pipeline.point.mask_threshold, [p.patient_id for p in patients])
+def tune(pipeline: Pipeline, patients: Sequence[Patient], thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+    return choose(raw_outputs(pipeline, patients), pipeline.point.mask_threshold, [p.patient_id for p in patients],
+                  thresholds)
 
 
 def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float, patient_ids: Sequence[str],
@@ -139,7 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="kaggle_3m folder (or its parent), or 'synthetic'")
     ap.add_argument("--checkpoints", default="checkpoints", type=Path, help="folder with classifier/ and segmenter/")
     ap.add_argument("--out", type=Path, default=None, help=f"where to write (default: CHECKPOINTS/{OPERATING_POINT_FILE})")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS), metavar="T",
+                    help="the classifier thresholds to search (default: 0.05, 0.10, ..., 0.95)")
     args = ap.parse_args(argv)
+    if not all(0.0 <= t <= 1.0 for t in args.thresholds):
+        print(f"error: --thresholds must lie in [0, 1], got {args.thresholds}", file=sys.stderr)
+        return 2
     if problem := missing_checkpoints(args.checkpoints):
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -156,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    point = tune(pipeline, patients)
+    point = tune(pipeline, patients, sorted(set(args.thresholds)))
     out = args.out or args.checkpoints / OPERATING_POINT_FILE
     chosen = OperatingPoint.from_dict(point)
     write_operating_point(out, chosen, **{k: v for k, v in point.items() if k not in chosen.to_dict()})

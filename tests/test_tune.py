@@ -87,3 +87,13 @@ def test_ablation_shows_the_segmenter_alone_with_lcc_and_the_classifier_off():
 def test_cli_names_the_checkpoints_flag_when_the_folder_is_missing(tmp_path, capsys):
     assert main(["--data", "synthetic", "--checkpoints", str(tmp_path / "none")]) == 2
     assert "--checkpoints" in capsys.readouterr().err
+
+
+def test_cli_searches_the_thresholds_it_is_given(tiny, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "wide.json"
+    base = ["--data", str(tiny.data), "--checkpoints", str(tiny.checkpoints), "--out", str(out)]
+    assert main(base + ["--thresholds", "0.6", "0.02", "0.6"]) == 0
+    point = json.loads(out.read_text())
+    assert point["tuned_on"]["grid"]["threshold"] == [0.02, 0.6] and point["threshold"] in (0.02, 0.6)
+    assert main(base + ["--thresholds", "1.5"]) == 2
+    assert "--thresholds must lie in [0, 1]" in capsys.readouterr().err
