@@ -12,7 +12,9 @@ Three views:
 - classifier: every slice, tumour = any mask pixel;
 - segmenter alone: the tumour slices only, ungated, no LCC (and, under `all_slices`, every slice: what training's
   validation reports);
-- pipeline: classifier gate → segmenter → optional LCC over all slices of each patient. Headline: per-patient
+- pipeline: classifier gate → segmenter → optional LCC over all slices of each patient; its `verdict` block scores
+  what a user is told (tumour = a mask is drawn; suspicious = flagged by the classifier, nothing drawn) against the
+  truth, beside the raw classifier (`classifier`) and the pre-post-processing calls (`detection`). Headline: per-patient
   volumetric Dice (patients with no tumour in truth and none predicted are listed, not scored); tumour-slice Dice
   (empty-vs-empty slices excluded, never 1); pooled Dice/IoU/pixel accuracy over every pixel, labelled "pooled".
 """
@@ -96,7 +98,7 @@ def evaluate_patients(
     """(metrics, plot data) for the pipeline at `point` (default: its own) on these patients; see the module
     docstring for the three views."""
     point = point or pipeline.point
-    probs_all, labels_all, calls_all = [], [], []
+    probs_all, labels_all, calls_all, drawn_all = [], [], [], []
     seg_dice, seg_iou, seg_counts = [], [], metrics.PixelCounts()
     ungated_dice, ungated_counts, ungated_per_patient = [], metrics.PixelCounts(), {}
     slice_dice, slice_iou, pipe_counts = [], [], metrics.PixelCounts()
@@ -111,6 +113,7 @@ def evaluate_patients(
         probs_all.append(probs)
         labels_all.append(labels)
         calls_all.append(calls)
+        drawn_all.append(final.any(axis=(1, 2)))
 
         tumour = np.flatnonzero(labels)  # segmenter alone, on the tumour slices
         seg_dice += [metrics.dice(seg_vol[i], target_vol[i]) for i in tumour]
@@ -138,6 +141,16 @@ def evaluate_patients(
     # The pipeline's slice calls: the classifier's alone, or fused with the segmenter's area (min_tumour_area > 0).
     detection = metrics.classification_metrics(np.concatenate(calls_all).astype(float), labels, 0.5)
     detection = {k: detection[k] for k in ("accuracy", "precision", "recall", "specificity", "f1", "tn", "fp", "fn", "tp")}
+    # The verdict a user sees: "tumour" exactly when a mask is drawn (after gating and post-processing); "suspicious"
+    # when the classifier flags the slice and nothing is drawn. Scored as tumour vs not, with the verdicts counted.
+    drawn = np.concatenate(drawn_all)
+    flagged = probs >= point.threshold
+    verdict = metrics.classification_metrics(drawn.astype(float), labels, 0.5)
+    verdict = {k: verdict[k] for k in ("accuracy", "precision", "recall", "specificity", "f1", "tn", "fp", "fn", "tp")}
+    suspicious = flagged & ~drawn
+    verdict["counts"] = {"tumour": int(drawn.sum()), "suspicious": int(suspicious.sum()),
+                         "no tumour": int((~drawn & ~flagged).sum())}
+    verdict["suspicious_with_tumour_in_truth"] = int((suspicious & labels).sum())
     result = {
         "classifier": classifier,
         "segmenter": {
@@ -153,7 +166,8 @@ def evaluate_patients(
             },
         },
         "pipeline": {
-            "detection": detection,
+            "detection": detection,  # slice calls before post-processing: the classifier's, or fused with the area
+            "verdict": verdict,
             "per_patient_dice": metrics.summarise_patient_dice(per_patient),
             "per_patient": per_patient,
             "tumour_slice_dice": metrics.mean_over_scored(slice_dice),

@@ -36,7 +36,8 @@ from flaxtumor.operating_point import (
 
 __all__ = [
     "SlicePrediction", "Pipeline", "as_rgb", "gate_and_postprocess", "largest_connected_component",
-    "read_operating_point", "slice_calls", "OperatingPoint", "OPERATING_POINT_FILE",
+    "read_operating_point", "slice_calls", "OperatingPoint", "OPERATING_POINT_FILE", "input_warning",
+    "looks_like_mask", "GRAY_WARNING", "MASK_REFUSAL",
 ]
 
 if TYPE_CHECKING:  # orbax loads only with the checkpoints (start-up time)
@@ -70,6 +71,31 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[-1] in (3, 4):
         return np.ascontiguousarray(a[..., :3])
     raise ValueError(f"unsupported image shape {a.shape} (expected HxW, HxWx1, HxWx3 or HxWx4)")
+
+
+GRAY_WARNING = ("all three channels are equal (a grayscale image): the model expects the 3-channel "
+                "pre-contrast/FLAIR/post-contrast composite, so this result is unreliable")
+
+
+def input_warning(image: np.ndarray) -> str | None:
+    """A warning for a slice the model cannot read as intended (all channels equal, e.g. one FLAIR image), else
+    None. Gray inputs are replicated to 3 channels and still predicted; the warning says the result is unreliable."""
+    a = np.asarray(image)
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 1):
+        return GRAY_WARNING
+    if a.ndim == 3 and a.shape[-1] >= 3 and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
+        return GRAY_WARNING
+    return None
+
+
+def looks_like_mask(image: np.ndarray) -> bool:
+    """A binary mask rather than an MRI slice: only 0 and one other value (in every channel), with both present."""
+    values = np.unique(np.asarray(image)[..., :3] if np.asarray(image).ndim == 3 else np.asarray(image))
+    return len(values) == 2 and values[0] == 0
+
+
+MASK_REFUSAL = ("looks like a segmentation mask, not an MRI slice (only two values: 0 and one other); upload the "
+                "slice itself (files named *_mask.* are masks)")
 
 
 class _Runner:

@@ -2,16 +2,18 @@
 
 Output contract (scripts depend on it):
 - `DIR/<image stem>_pred.png` for every readable input: uint8 0/255, the same height and width as that input;
-- `DIR/predictions.csv`, header `image,tumour_probability,has_tumour,tumour_pixels`: one row per written mask, in
-  input order; `image` is the resolved path, `has_tumour` 1 exactly when a mask is drawn, `tumour_pixels` the mask's count.
+- `DIR/predictions.csv`, header `image,tumour_probability,has_tumour,tumour_pixels,verdict,classifier_call,patient,
+  warning`: one row per written mask, in input order (see `CSV_HEADER` and the README for each column).
 
 INPUTs are image files and/or folders searched recursively; files named `*_mask.*` are never inputs. Two inputs with
 the same stem are refused before any work. An unreadable input is reported by name; the others are still written and
 the exit status is 1, with the failures listed. Usage errors (duplicate stems, no inputs, bad checkpoints) exit 2.
 
-Slices are grouped into patient volumes when a folder holds kaggle_3m-style slices (`<folder name>_<n>.<ext>`, one
-size): they are predicted with `Pipeline.predict_volume`, which normalises `volume_zscore` models with the volume's
-statistics as in training and allows `--lcc`. Everything else is predicted slice by slice.
+Slices are grouped into patient volumes: a folder whose every slice is `<folder name>_<n>.<ext>`, and, in any folder,
+the slices named with one kaggle-style patient prefix (`TCGA_XX_NNNN_YYYYMMDD_<n>`). Each volume is predicted on its own
+with `Pipeline.predict_volume` (volume normalisation as in training, its own post-processing, e.g. `--lcc`).
+Everything else is predicted slice by slice. A slice whose channels are all equal is predicted with a warning (stderr
+and the `warning` column); an image with only two values (0 and one other) is refused as a mask.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from PIL import Image
 from flaxtumor.data.io import IMAGE_SUFFIXES, DataError, is_mask_name, natural_key, read_image
 from flaxtumor.runtime import enable_compilation_cache, process_seconds
 
-CSV_HEADER = ("image", "tumour_probability", "has_tumour", "tumour_pixels")
+# image: the resolved input path; tumour_probability: the classifier's P(tumour); has_tumour: 1 exactly when a mask is
+# drawn (tumour_pixels > 0); tumour_pixels: the mask's pixel count; verdict: tumour / suspicious / no tumour;
+# classifier_call: 1 when tumour_probability >= the threshold; patient: the volume the slice was predicted in (empty
+# for a loose slice); warning: why the result may be unreliable (empty when none).
+CSV_HEADER = ("image", "tumour_probability", "has_tumour", "tumour_pixels", "verdict", "classifier_call", "patient",
+              "warning")
+KAGGLE_PATIENT = re.compile(r"(TCGA_[A-Za-z0-9]{2}_[A-Za-z0-9]{4}_\d{8})_(\d+)")
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
@@ -73,7 +81,8 @@ def duplicate_stems(files: Sequence[Path]) -> list[str]:
 @dataclass(frozen=True)
 class Group:
     files: tuple[Path, ...]
-    volume: bool  # a kaggle_3m patient folder, in slice order
+    volume: bool  # one patient's slices, in slice order
+    patient: str = ""  # the volume's patient: its kaggle-style prefix or folder name
 
 
 def _slice_number(path: Path) -> int | None:
@@ -82,18 +91,30 @@ def _slice_number(path: Path) -> int | None:
 
 
 def group_volumes(files: Sequence[Path], batch_size: int) -> list[Group]:
-    """Patient volumes (folders whose every input is `<folder>_<n>`) and batches of the remaining loose slices."""
+    """Patient volumes (folders whose every input is `<folder>_<n>`; else, within a folder, the slices that share a
+    kaggle-style patient prefix), each its own group, and batches of the remaining loose slices."""
     by_folder: dict[Path, list[Path]] = {}
     for p in files:
         by_folder.setdefault(p.parent, []).append(p)
     groups: list[Group] = []
     loose: list[Path] = []
-    for folder_files in by_folder.values():
+    for folder, folder_files in by_folder.items():
         numbers = [_slice_number(p) for p in folder_files]
         if len(folder_files) > 1 and None not in numbers:
-            groups.append(Group(tuple(p for _, p in sorted(zip(numbers, folder_files))), volume=True))
-        else:
-            loose.extend(folder_files)
+            groups.append(Group(tuple(p for _, p in sorted(zip(numbers, folder_files))), True, folder.name))
+            continue
+        by_patient: dict[str, list[tuple[int, Path]]] = {}
+        for p in folder_files:
+            m = KAGGLE_PATIENT.fullmatch(p.stem)
+            if m:
+                by_patient.setdefault(m.group(1), []).append((int(m.group(2)), p))
+            else:
+                loose.append(p)
+        for patient, numbered in by_patient.items():
+            if len(numbered) > 1:
+                groups.append(Group(tuple(p for _, p in sorted(numbered)), True, patient))
+            else:
+                loose.append(numbered[0][1])
     groups += [Group(tuple(loose[i : i + batch_size]), volume=False) for i in range(0, len(loose), batch_size)]
     return groups
 
@@ -199,6 +220,8 @@ def _predict_all(pipeline, files: list[Path], failures: list[str], args: argpars
     `failures`). Reading and writing count as "write", the models and post-processing as "compute"."""
     from tqdm import tqdm
 
+    from flaxtumor.inference import MASK_REFUSAL, input_warning, looks_like_mask
+
     args.out.mkdir(parents=True, exist_ok=True)
     rows: dict[Path, tuple] = {}
     with tqdm(total=len(files), unit="slice", desc="predict", disable=None) as bar:
@@ -206,7 +229,10 @@ def _predict_all(pipeline, files: list[Path], failures: list[str], args: argpars
             images, readable = [], []
             for path in group.files:
                 try:
-                    images.append(read_image(path))
+                    image = read_image(path)
+                    if looks_like_mask(image):
+                        raise DataError(path, MASK_REFUSAL)
+                    images.append(image)
                     readable.append(path)
                 except DataError as e:
                     failures.append(str(e))
@@ -219,13 +245,20 @@ def _predict_all(pipeline, files: list[Path], failures: list[str], args: argpars
             else:
                 preds = pipeline.predict_slices(images)
             timer.lap("compute")
-            for path, pred in zip(readable, preds):
+            for path, image, pred in zip(readable, images, preds):
                 write_mask(pred.mask, args.out / f"{path.stem}_pred.png")
+                warning = input_warning(image) or ""
+                if warning:
+                    print(f"warning: {path}: {warning}", file=sys.stderr)
                 rows[path] = (
                     str(path.resolve()),
                     f"{pred.tumour_probability:.6f}",
                     int(pred.has_tumour),
                     int(np.count_nonzero(pred.mask)),
+                    pred.verdict,
+                    int(pred.classifier_call),
+                    group.patient if group.volume else "",
+                    warning,
                 )
             bar.update(len(readable))
             timer.lap("write")

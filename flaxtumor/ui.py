@@ -45,7 +45,8 @@ from scipy import ndimage
 from flaxtumor.app_errors import bool_field, md_code, number_field, user_errors
 from flaxtumor.app_state import BrowserStore, Housekeeping, RequestDirs, UploadJanitor, private_root
 from flaxtumor.data.io import IMAGE_SUFFIXES, is_mask_name, natural_key, read_mask
-from flaxtumor.operating_point import OperatingPoint
+from flaxtumor.inference import GRAY_WARNING, MASK_REFUSAL, input_warning, looks_like_mask
+from flaxtumor.operating_point import VERDICT_MEANINGS, OperatingPoint
 from flaxtumor.uploads import UploadError, UploadedImage, UploadLimits, load_many, load_single
 
 NOTICE = (
@@ -166,8 +167,63 @@ def _stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem)[:100] or "slice"
 
 
-def _verdict(has_tumour: bool) -> str:
-    return "tumour" if has_tumour else "no tumour"
+def _check_slices(uploads: Sequence[UploadedImage]) -> None:
+    """Refuses an upload that is a segmentation mask rather than a slice (only 0 and one other value)."""
+    for u in uploads:
+        if looks_like_mask(u.image):
+            raise UploadError(f"{u.name}: {MASK_REFUSAL}.")
+
+
+UPLOADED = "uploaded"  # the patient of loose files without a kaggle-style patient prefix
+# predict's CSV columns (flaxtumor.predict.CSV_HEADER), plus the app's extras: slice number and % of brain
+PATIENT_COLUMNS = ("slice", "patient", "image", "tumour_probability", "has_tumour", "tumour_pixels", "verdict",
+                   "classifier_call", "warning", "tumour_pct_of_brain")
+
+
+def group_patients(uploads: Sequence[UploadedImage]) -> dict[str, list[UploadedImage]]:
+    """Patients in upload order: each zip is one patient (named after the zip), loose files are grouped by their
+    kaggle-style patient prefix (TCGA_XX_NNNN_YYYYMMDD), and the rest form one "uploaded" volume."""
+    from flaxtumor.predict import KAGGLE_PATIENT
+
+    groups: dict[str, list[UploadedImage]] = {}
+    for u in uploads:
+        top = u.name.split("/")[0]
+        if "/" in u.name and top.lower().endswith(".zip"):
+            patient = top
+        else:
+            m = KAGGLE_PATIENT.fullmatch(Path(u.name).stem)
+            patient = m.group(1) if m else UPLOADED
+        groups.setdefault(patient, []).append(u)
+    return groups
+
+
+def _patient_row(index: int, patient: str, u: UploadedImage, p: Any) -> dict[str, Any]:
+    area_px, area_pct = tumour_area(p.mask, brain_mask(u.image))
+    return {"slice": index, "patient": patient, "image": u.name,
+            "tumour_probability": round(float(p.tumour_probability), 4), "has_tumour": int(p.has_tumour),
+            "tumour_pixels": area_px, "verdict": p.verdict, "classifier_call": int(p.classifier_call),
+            "warning": input_warning(u.image) or "",
+            "tumour_pct_of_brain": None if area_pct is None else round(area_pct, 3)}
+
+
+def _patient_summary(patient: str, rows: list[dict[str, Any]], shape: tuple[int, ...], spacing: float | None,
+                     thickness: float | None) -> str:
+    h, w = shape[:2]
+    tumour = [r["slice"] for r in rows if r["verdict"] == "tumour"]
+    suspicious = [r["slice"] for r in rows if r["verdict"] == "suspicious"]
+    burden = sum(r["tumour_pixels"] for r in rows)
+    mm3 = (f" = {burden * spacing**2 * thickness:.1f} mm³ (pixel spacing {spacing} mm, slice thickness {thickness} mm)"
+           if spacing and thickness else " (give the pixel spacing and the slice thickness for mm³)")
+    gray = sum(1 for r in rows if r["warning"])
+    warn = f"\n\n{_warning_md(f'{gray} slice(s) of this patient: {GRAY_WARNING}')}" if gray else ""
+    return (f"**Patient {md_code(patient)}**: {len(rows)} slices ({w}x{h} px). **Tumour outlined** on slices: "
+            f"{', '.join(map(str, tumour)) or 'none'} ({len(tumour)} of {len(rows)}); **suspicious** (flagged by the "
+            f"classifier, nothing outlined): {', '.join(map(str, suspicious)) or 'none'}. **Tumour burden:** "
+            f"{burden} px{mm3}.{warn}")
+
+
+def _warning_md(warning: str | None) -> str:
+    return f"⚠️ **Warning: {warning}.**\n\n" if warning else ""
 
 
 def _one_size(uploads: Sequence[UploadedImage]) -> None:
@@ -306,7 +362,7 @@ class App:
 
     def predict_slice(self, path: str | Path | None, threshold: float | None, lcc: bool) -> SliceResult:
         point = self._point(threshold, lcc)
-        upload = self._load([path], lambda: load_single(path, self.limits))
+        upload = self._load([path], lambda: self._read_slice(path))
         # A slice is a volume of one: LCC then keeps the largest 2D blob.
         (pred,) = self.pipeline.predict_volume([upload.image], point)
         with self._gradcam_lock:
@@ -321,11 +377,12 @@ class App:
             self.dirs.finish(out)
         h, w = pred.mask.shape
         details = (
+            f"{_warning_md(input_warning(upload.image))}**{pred.verdict}**: {VERDICT_MEANINGS[pred.verdict]}.\n\n"
             f"{md_code(upload.name)}: {w}x{h} px, brain area {int(brain.sum())} px; "
             f"threshold {point.threshold:.2f}, largest connected component {'on' if point.lcc else 'off'}."
         )
         return SliceResult(
-            verdict=_verdict(pred.has_tumour),
+            verdict=pred.verdict,
             probability=float(pred.tumour_probability),
             overlay=(upload.image, [(pred.mask.astype(np.float32), "tumour")]),
             area_px=area_px,
@@ -352,58 +409,51 @@ class App:
         spacing = number_field(spacing_mm, "Pixel spacing", 0.0, MAX_SPACING_MM, "mm", zero_is_unset=True)
         thickness = number_field(thickness_mm, "Slice thickness", 0.0, MAX_THICKNESS_MM, "mm", zero_is_unset=True)
         point = self._point(threshold, lcc)
-        uploads, skipped_masks = self._load(list(paths or []), lambda: self._read_patient(paths))
-        preds = self.pipeline.predict_volume([u.image for u in uploads], point)
-        rows = []
-        for i, (u, p) in enumerate(zip(uploads, preds), start=1):
-            area_px, area_pct = tumour_area(p.mask, brain_mask(u.image))
-            rows.append(
-                {
-                    "slice": i,
-                    "file": u.name,
-                    "tumour probability": round(float(p.tumour_probability), 4),
-                    "flagged": bool(p.has_tumour),
-                    "tumour area (px)": area_px,
-                    "tumour area (% of brain)": None if area_pct is None else round(area_pct, 3),
-                }
-            )
-        table = pd.DataFrame(rows)
+        groups, skipped_masks = self._load(list(paths or []), lambda: self._read_patient(paths))
+        rows, lines, names, images, masks, probs = [], [], [], [], [], []
+        for patient, uploads in groups.items():  # each patient its own volume: own normalisation and post-processing
+            preds = self.pipeline.predict_volume([u.image for u in uploads], point)
+            for u, p in zip(uploads, preds):
+                rows.append(_patient_row(len(rows) + 1, patient, u, p))
+                names.append(u.name if len(groups) == 1 else f"{patient}: {u.name}")
+                images.append(u.image)
+                masks.append(p.mask)
+                probs.append(p.tumour_probability)
+            lines.append(_patient_summary(patient, rows[-len(uploads):], uploads[0].image.shape, spacing, thickness))
+        table = pd.DataFrame(rows, columns=PATIENT_COLUMNS)
         out = self.dirs.new()
         try:
-            source = uploads[0].name.split("/")[0]  # "x.zip" for zip members
-            masks_zip = out / f"{_stem(source) if source.lower().endswith('.zip') else 'patient'}_masks.zip"
+            masks_zip = out / (f"{_stem(next(iter(groups)))}_masks.zip" if len(groups) == 1 else "patients_masks.zip")
             with zipfile.ZipFile(masks_zip, "w", zipfile.ZIP_DEFLATED) as zf:
-                for i, (u, p) in enumerate(zip(uploads, preds), start=1):
-                    zf.writestr(f"{i:03d}_{_stem(u.name)}_mask.png", mask_png_bytes(p.mask))
+                for row, mask in zip(rows, masks):  # one folder per patient
+                    zf.writestr(f"{_stem(row['patient'])}/{row['slice']:03d}_{_stem(row['image'])}_mask.png",
+                                mask_png_bytes(mask))
                 zf.writestr("predictions.csv", table.to_csv(index=False))
         finally:
             self.dirs.finish(out)
-        flagged = [r["slice"] for r in rows if r["flagged"]]
-        burden_px = int(table["tumour area (px)"].sum())
-        h, w = uploads[0].image.shape[:2]
-        lines = [
-            f"**{len(uploads)} slices** ({w}x{h} px){f', {skipped_masks} ground-truth mask file(s) skipped' if skipped_masks else ''}; "
-            f"threshold {point.threshold:.2f}, largest connected component {'on' if point.lcc else 'off'}.",
-            f"**Flagged slices** (tumour probability ≥ {point.threshold:.2f}): "
-            + (", ".join(map(str, flagged)) if flagged else "none")
-            + f" ({len(flagged)} of {len(uploads)}).",
-            f"**Total tumour burden:** {burden_px} px"
-            + (
-                f" = {burden_px * spacing**2 * thickness:.1f} mm³ (pixel spacing {spacing} mm, slice thickness {thickness} mm)."
-                if spacing and thickness
-                else " (give the pixel spacing and the slice thickness for mm³)."
-            ),
-        ]
-        probs = np.array([p.tumour_probability for p in preds])
-        token = self.browser.put([u.name for u in uploads], [u.image for u in uploads], [p.mask for p in preds], probs)
-        first = int(np.argmax(np.where([p.has_tumour for p in preds], probs, -1.0))) if flagged else 0
-        return PatientResult("\n\n".join(lines), table, masks_zip, token, len(uploads), first)
+        n = len(rows)
+        skipped = f", {skipped_masks} ground-truth mask file(s) skipped" if skipped_masks else ""
+        head = (f"**{len(groups)} patient{'s' if len(groups) > 1 else ''}, {n} slices**{skipped}; threshold "
+                f"{point.threshold:.2f}, largest connected component {'on' if point.lcc else 'off'} (per patient).")
+        legend = "Verdicts: " + "; ".join(f"**{v}**: {m}" for v, m in VERDICT_MEANINGS.items()) + "."
+        token = self.browser.put(names, images, masks, probs)
+        drawn = [i for i, r in enumerate(rows) if r["has_tumour"]]
+        first = max(drawn, key=lambda i: probs[i]) if drawn else 0
+        return PatientResult("\n\n".join([head, *lines, legend]), table, masks_zip, token, n, first)
 
-    def _read_patient(self, paths: Sequence[str | Path] | None) -> tuple[list[UploadedImage], int]:
+    def _read_slice(self, path: str | Path | None) -> UploadedImage:
+        upload = load_single(path, self.limits)
+        _check_slices([upload])
+        return upload
+
+    def _read_patient(self, paths: Sequence[str | Path] | None) -> tuple[dict[str, list[UploadedImage]], int]:
         with tempfile.TemporaryDirectory(prefix="in-", dir=private_root()) as workdir:  # zip members, gone at return
             uploads, skipped_masks = load_many(paths, self.limits, Path(workdir))
-        _one_size(uploads)
-        return uploads, skipped_masks
+        _check_slices(uploads)
+        groups = group_patients(uploads)
+        for group in groups.values():
+            _one_size(group)
+        return groups, skipped_masks
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -514,13 +564,21 @@ def build_demo(
                         heatmap = gr.Image(label="Grad-CAM of the classifier", type="numpy", format="png",
                                            interactive=False, height=IMAGE_HEIGHT)
             slice_outputs = [verdict, probability, overlay, area_px, area_pct, heatmap, mask_file, details]
+            def predict_slice(image: Any, threshold: float | None = pipeline.point.threshold,
+                              largest_component: bool = pipeline.point.lcc) -> tuple:
+                return _slice_outputs(app.predict_slice(image, threshold, largest_component))
+
+            def run_example(example: str | None, threshold: float | None = pipeline.point.threshold,
+                            largest_component: bool = pipeline.point.lcc) -> tuple:
+                return _slice_outputs(app.run_example(example, threshold, largest_component))
+
             slice_button.click(
-                user_errors(lambda f, t, c: _slice_outputs(app.predict_slice(f, t, c))),
+                user_errors(predict_slice),
                 [slice_file, threshold, lcc], slice_outputs, api_name="predict_slice", concurrency_id="slice",
                 concurrency_limit=concurrency_limit,
             )
             example_button.click(
-                user_errors(lambda n, t, c: _slice_outputs(app.run_example(n, t, c))),
+                user_errors(run_example),
                 [example, threshold, lcc], slice_outputs, api_name="example", concurrency_id="slice",
                 concurrency_limit=concurrency_limit,
             )
@@ -545,14 +603,16 @@ def build_demo(
                     browser_image = gr.AnnotatedImage(label="Slice viewer", color_map={"tumour": TUMOUR_COLOUR}, format="png",
                                                       height=IMAGE_HEIGHT)
                     with gr.Row():
-                        prob_plot = gr.LinePlot(x="slice", y="tumour probability", y_lim=[0, 1], label="Tumour probability per slice")
-                        area_plot = gr.LinePlot(x="slice", y="tumour area (px)", label="Tumour area per slice (px)")
+                        prob_plot = gr.LinePlot(x="slice", y="tumour_probability", y_lim=[0, 1], label="Tumour probability per slice")
+                        area_plot = gr.LinePlot(x="slice", y="tumour_pixels", label="Tumour area per slice (px)")
             table = gr.Dataframe(label="Per-slice results", interactive=False)
             # Only a token per session (Gradio keeps API sessions until its capacity); it expires with the thumbnails.
             browser_state = gr.State(time_to_live=app.browser.ttl_s, delete_callback=app.browser.release)
 
-            def patient(files: Any, t: float, c: bool, s: float | None, th: float | None) -> tuple:
-                r = app.predict_patient(files, t, c, s, th)
+            def predict_patient(files: Any, threshold: float | None = pipeline.point.threshold,
+                                largest_component: bool = pipeline.point.lcc, pixel_spacing_mm: float | None = None,
+                                slice_thickness_mm: float | None = None) -> tuple:
+                r = app.predict_patient(files, threshold, largest_component, pixel_spacing_mm, slice_thickness_mm)
                 # Gradio sliders need minimum < maximum: a one-slice patient gets a disabled 1..2 slider.
                 n = r.count
                 slider = gr.Slider(1, max(n, 2), value=r.first + 1, step=1, label="Slice", interactive=n > 1)
@@ -560,7 +620,7 @@ def build_demo(
                 return r.summary, r.table, r.table, r.table, slider, viewer, str(r.masks_zip), r.browser
 
             patient_button.click(
-                user_errors(patient), [patient_files, threshold, lcc, spacing, thickness],
+                user_errors(predict_patient), [patient_files, threshold, lcc, spacing, thickness],
                 [summary, table, prob_plot, area_plot, browser_slider, browser_image, masks_zip, browser_state],
                 api_name="predict_patient", concurrency_id="patient", concurrency_limit=1,
             )

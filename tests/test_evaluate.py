@@ -43,6 +43,9 @@ def test_default_is_the_checkpoint_val_split_with_protocol_and_plots(tiny, tmp_p
     assert set(pipe["per_patient_dice"]) >= {"mean", "median", "min", "n_scored", "empty_both_patients"}
     assert set(pipe["per_patient"]) == set(tiny.val)
     assert {"tumour_slice_dice", "pooled_dice", "pooled_iou", "pooled_pixel_accuracy"} <= set(pipe)
+    verdict = pipe["verdict"]  # what a user is told, scored beside the raw classifier
+    assert sum(verdict["counts"].values()) == 12 == verdict["tn"] + verdict["fp"] + verdict["fn"] + verdict["tp"]
+    assert verdict["counts"]["tumour"] == verdict["tp"] + verdict["fp"]
     assert m["checkpoint_metrics"]["segmenter"] == {"note": "untrained test model"}
     assert m["plots"] == list(PLOTS)
     for name in PLOTS:

@@ -1,6 +1,7 @@
 """`python -m flaxtumor.predict`: the CSV/PNG output contract, input discovery and failure handling."""
 
 import csv
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def test_output_contract_for_a_patient_folder_and_loose_images(tiny, loose, tmp_
     assert main([str(patient), str(loose), "--out", str(out), "--checkpoints", str(tiny.checkpoints),
                  "--batch-size", "2"]) == 0
     header, rows = _read_csv(out / "predictions.csv")
-    assert tuple(header) == CSV_HEADER == ("image", "tumour_probability", "has_tumour", "tumour_pixels")
+    assert tuple(header) == CSV_HEADER == ("image", "tumour_probability", "has_tumour", "tumour_pixels", "verdict",
+                                           "classifier_call", "patient", "warning")
     slices = sorted((p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")),
                     key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     others = ["deep16.tif", "odd.png", "photo.jpg", "sub/gray.png", "sub/rgba.png"]
@@ -62,7 +64,9 @@ def test_output_contract_for_a_patient_folder_and_loose_images(tiny, loose, tmp_
         assert 0.0 <= float(row[1]) <= 1.0
         assert row[2] in ("0", "1")
         assert int(row[3]) == int((mask == 255).sum())
-        assert (row[2] == "1") == (int(row[3]) > 0)  # has_tumour exactly when a mask is drawn
+        assert (row[2] == "1") == (int(row[3]) > 0) == (row[4] == "tumour")  # has_tumour exactly when a mask is drawn
+        assert row[4] != "suspicious" or row[5] == "1"
+        assert row[6] == (patient.name if path.parent == patient else "")
     assert not (out / "odd_mask_pred.png").exists()
     assert not list(out.glob("*_mask_pred.png"))
 
@@ -155,3 +159,64 @@ def test_its_own_output_folder_is_not_read_back_as_inputs(tiny, loose, tmp_path)
     assert not list(out.glob("*_pred_pred.png"))
     files, _ = collect_inputs([out])
     assert files == []
+
+
+def test_verdict_agrees_with_the_mask_on_synthetic_data(tiny, tmp_path):  # noqa: F811
+    # a threshold inside the probabilities' range and the real mask threshold: some slices are flagged with nothing
+    # drawn (suspicious), some drawn; has_tumour must follow the pixels in every row
+    out = tmp_path / "out"
+    assert main([str(tiny.data), "--out", str(out), "--checkpoints", str(tiny.checkpoints), "--threshold", "0.5"]) == 0
+    _, rows = _read_csv(out / "predictions.csv")
+    assert len(rows) == 3 * 6
+    for r in rows:
+        assert (r[2] == "1") == (int(r[3]) > 0) == (r[4] == "tumour")
+        assert r[4] in ("tumour", "suspicious", "no tumour") and r[5] in ("0", "1")
+        assert (r[4] == "suspicious") == (r[5] == "1" and r[3] == "0")
+
+
+def test_several_patient_folders_are_post_processed_each_on_its_own(tiny, tmp_path):  # noqa: F811
+    # With LCC, two patients stacked as one volume would keep only the larger tumour; each patient keeps its own.
+    out = tmp_path / "out"
+    args = [str(tiny.data), "--out", str(out), "--checkpoints", str(tiny.checkpoints), "--threshold", "0", "--lcc"]
+    assert main(args) == 0
+    _, rows = _read_csv(out / "predictions.csv")
+    patients = sorted({r[6] for r in rows})
+    assert patients == sorted(p.name for p in tiny.data.iterdir() if p.is_dir())
+    for patient in patients:  # the fixture's segmenter marks every pixel: each patient's whole volume is one component
+        assert all(int(r[3]) == 64 * 64 for r in rows if r[6] == patient)
+
+
+def test_loose_slices_are_grouped_by_kaggle_patient_prefix(tmp_path):
+    names = ["TCGA_AA_0001_20000101_2.tif", "TCGA_BB_0002_20000202_1.tif", "TCGA_AA_0001_20000101_1.tif",
+             "TCGA_BB_0002_20000202_3.tif", "scan.png", "TCGA_CC_0003_20000303_1.tif"]
+    for n in names:
+        (tmp_path / n).touch()
+    groups = group_volumes([tmp_path / n for n in names], batch_size=8)
+    volumes = {g.patient: [p.name for p in g.files] for g in groups if g.volume}
+    assert volumes == {"TCGA_AA_0001_20000101": ["TCGA_AA_0001_20000101_1.tif", "TCGA_AA_0001_20000101_2.tif"],
+                       "TCGA_BB_0002_20000202": ["TCGA_BB_0002_20000202_1.tif", "TCGA_BB_0002_20000202_3.tif"]}
+    loose = [p.name for g in groups if not g.volume for p in g.files]
+    assert loose == ["scan.png", "TCGA_CC_0003_20000303_1.tif"]
+
+
+def test_gray_slices_are_warned_about_and_masks_refused(tiny, tmp_path, capsys):  # noqa: F811
+    rng = np.random.default_rng(1)
+    d = tmp_path / "in"
+    d.mkdir()
+    gray = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+    Image.fromarray(gray).save(d / "flair.png")
+    Image.fromarray(np.repeat(gray[..., None], 3, -1)).save(d / "flair_rgb.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / "composite.png")
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:20, 10:20] = 255
+    Image.fromarray(mask).save(d / "label.png")  # a mask not named *_mask.*
+    out = tmp_path / "out"
+    assert main([str(d), "--out", str(out), "--checkpoints", str(tiny.checkpoints)]) == 1
+    err = capsys.readouterr().err
+    assert "label.png: looks like a segmentation mask" in err
+    assert f"warning: {d / 'flair.png'}" in err and f"warning: {d / 'flair_rgb.png'}" in err
+    assert "composite.png: all three channels" not in err
+    _, rows = _read_csv(out / "predictions.csv")
+    warnings = {Path(r[0]).name: r[7] for r in rows}
+    assert set(warnings) == {"flair.png", "flair_rgb.png", "composite.png"}
+    assert "pre-contrast/FLAIR/post-contrast" in warnings["flair.png"] and warnings["composite.png"] == ""

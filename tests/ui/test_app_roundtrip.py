@@ -17,8 +17,9 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from flaxtumor.app_errors import TITLE
 from flaxtumor.app_state import private_root
-from flaxtumor.ui import main
+from flaxtumor.ui import PATIENT_COLUMNS, main
 from tests.ui import files as F
 
 
@@ -54,9 +55,12 @@ def test_patient_zip(client, tiny, files: Path) -> None:
     summary, table, _, _, slider, viewer, masks_zip = client.predict(
         [handle_file(str(archive))], 0.0, True, 0.5, 2.0, api_name="/predict_patient"
     )
-    assert len(table["data"]) == n and all(row[3] for row in table["data"])  # all flagged at threshold 0
-    assert [row[1].rsplit("_", 1)[-1] for row in table["data"]] == [f"{i}.tif" for i in range(1, n + 1)]
-    assert f"**{n} slices**" in summary and f"{n} ground-truth mask file(s) skipped" in summary
+    assert table["headers"] == list(PATIENT_COLUMNS)  # predict's column names, plus the app's extras
+    rows = [dict(zip(table["headers"], row)) for row in table["data"]]
+    assert len(rows) == n and all(r["has_tumour"] == 1 and r["verdict"] == "tumour" for r in rows)  # threshold 0
+    assert [r["image"].rsplit("_", 1)[-1] for r in rows] == [f"{i}.tif" for i in range(1, n + 1)]
+    assert {r["patient"] for r in rows} == {"patient.zip"}
+    assert f"**1 patient, {n} slices**" in summary and f"{n} ground-truth mask file(s) skipped" in summary
     assert f"{n * 64 * 64} px = {n * 64 * 64 * 0.25 * 2.0:.1f} mm³" in summary
     assert slider["maximum"] == n and viewer["value"]["annotations"][0]["label"] == "tumour"
     with zipfile.ZipFile(masks_zip) as zf:
@@ -152,3 +156,71 @@ def test_controls_start_at_the_shipped_operating_point(tiny, tmp_path: Path) -> 
     assert values["Keep only the largest connected tumour component"] is True
     card = next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-card")
     assert "tuned_on = val patients" in card
+
+
+def test_two_patients_in_one_upload_stay_two_patients(client, pipeline, tiny, files: Path) -> None:
+    # Each zip is one patient, post-processed on its own: with LCC, one stacked volume would keep one tumour only.
+    zips, expected = [], {}
+    for patient in sorted(p for p in tiny.data.iterdir() if p.is_dir())[:2]:
+        slices = sorted((p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")),
+                        key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        zips.append(F.zip_of(files / f"{patient.name}.zip", {f"{patient.name}/{p.name}": p.read_bytes() for p in slices}))
+        from flaxtumor.data.io import read_image
+
+        preds = pipeline.predict_volume([read_image(p) for p in slices], pipeline.point.override(lcc=True))
+        expected[zips[-1].name] = [int(p.mask.sum()) for p in preds]
+    summary, table, *_, masks_zip = client.predict(files=[handle_file(str(z)) for z in zips], threshold=0.5,
+                                                   largest_component=True, api_name="/predict_patient")
+    rows = [dict(zip(table["headers"], row)) for row in table["data"]]
+    got = {name: [r["tumour_pixels"] for r in rows if r["patient"] == name] for name in expected}
+    assert got == expected and "**2 patients, 12 slices**" in summary
+    assert all(f"**Patient ` {name} `**" in summary for name in expected)
+    for r in rows:
+        assert (r["has_tumour"] == 1) == (r["tumour_pixels"] > 0) == (r["verdict"] == "tumour")
+    with zipfile.ZipFile(masks_zip) as zf:
+        folders = {m.split("/")[0] for m in zf.namelist() if m.endswith(".png")}
+    assert folders == {Path(name).stem for name in expected}  # the download says whose slice each mask is
+
+
+def test_loose_slices_of_two_kaggle_patients_are_two_volumes(client, files: Path) -> None:
+    paths = [F.good_png(files, f"TCGA_AA_0001_20000101_{i}.png") for i in (1, 2)]
+    paths += [F.good_png(files, f"TCGA_BB_0002_20000202_{i}.png", size=80) for i in (1, 2)]  # another size: fine
+    paths.append(F.good_png(files, "scan.png"))
+    _, table, *_ = client.predict(files=[handle_file(str(p)) for p in paths], api_name="/predict_patient")
+    patients = [row[table["headers"].index("patient")] for row in table["data"]]
+    assert sorted(set(patients)) == ["TCGA_AA_0001_20000101", "TCGA_BB_0002_20000202", "uploaded"]
+
+
+def test_gray_slice_is_warned_about_and_a_mask_is_refused(client, files: Path) -> None:
+    gray = F.slice_array()[..., 0]
+    path = files / "flair.png"
+    Image.fromarray(gray).save(path)
+    verdict, *_, details = client.predict(image=handle_file(str(path)), api_name="/predict_slice")
+    assert "⚠️" in details and "pre-contrast/FLAIR/post-contrast" in details
+    summary, table, *_ = client.predict(files=[handle_file(str(path))], api_name="/predict_patient")
+    assert "pre-contrast/FLAIR/post-contrast" in summary
+    assert "pre-contrast" in table["data"][0][table["headers"].index("warning")]
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 10:30] = 255
+    Image.fromarray(mask).save(files / "label.png")
+    with pytest.raises(AppError, match="looks like a segmentation mask"):
+        client.predict(image=handle_file(str(files / "label.png")), api_name="/predict_slice")
+    with pytest.raises(AppError, match="looks like a segmentation mask"):
+        client.predict(files=[handle_file(str(files / "label.png"))], api_name="/predict_patient")
+
+
+def test_api_takes_keywords_with_defaults_and_names_the_bad_field(client, files: Path) -> None:
+    path = F.good_png(files)
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = {e: [p["parameter_name"] for p in info[e]["parameters"]] for e in ("/predict_slice", "/predict_patient")}
+    assert names == {"/predict_slice": ["image", "threshold", "largest_component"],
+                     "/predict_patient": ["files", "threshold", "largest_component", "pixel_spacing_mm",
+                                          "slice_thickness_mm"]}
+    assert all(p["parameter_has_default"] for e in info.values() for p in e["parameters"][1:])
+    verdict, *_ = client.predict(image=handle_file(str(path)), api_name="/predict_slice")  # optionals omitted
+    assert verdict["label"] in ("tumour", "suspicious", "no tumour")
+    with pytest.raises(AppError, match=re.escape("Classification threshold: must lie in [0, 1] (got 1.5)")) as err:
+        client.predict(image=handle_file(str(path)), threshold=1.5, api_name="/predict_slice")
+    assert err.value.title == TITLE  # the title the app sets, not Gradio's "Error"
+    with pytest.raises(AppError, match=re.escape("Pixel spacing: must lie in (0, 10] mm (got 11)")):
+        client.predict(files=[handle_file(str(path))], pixel_spacing_mm=11, api_name="/predict_patient")

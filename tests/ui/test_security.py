@@ -172,4 +172,5 @@ def test_names_in_markdown_are_code_spans(client, files: Path) -> None:
 
     name = "[log in again](evil.example)_1.png"  # Gradio strips ":" from uploaded names
     details = client.predict(handle_file(str(F.good_png(files, name))), 0.5, False, api_name="/predict_slice")[-1]
-    assert details.startswith(md_code(name) + ":")
+    assert "\n\n" + md_code(name) + ":" in details  # its own paragraph, after the verdict's meaning
+    assert details.count(name) == 1
