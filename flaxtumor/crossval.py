@@ -28,7 +28,7 @@ from flaxtumor import metrics as M
 from flaxtumor.config import Config
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Patient, load_split
-from flaxtumor.data.preprocess import Preprocessing, preprocess, resize_mask
+from flaxtumor.data.preprocess import preprocess, resize_mask
 
 CV_FILE = "crossval.json"
 OOF_DIR = "oof"

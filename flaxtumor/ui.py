@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import io
-import os
 import shutil
 import signal
 import sys
@@ -42,6 +41,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
+from flaxtumor.app.gradio_patches import atomic_image_cache, no_stray_temp_files
 from flaxtumor.app_errors import bool_field, md_code, number_field, user_errors
 from flaxtumor.app_state import BrowserStore, Housekeeping, RequestDirs, UploadJanitor, private_root
 from flaxtumor.data.io import IMAGE_SUFFIXES, is_mask_name, natural_key, read_mask
@@ -479,41 +479,6 @@ def _browse(store: BrowserStore, token: Any, index: Any) -> Any:
     return gr.AnnotatedImage(value=(shown.image, [(shown.mask, "tumour")]), label=label)
 
 
-def _atomic_gradio_image_cache() -> None:
-    """Gradio (6.31) saves output images to a content-addressed cache path with a plain `write_bytes`, so two requests
-    with identical results (two users on one example) rewrite a file while it is being downloaded, and the download is
-    cut short. Writing to a temp name and renaming keeps every reader on a complete file. Found by tests/ui/test_load.py;
-    worth reporting upstream, then removing."""
-    from gradio import processing_utils
-
-    if getattr(processing_utils.save_pil_to_cache, "flaxtumor_atomic", False):
-        return
-
-    def save_pil_to_cache(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
-        data = processing_utils.encode_pil_to_bytes(img, format)
-        folder = Path(cache_dir) / processing_utils.hash_bytes(data)
-        folder.mkdir(exist_ok=True, parents=True)
-        path = (folder / f"{name}.{format}").resolve()
-        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(staging, path)
-        return str(path)
-
-    save_pil_to_cache.flaxtumor_atomic = True  # type: ignore[attr-defined]
-    processing_utils.save_pil_to_cache = save_pil_to_cache
-
-
-def _no_stray_temp_files(component: gr.File) -> gr.File:
-    """gr.File (6.31) creates an empty NamedTemporaryFile in its cache for every file it hands to a function, and never
-    deletes it; the path it returns is the upload itself. Same result without the stray file."""
-    from gradio.utils import NamedString
-
-    assert component.type == "filepath" and not component.file_types  # the only case this replaces
-    component._process_single_file = lambda f: NamedString(f.path)  # type: ignore[method-assign]
-    return component
-
-
 def build_demo(
     pipeline: Predictor,
     examples_dir: str | Path | None = None,
@@ -523,7 +488,7 @@ def build_demo(
     """The app around a loaded pipeline; the threshold and LCC controls start at its operating point. Examples come
     from `examples_dir`, else from the synthetic generator."""
     private_root()  # before any Blocks: Gradio's temp dir is read when they are made
-    _atomic_gradio_image_cache()
+    atomic_image_cache()
     examples = find_examples(Path(examples_dir) if examples_dir is not None else default_examples_dir())
     app = App(pipeline, examples, limits)
     image_types = ".tif, .tiff, .png, .jpg, .jpeg"
@@ -544,7 +509,7 @@ def build_demo(
         with gr.Tab("Single slice"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    slice_file = _no_stray_temp_files(gr.File(label=f"MRI slice ({image_types})", elem_id="slice-file"))
+                    slice_file = no_stray_temp_files(gr.File(label=f"MRI slice ({image_types})", elem_id="slice-file"))
                     slice_button = gr.Button("Analyse slice", variant="primary", elem_id="slice-button")
                     example = gr.Dropdown(list(examples.slices), value=next(iter(examples.slices), None),
                                           label="Or try a synthetic example (made by flaxtumor.data.synthetic)",
@@ -586,7 +551,7 @@ def build_demo(
         with gr.Tab("Whole patient"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    patient_files = _no_stray_temp_files(gr.File(
+                    patient_files = no_stray_temp_files(gr.File(
                         file_count="multiple", label=f"Slices ({image_types}) or one .zip of a patient folder",
                         elem_id="patient-files"))
                     with gr.Row():
