@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,21 @@ def _browse(store: BrowserStore, token: Any, index: Any) -> Any:
     return gr.AnnotatedImage(value=(shown.image, [(shown.mask, "tumour")]), label=label)
 
 
+@dataclass(frozen=True)
+class Demo:
+    """What `build_demo` gives its caller: the Gradio Blocks to launch, and the app behind them (its examples, which
+    `launch` serves, and its temp folders)."""
+
+    blocks: gr.Blocks
+    app: App
+
+
 def build_demo(
     pipeline: Predictor,
     examples_dir: str | Path | None = None,
     limits: UploadLimits = UploadLimits(),
     concurrency_limit: int = 2,
-) -> gr.Blocks:
+) -> Demo:
     """The app around a loaded pipeline; the threshold and LCC controls start at its operating point. Examples come
     from `examples_dir`, else from the synthetic generator."""
     private_root()  # before any Blocks: Gradio's temp dir is read when they are made
@@ -109,8 +119,7 @@ def build_demo(
         gr.Markdown(f"Upload limits: {limits.describe()}; at most {MAX_FILE_SIZE} per file.")
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_MAX_SIZE)
     app.janitor.blocks = demo
-    demo.flaxtumor_app = app  # type: ignore[attr-defined]  # launch() serves its examples; tests inspect its temp dirs
-    return demo
+    return Demo(demo, app)
 
 
 def _slice_tab(app: App, controls: tuple[gr.Slider, gr.Checkbox], concurrency_limit: int) -> None:
@@ -223,13 +232,13 @@ def warm_up(pipeline: Predictor) -> float:
     return time.perf_counter() - start
 
 
-def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False,
+def launch(demo: Demo, host: str | None = None, port: int | None = None, share: bool = False,
            prevent_thread_lock: bool = False) -> str:
     """Starts the server with the app's limits; returns its local URL."""
-    app: App = demo.flaxtumor_app  # type: ignore[attr-defined]
+    app = demo.app
     # The exact example files only, never their folder: whatever else lands there is not served.
     allowed = sorted(str(p.resolve()) for p in [*app.examples.slices.values(), *app.examples.patients])
-    _, url, _ = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
+    _, url, _ = demo.blocks.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                             allowed_paths=allowed, prevent_thread_lock=prevent_thread_lock, theme=gr.themes.Soft(),
                             footer_links=["api", "gradio"], state_session_capacity=SESSION_CAPACITY)
     Housekeeping(app.janitor.sweep, app.browser.sweep, app.dirs.sweep).start()
@@ -271,7 +280,7 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
     print(f"flaxtumor app ready at {url}: start-up {time.perf_counter() - started:.1f} s "
           f"(checkpoints {loaded:.1f} s, warm-up {warm:.1f} s)", flush=True)
     try:
-        demo.block_thread()
+        demo.blocks.block_thread()
     finally:
-        demo.close()
+        demo.blocks.close()
     return 0

@@ -32,7 +32,7 @@ def served(pipeline) -> Iterator[tuple[str, object]]:
     demo = build_demo(pipeline, limits=TEST_LIMITS)
     url = launch(demo, host="127.0.0.1", prevent_thread_lock=True)
     yield url, demo
-    demo.close()
+    demo.blocks.close()
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def test_empty_submissions_are_errors(client) -> None:
 
 
 def test_temp_dirs_are_cleaned_up(client, served, files: Path) -> None:
-    app = served[1].flaxtumor_app
+    app = served[1].app
     root = private_root()
     assert app.dirs.root.parent == root and app.browser.root.parent == root
     zipped = F.zip_of(files / "p.zip", {"p/p_1.png": F.png_bytes(F.slice_array())})  # members go to an input dir
@@ -151,10 +151,10 @@ def test_controls_start_at_the_shipped_operating_point(tiny, tmp_path: Path) -> 
     shutil.copytree(tiny.checkpoints, checkpoints)
     (checkpoints / "pipeline.json").write_text(json.dumps({"threshold": 0.3, "lcc": True, "tuned_on": "val patients"}))
     demo = build_demo(Pipeline.from_checkpoints(checkpoints, batch_size=1))
-    values = {b.label: b.value for b in demo.blocks.values() if isinstance(b, (gr.Slider, gr.Checkbox, gr.Markdown))}
+    values = {b.label: b.value for b in demo.blocks.blocks.values() if isinstance(b, (gr.Slider, gr.Checkbox, gr.Markdown))}
     assert values["Classification threshold"] == 0.3
     assert values["Keep only the largest connected tumour component"] is True
-    card = next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-card")
+    card = next(b.value for b in demo.blocks.blocks.values() if getattr(b, "elem_id", None) == "model-card")
     assert "tuned_on = val patients" in card
 
 

@@ -104,7 +104,7 @@ def test_files_the_app_writes_are_private(client, served, tiny, files: Path) -> 
 
 def test_examples_are_fresh_and_only_exact_files_are_served(served) -> None:
     url, demo = served
-    app = demo.flaxtumor_app
+    app = demo.app
     examples = [*app.examples.slices.values(), *app.examples.patients]
     assert examples and all(p.parent == app_state.private_root() / "examples" for p in examples)
     planted = examples[0].parent / "notes.html"
@@ -126,13 +126,13 @@ def _upload(url: str, path: Path) -> str:
 
 def test_unused_and_refused_uploads_are_deleted(client, served, files: Path) -> None:
     url, demo = served
-    janitor = demo.flaxtumor_app.janitor
+    janitor = demo.app.janitor
     parked = _upload(url, F.good_png(files, "parked.png"))
-    assert Path(parked).is_file() and parked in demo.upload_file_set
+    assert Path(parked).is_file() and parked in demo.blocks.upload_file_set
     janitor.sweep(unused_s=3600)
     assert Path(parked).is_file()  # young uploads wait for their request
     janitor.sweep(unused_s=0)
-    assert not Path(parked).exists() and parked not in demo.upload_file_set
+    assert not Path(parked).exists() and parked not in demo.blocks.upload_file_set
 
     used = _upload(url, F.good_png(files, "used.png"))
     refused = _upload(url, F.bad_upload(files, "truncated_png")[0][0])
@@ -156,7 +156,7 @@ def test_patient_results_are_browsed_from_disk(client, served, tiny, files: Path
     """Session state holds a token; the browser reads thumbnails from the request's private folder."""
     from flaxtumor.ui import _browse
 
-    store = served[1].flaxtumor_app.browser
+    store = served[1].app.browser
     before = set(store._entries)
     paths = [F.good_png(files, f"s_{i}.png", 96) for i in range(3)]
     client.predict([handle_file(str(p)) for p in paths], 0.0, False, None, None, api_name="/predict_patient")
