@@ -263,7 +263,9 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
         print(f"error: --examples {args.examples}: no such folder", file=sys.stderr)
         return 2
     from flaxtumor.inference import Pipeline
+    from flaxtumor.runtime import enable_compilation_cache
 
+    enable_compilation_cache()  # a restart (or a Space waking up on the same disk) skips compiling the models
     try:
         t0 = time.perf_counter()
         # Threshold, LCC, TTA and gating start at DIR/pipeline.json when it exists (the tuned operating point).
