@@ -98,6 +98,11 @@ MASK_REFUSAL = ("looks like a segmentation mask, not an MRI slice (only two valu
                 "slice itself (files named *_mask.* are masks)")
 
 
+# Grad-CAM from the last-but-one stage (ResNet50 conv4, H/16): on the 16 validation patients it points at the tumour
+# more often than the last stage (pointing score 0.204 vs 0.163 for the shipped classifier, 196 slices), and its map is
+# twice as fine (8x8 instead of 4x4 at 128x128).
+GRADCAM_STAGE = -2
+
 class _Runner:
     """A model in eval mode behind one jitted function of a fixed batch shape (the last batch is padded), so it
     compiles once (per flip-TTA setting)."""
@@ -273,12 +278,15 @@ class Pipeline:
         ]
 
     # -- explanation -----------------------------------------------------------------------------------------------
-    def gradcam(self, image: np.ndarray) -> np.ndarray:
-        """Grad-CAM of the classifier's tumour logit, float32 (H, W) in [0, 1] at the input size (bilinear)."""
+    def gradcam(self, image: np.ndarray, stage: int = GRADCAM_STAGE) -> np.ndarray:
+        """Grad-CAM of the classifier's tumour logit from backbone stage `stage`, float32 (H, W) in [0, 1] at the
+        input size (bilinear)."""
         from flaxtumor.models.gradcam import gradcam
 
         image = as_rgb(image)
-        heat = np.asarray(gradcam(self.classifier, self._prepare([image], self.classifier_spec, False)))[0]
+        x = self._prepare([image], self.classifier_spec, False)
+        stage = max(stage, -len(self.classifier.backbone.stages))  # a one-stage (test) backbone has only the last
+        heat = np.asarray(gradcam(self.classifier, x, stage=stage))[0]
         h, w = image.shape[:2]
         resized = np.asarray(Image.fromarray(heat.astype(np.float32)).resize((w, h), Image.BILINEAR))
         return np.clip(resized, 0.0, 1.0).astype(np.float32)

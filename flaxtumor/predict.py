@@ -2,6 +2,7 @@
 
 Output contract (scripts depend on it):
 - `DIR/<image stem>_pred.png` for every readable input: uint8 0/255, the same height and width as that input;
+- with `--gradcam GDIR`, `GDIR/<image stem>_gradcam.png` too: the classifier's Grad-CAM, 8-bit grayscale, same size;
 - `DIR/predictions.csv`, header `image,tumour_probability,has_tumour,tumour_pixels,verdict,classifier_call,patient,
   warning`: one row per written mask, in input order (see `CSV_HEADER` and the README for each column).
 
@@ -52,8 +53,9 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]
         path = Path(raw)
         if path.is_dir():
             images = (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            # predict's own outputs (<stem>_pred.png) are never inputs: pointing it at its --out folder is safe
-            found = sorted((p for p in images if not is_mask_name(p) and not p.name.endswith("_pred.png")),
+            # predict's own outputs (<stem>_pred.png, <stem>_gradcam.png) are never inputs: pointing it at its --out
+            # folder is safe
+            found = sorted((p for p in images if not is_mask_name(p) and not p.name.endswith(OWN_OUTPUTS)),
                            key=lambda p: natural_key(str(p)))
         elif path.exists():
             if is_mask_name(path):
@@ -119,8 +121,16 @@ def group_volumes(files: Sequence[Path], batch_size: int) -> list[Group]:
     return groups
 
 
+def write_heatmap(heat: np.ndarray, path: Path) -> None:
+    """A [0, 1] map as 8-bit grayscale PNG (0 = no evidence, 255 = the slice's strongest)."""
+    Image.fromarray(np.round(np.clip(heat, 0.0, 1.0) * 255).astype(np.uint8), mode="L").save(path)
+
+
 def write_mask(mask: np.ndarray, path: Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+OWN_OUTPUTS = ("_pred.png", "_gradcam.png")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="average with a horizontal flip (default: checkpoints' pipeline.json)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--gradcam", type=Path, default=None, metavar="DIR",
+                    help="also write DIR/<stem>_gradcam.png: the classifier's Grad-CAM, 8-bit grayscale at the input's "
+                         "size, brighter = more evidence for tumour")
     ap.add_argument("--verbose", action="store_true",
                     help="print one line with where the time went: import, restore, compile, compute, write")
     return ap
@@ -223,6 +236,8 @@ def _predict_all(pipeline, files: list[Path], failures: list[str], args: argpars
     from flaxtumor.inference import MASK_REFUSAL, input_warning, looks_like_mask
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.gradcam is not None:
+        args.gradcam.mkdir(parents=True, exist_ok=True)
     rows: dict[Path, tuple] = {}
     with tqdm(total=len(files), unit="slice", desc="predict", disable=None) as bar:
         for group in group_volumes(files, args.batch_size):
@@ -247,6 +262,8 @@ def _predict_all(pipeline, files: list[Path], failures: list[str], args: argpars
             timer.lap("compute")
             for path, image, pred in zip(readable, images, preds):
                 write_mask(pred.mask, args.out / f"{path.stem}_pred.png")
+                if args.gradcam is not None:
+                    write_heatmap(pipeline.gradcam(image), args.gradcam / f"{path.stem}_gradcam.png")
                 warning = input_warning(image) or ""
                 if warning:
                     print(f"warning: {path}: {warning}", file=sys.stderr)

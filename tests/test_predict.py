@@ -220,3 +220,16 @@ def test_gray_slices_are_warned_about_and_masks_refused(tiny, tmp_path, capsys):
     warnings = {Path(r[0]).name: r[7] for r in rows}
     assert set(warnings) == {"flair.png", "flair_rgb.png", "composite.png"}
     assert "pre-contrast/FLAIR/post-contrast" in warnings["flair.png"] and warnings["composite.png"] == ""
+
+
+def test_gradcam_maps_have_the_input_size(tiny, loose, tmp_path):  # noqa: F811
+    out, maps = tmp_path / "out", tmp_path / "maps"
+    assert main([str(loose), "--out", str(out), "--gradcam", str(maps), "--checkpoints", str(tiny.checkpoints)]) == 0
+    inputs = ["deep16.tif", "odd.png", "photo.jpg", "sub/gray.png", "sub/rgba.png"]
+    for name in inputs:
+        heat = Image.open(maps / f"{Path(name).stem}_gradcam.png")
+        assert heat.mode == "L"
+        assert heat.size[::-1] == _input_shape(loose / name)
+    # Its own outputs are never inputs when it is pointed at them again.
+    files, _ = collect_inputs([maps, out])
+    assert files == []
