@@ -9,7 +9,8 @@ in the segmenter checkpoint, so evaluate reproduces training's validation number
 (volume normalisation, optional 3D LCC), exactly as `Pipeline.predict_volume` does.
 
 Three views:
-- classifier: every slice, tumour = any mask pixel;
+- classifier: every slice, tumour = any mask pixel; plus its Grad-CAM pointing score (`classifier.gradcam`: the share
+  of tumour slices with >= 200 true pixels whose map peaks inside the true mask dilated by 8 px);
 - segmenter alone: the tumour slices only, ungated, no LCC (and, under `all_slices`, every slice: what training's
   validation reports);
 - pipeline: classifier gate → segmenter → optional LCC over all slices of each patient; its `verdict` block scores
@@ -103,6 +104,7 @@ def evaluate_patients(
     ungated_dice, ungated_counts, ungated_per_patient = [], metrics.PixelCounts(), {}
     slice_dice, slice_iou, pipe_counts = [], [], metrics.PixelCounts()
     per_patient: dict[str, float] = {}
+    heatmaps, heat_targets = [], []  # Grad-CAM pointing: tumour slices large enough to score
     ranked = _Ranked(gallery_size)
     for patient in tqdm(patients, unit="patient", desc="evaluate"):
         images, target_vol = load_volume(patient)
@@ -115,6 +117,9 @@ def evaluate_patients(
         calls_all.append(calls)
         drawn_all.append(final.any(axis=(1, 2)))
 
+        large = np.flatnonzero(target_vol.sum(axis=(1, 2)) >= metrics.POINTING_MIN_PIXELS)
+        heatmaps += [pipeline.gradcam(images[i]) for i in large]
+        heat_targets += [target_vol[i] for i in large]
         tumour = np.flatnonzero(labels)  # segmenter alone, on the tumour slices
         seg_dice += [metrics.dice(seg_vol[i], target_vol[i]) for i in tumour]
         seg_iou += [metrics.iou(seg_vol[i], target_vol[i]) for i in tumour]
@@ -151,6 +156,8 @@ def evaluate_patients(
     verdict["counts"] = {"tumour": int(drawn.sum()), "suspicious": int(suspicious.sum()),
                          "no tumour": int((~drawn & ~flagged).sum())}
     verdict["suspicious_with_tumour_in_truth"] = int((suspicious & labels).sum())
+    # Does the classifier's Grad-CAM (the map predict --gradcam and the app show) point at the tumour?
+    classifier["gradcam"] = metrics.pointing_score(heatmaps, heat_targets)
     result = {
         "classifier": classifier,
         "segmenter": {

@@ -36,6 +36,16 @@ def test_default_is_the_checkpoint_val_split_with_protocol_and_plots(tiny, tmp_p
     keys = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "auc", "ece", "confusion_matrix")
     assert set(keys) <= set(m["classifier"])
     assert sum(map(sum, m["classifier"]["confusion_matrix"])) == 12
+    # Grad-CAM pointing is scored on exactly the validation slices with >= 200 true pixels.
+    from flaxtumor.data.io import read_mask
+    from flaxtumor.data.lgg import discover
+
+    large = sum(int(read_mask(s.mask_path).sum() >= 200) for p in discover(tiny.data) if p.patient_id in tiny.val
+                for s in p.slices)
+    pointing = m["classifier"]["gradcam"]
+    assert pointing["pointing_slices"] == large and pointing["pointing_min_pixels"] == 200
+    # The tiny set's tumours are all smaller than that: no slice qualifies, so the score is missing, never 0 or 1.
+    assert large == 0 and pointing["pointing_score"] is None
     assert set(m["segmenter"]) >= {"dice_mean", "iou_mean", "pooled_dice", "pooled_iou", "n_slices"}
     assert m["segmenter"]["n_slices"] == protocol["n_tumour_slices"]
     assert set(m["segmenter"]["all_slices"]) == {"per_patient_dice", "tumour_slice_dice", "pooled_dice"}
