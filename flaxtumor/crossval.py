@@ -258,19 +258,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: Any, out: Path) -> int:
-    import jax
-
     from flaxtumor.data.io import DataError
     from flaxtumor.models import WeightsError
     from flaxtumor.train import cli, loop
     from flaxtumor.checkpoints import CheckpointError
+    from flaxtumor.runtime import enable_compilation_cache
 
     try:
         base = cli.make_config(args).override(**{"train.out_dir": str(out), "data.fold": None, "train.resume": False})
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "flaxtumor" / "jax"))
+    enable_compilation_cache()  # folds and resumes reuse the compiled train and eval steps
     try:
         out.mkdir(parents=True, exist_ok=True)
         base.to_json(out / "config.json")  # what --resume reads back

@@ -249,8 +249,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.data.root != "synthetic":
             resolve_root(config.data.root)  # fail before any compile when the data is missing
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        # Compiled steps are reused across runs and resumes (ResNet50's train step takes a while to compile on CPU).
-        jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "flaxtumor" / "jax"))
         loop.run(config)
     except (DataError, WeightsError, CheckpointError, loop.RunExists) as e:
         print(f"error: {e}", file=sys.stderr)

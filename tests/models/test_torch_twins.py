@@ -15,16 +15,6 @@ from flaxtumor.models.weights import convert_tensors
 torch = pytest.importorskip("torch", reason="torch is the benchmarks' reference (pip install torch==2.13.0)")
 
 
-def _randomise_bn(model) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-
-
 def _copy_conv(conv: nnx.Conv, weight, bias=None) -> None:
     conv.kernel[...] = np.transpose(weight.detach().numpy(), (2, 3, 1, 0))  # OIHW -> HWIO
     if bias is not None:
@@ -50,11 +40,11 @@ def _assert_close(ours: np.ndarray, theirs: np.ndarray) -> None:
 
 
 def test_resunet_twin_matches() -> None:
-    from tests.models.torch_reference import TorchResUNet
+    from tests.models.torch_reference import TorchResUNet, randomise_bn
 
     torch.manual_seed(0)
     twin = TorchResUNet()
-    _randomise_bn(twin)
+    randomise_bn(twin)
     twin.eval()
     model = ResUNet(rngs=nnx.Rngs(0))
     for ours, theirs in zip([*model.encoder, model.bottleneck, *model.decoder],
@@ -71,11 +61,11 @@ def test_resunet_twin_matches() -> None:
 
 
 def test_classifier_twin_matches() -> None:
-    from tests.models.torch_reference import torch_classifier
+    from tests.models.torch_reference import randomise_bn, torch_classifier
 
     torch.manual_seed(1)
     twin = torch_classifier()
-    _randomise_bn(twin)
+    randomise_bn(twin)
     twin.eval()
     model = build_classifier(ModelConfig(), nnx.Rngs(0))
     backbone = {k: v.numpy() for k, v in twin[0].state_dict().items()}

@@ -40,19 +40,10 @@ def images(batch: int, side: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def torch_resnet():
     torch = pytest.importorskip("torch", reason="torch is the torchvision-layout reference (pip install torch==2.13.0)")
-    from tests.models.torch_reference import TorchResNet
+    from tests.models.torch_reference import TorchResNet, randomise_bn
 
     torch.manual_seed(0)
-    model = TorchResNet()
-    with torch.no_grad():  # real-looking BN statistics, not the 0/1 defaults
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(7)
-    return model.eval()
+    return randomise_bn(TorchResNet()).eval()
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,19 @@ class TorchResUNet(nn.Module):
         return self.out(x)
 
 
+def randomise_bn(model: nn.Module) -> nn.Module:
+    """Real-looking BatchNorm parameters and statistics instead of the 1/0 defaults, so a parity test can fail."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    return model
+
+
 def torch_classifier(head_widths: tuple[int, ...] = (256, 256), dropout: float = 0.3) -> nn.Module:
     """The TumourClassifier's architecture in torch: ResNet50 features + the seed's head, one logit per image."""
     layers: list[nn.Module] = [TorchResNet(num_classes=None)]
