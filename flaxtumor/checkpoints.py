@@ -163,7 +163,11 @@ def load_inference(path: str | Path) -> tuple[nnx.Module, InferenceMetadata]:
     """
     path = Path(path).absolute()
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder (train one with `python train.py`)")
+        raise CheckpointError(
+            f"{path}: no such checkpoint folder. The shipped checkpoints are in the repository's checkpoints/: run from "
+            "the repository root, or pass --checkpoints /path/to/flaxtumor/checkpoints (or train your own with "
+            "`python train.py`)"
+        )
     meta_file = path / "metadata.json"
     try:
         metadata = InferenceMetadata.from_dict(json.loads(meta_file.read_text()))

@@ -233,3 +233,10 @@ def test_gradcam_maps_have_the_input_size(tiny, loose, tmp_path):  # noqa: F811
     # Its own outputs are never inputs when it is pointed at them again.
     files, _ = collect_inputs([maps, out])
     assert files == []
+
+
+def test_missing_checkpoints_name_the_flag(loose, tmp_path, capsys):
+    assert main([str(loose), "--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no such checkpoint folder" in err and "--checkpoints" in err and "repository root" in err
+    assert err.strip().count("\n") == 0  # one line, no traceback
