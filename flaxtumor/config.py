@@ -86,6 +86,8 @@ class TrainConfig:
     init_from: str | None = None  # an exported inference checkpoint of the same architecture to start from
     phase2_epochs: int = 10  # last stage unfrozen; 0 skips phase 2
     phase2_lr_factor: float = 0.1
+    phase3_epochs: int = 0  # whole backbone unfrozen after phase 2; the export keeps it only if validation improves
+    phase3_lr_factor: float = 0.01
     # Two thresholds, one per task (the old single `threshold` meant either; config files with it still load).
     cls_threshold: float = 0.5  # cls: a slice is called tumour when its tumour probability is >= this
     mask_threshold: float = 0.5  # seg: a pixel is tumour when its probability is >= this

@@ -94,12 +94,13 @@ def set_phase(model: TumourClassifier, phase: int, unfreeze_last_layers: int = 3
     """Freezes for a training phase and returns the nnx filter of trainable params (for `nnx.Optimizer(wrt=...)`
     and `nnx.DiffState`).
 
-    phase 0: everything trains (random init); 1: head only; 2: head + the blocks `trainable_blocks` picks.
+    phase 0: everything trains (random init); 1: head only; 2: head + the blocks `trainable_blocks` picks;
+    3: everything trains again, from pretrained weights (the optional whole-backbone fine-tune at a low rate).
     Frozen parts are put in eval mode now and stay there through `model.train()`; parts unfrozen by a later phase
     keep their mode until the caller's next `model.train()`.
     """
     stage_sizes = model.backbone.stage_sizes
-    if phase == 0:
+    if phase in (0, 3):
         frozen: list[tuple[Any, ...]] = []
     elif phase in (1, 2):
         unfrozen = set(trainable_blocks(stage_sizes, unfreeze_last_layers if phase == 2 else 0))
@@ -107,7 +108,7 @@ def set_phase(model: TumourClassifier, phase: int, unfreeze_last_layers: int = 3
         frozen = [("conv_init",), ("bn_init",)] if len(unfrozen) < len(every_block) else []
         frozen += [("stages", i, j) for i, j in every_block if (i, j) not in unfrozen]
     else:
-        raise ValueError(f"phase must be 0, 1 or 2, got {phase!r}")
+        raise ValueError(f"phase must be 0, 1, 2 or 3, got {phase!r}")
     model.frozen = tuple(frozen)
     for module in model._frozen_modules():
         module.eval()

@@ -50,6 +50,8 @@ FIELDS = {
     "patience": "train.patience",
     "phase2_epochs": "train.phase2_epochs",
     "phase2_lr_factor": "train.phase2_lr_factor",
+    "phase3_epochs": "train.phase3_epochs",
+    "phase3_lr_factor": "train.phase3_lr_factor",
     "schedule": "train.schedule",
     "weight_decay": "train.weight_decay",
     "grad_clip": "train.grad_clip",
@@ -131,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"cls: epochs with the last stage unfrozen; 0 skips (default {d.train.phase2_epochs})")
     a("--phase2-lr-factor", type=float, metavar="F",
       help=f"cls: phase-2 LR = lr x F (default {d.train.phase2_lr_factor})")
+    a("--phase3-epochs", type=int, metavar="N",
+      help="cls: then epochs with the whole backbone unfrozen; the best checkpoint over all phases is exported, so "
+           f"phase 3 is kept only if validation improves (default {d.train.phase3_epochs}: off)")
+    a("--phase3-lr-factor", type=float, metavar="F",
+      help=f"cls: phase-3 LR = lr x F (default {d.train.phase3_lr_factor})")
     a("--schedule", choices=["cosine", "onecycle"],
       help=f"warmup + cosine decay, or one-cycle (default {d.train.schedule})")
     a("--weight-decay", type=float, metavar="WD", help=f"AdamW decay on kernels (default {d.train.weight_decay:g})")

@@ -2,8 +2,10 @@
 
 A run is named steps: `set_up` (sharding, data and split, checkpoints/resume, model), then per phase `run_phase`
 (optimizer and schedule), whose epochs are `train_epoch` and the end-of-epoch bookkeeping (`end_of_epoch`, pure),
-and finally `export`. `cls` from ImageNet weights runs phase 1 (frozen backbone) then phase 2 (last stage unfrozen at a
-lower LR), each with its own early stopping; everything else is one phase.
+and finally `export`. `cls` from pretrained weights (ImageNet or in-domain) runs phase 1 (frozen backbone), phase 2
+(last stage unfrozen at a lower LR) and optionally phase 3 (everything, lower still), each with its own early stopping
+and each starting from the best checkpoint so far; the export is the best over all phases. Everything else is one
+phase.
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ def _versions() -> dict[str, str]:
 @dataclass(frozen=True)
 class Phase:
     """A training phase: `number` as `classifier.set_phase` counts (0: the whole network; 1: the head on a frozen
-    backbone; 2: also the last stage), its epochs and peak LR."""
+    backbone; 2: also the last stage; 3: the whole pretrained network), its epochs and peak LR."""
 
     number: int
     epochs: int
@@ -220,13 +222,16 @@ class Phase:
 
 
 def plan_phases(tcfg: TrainConfig) -> list[Phase]:
-    """cls with ImageNet weights: phase 1 trains the head on the frozen backbone, phase 2 also the last stage at a lower
-    LR. A random backbone has nothing worth freezing, so it trains whole ("phase 0", one phase); so does seg."""
+    """cls with pretrained weights: phase 1 trains the head on the frozen backbone, phase 2 also the last stage at a
+    lower LR, and the optional phase 3 everything at a lower LR still. A random backbone has nothing worth freezing,
+    so it trains whole ("phase 0", one phase); so does seg."""
     if tcfg.task != "cls" or tcfg.backbone_weights == "none":
         return [Phase(0, tcfg.epochs, tcfg.lr)]
     phases = [Phase(1, tcfg.epochs, tcfg.lr)]
     if tcfg.phase2_epochs > 0:
         phases.append(Phase(2, tcfg.phase2_epochs, tcfg.lr * tcfg.phase2_lr_factor))
+    if tcfg.phase3_epochs > 0:
+        phases.append(Phase(3, tcfg.phase3_epochs, tcfg.lr * tcfg.phase3_lr_factor))
     return phases
 
 
@@ -501,11 +506,11 @@ def run_phase(run: Run, index: int, phase: Phase) -> None:
     if run.progress.epoch or run.progress.step_in_epoch:  # resuming inside this phase
         run.checkpoints.restore(run.latest, run.model, optimizer)
     elif index > 0:
-        run.checkpoints.restore(run.checkpoints.best_step(), run.model)  # phase 2 fine-tunes phase 1's best model
+        run.checkpoints.restore(run.checkpoints.best_step(), run.model)  # each phase fine-tunes the best model so far
     train_step = make_train_step(run.loss_fn, wrt, run.dtype)
     if run.pretrained:
-        run.say(f"phase {phase.number}: {'backbone frozen' if phase.number == 1 else 'last stage unfrozen'}, "
-                f"lr {phase.lr:g}")
+        what = {1: "backbone frozen", 2: "last stage unfrozen", 3: "whole backbone unfrozen"}[phase.number]
+        run.say(f"phase {phase.number}: {what}, lr {phase.lr:g}")
     while True:
         train_epoch(run, phase, optimizer, train_step)
         if _finish_epoch(run, phase, index, optimizer):

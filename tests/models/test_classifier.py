@@ -83,3 +83,30 @@ def test_frozen_kernels_and_bn_stats_are_bit_identical(phase):
         assert moved == should_move, key
     for key in stats:
         assert np.array_equal(stats[key], stats_after[key]) == (not key.startswith(unfrozen)), key
+
+
+def test_phase3_after_phase2_thaws_every_kernel_and_bn_stat():
+    # Phase 3 follows phase 2 on the same model: what phase 2 froze (and put in eval mode) must train again.
+    model = TumourClassifier(ResNet((1, 2), width=8, rngs=nnx.Rngs(0)), (16,), 0.3, rngs=nnx.Rngs(1))
+    set_phase(model, 2, unfreeze_last_layers=10)
+    trainable = set_phase(model, 3)
+    model.train()
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=trainable)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        loss = lambda m: optax.sigmoid_binary_cross_entropy(m(x), y).mean()  # noqa: E731
+        grads = nnx.grad(loss, argnums=nnx.DiffState(0, trainable))(model)
+        optimizer.update(model, grads)
+
+    params, stats = _flat(model, nnx.Param), _flat(model, nnx.BatchStat)
+    step(model, optimizer, jax.random.normal(jax.random.key(0), (4, 32, 32, 3)), jnp.array([0.0, 1.0, 1.0, 0.0]))
+    params_after, stats_after = _flat(model, nnx.Param), _flat(model, nnx.BatchStat)
+    assert [k for k in params if np.array_equal(params[k], params_after[k])] == []
+    assert [k for k in stats if np.array_equal(stats[k], stats_after[k])] == []
+
+
+def test_unknown_phase_is_refused():
+    model = TumourClassifier(ResNet((1, 2), width=8, rngs=nnx.Rngs(0)), (16,), 0.3, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="0, 1, 2 or 3"):
+        set_phase(model, 4)

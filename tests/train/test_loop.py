@@ -75,6 +75,19 @@ def test_cls_runs_both_phases_and_exports(tmp_path, monkeypatch):
     assert logits.shape == (2,)
 
 
+def test_cls_phase3_runs_after_phase2_and_the_export_is_the_best_over_all_phases(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "load_backbone", lambda model, path: {})
+    cfg = tiny_config(tmp_path, "cls", **{
+        "train.backbone_weights": "fake", "train.epochs": 1, "train.phase2_epochs": 1, "train.phase3_epochs": 2,
+    })
+    summary = loop.run(cfg)
+    history = summary["history"]
+    assert [(h["phase"], h["epoch"]) for h in history] == [(1, 1), (2, 1), (3, 1), (3, 2)]
+    # "kept only if validation says so": the exported checkpoint is the first epoch with the best AUC of any phase
+    best = max(history, key=lambda h: h["val_auc"])
+    assert (summary["best_phase"], summary["best_step"]) == (best["phase"], best["step"])
+
+
 def test_cls_random_init_trains_whole_network_and_loss_drops(tmp_path):
     summary = loop.run(tiny_config(tmp_path, "cls", **{"train.epochs": 3}))
     assert [h["phase"] for h in summary["history"]] == [0, 0, 0]
