@@ -29,6 +29,7 @@ from flaxtumor.config import Config
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Patient, load_split
 from flaxtumor.data.preprocess import preprocess, resize_mask
+from flaxtumor.operating_point import gate_and_postprocess
 
 CV_FILE = "crossval.json"
 OOF_DIR = "oof"
@@ -137,15 +138,24 @@ def _truth(patient: Patient) -> list[np.ndarray]:
     return [read_mask(s.mask_path) if s.mask_path is not None else None for s in patient.slices]
 
 
-def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, seed: int = 0) -> dict:
-    """Per-patient volumetric Dice (masks at the slices' own size, as the pipeline returns them) and tumour-slice
-    Dice, with percentile-bootstrap 95% intervals over patients."""
+def _oof_masks(r: OutOfFold, patient: Patient, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted masks, truth) of one patient at the slices' own size, as the pipeline returns them."""
+    truth = _truth(patient)
+    truth = np.stack([t if t is not None else np.zeros(r.probabilities.shape[1:], bool) for t in truth])
+    preds = np.stack([resize_mask(p >= threshold, t.shape) for p, t in zip(r.probabilities, truth)])
+    return preds, truth
+
+
+def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, seed: int = 0,
+              point: Any = None) -> dict:
+    """Per-patient volumetric Dice and tumour-slice Dice, with percentile-bootstrap 95% intervals over patients; with
+    `point` (an `OperatingPoint` whose classifier is off) after its area gate and post-processing."""
     per_patient, slice_dice = {}, {}
     for r in results:
-        truth = _truth(patients[r.patient_id])
-        truth = [t if t is not None else np.zeros(r.probabilities.shape[1:], bool) for t in truth]
-        preds = [resize_mask(p >= threshold, t.shape) for p, t in zip(r.probabilities, truth)]
-        per_patient[r.patient_id] = M.dice(np.stack(preds), np.stack(truth))
+        preds, truth = _oof_masks(r, patients[r.patient_id], threshold)
+        if point is not None:
+            _, preds = gate_and_postprocess(np.zeros(len(preds)), preds, point)
+        per_patient[r.patient_id] = M.dice(preds, truth)
         slice_dice[r.patient_id] = [M.dice(p, t) for p, t in zip(preds, truth)]
     summary = M.summarise_patient_dice(per_patient)
     scored = [v for v in per_patient.values() if not np.isnan(v)]
@@ -168,6 +178,35 @@ def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], thresh
             "ci95": M.bootstrap_interval(list(slice_dice.values()), pooled_slices, seed=seed),
         },
     }
+
+
+def postprocessing_candidates() -> list[Any]:
+    """The operating points cross-validation chooses among, without the classifier (no out-of-fold classifier
+    probabilities exist, and fewer knobs overfit less): the segmenter alone, or slice calls from its area alone (the
+    fused gate's areas), each with every safe post-processing rule."""
+    from flaxtumor.operating_point import SAFE_POSTPROCESS_RULES, OperatingPoint
+    from flaxtumor.tune import CLASSIFIER_OFF, MIN_AREAS
+
+    return [OperatingPoint(threshold=CLASSIFIER_OFF, min_tumour_area=area, postprocess=rule, gate=area > 0)
+            for area in MIN_AREAS for rule in SAFE_POSTPROCESS_RULES]
+
+
+def choose_postprocessing(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float) -> dict:
+    """nnU-Net's way: every candidate scored on the out-of-fold predictions; the best mean per-patient Dice wins, ties
+    going to the simpler point (no gate, then no rule). Returns the candidates' scores and the chosen point."""
+    rows = []
+    for point in postprocessing_candidates():
+        per_patient = {}
+        for r in results:
+            preds, truth = _oof_masks(r, patients[r.patient_id], threshold)
+            _, final = gate_and_postprocess(np.zeros(len(preds)), preds, point)
+            per_patient[r.patient_id] = M.dice(final, truth)
+        summary = M.summarise_patient_dice(per_patient)
+        rows.append({"min_tumour_area": point.min_tumour_area, "gate": point.gate, "postprocess": point.postprocess,
+                     "mean": summary["mean"], "median": summary["median"], "worst": summary["min"]})
+    best = max(range(len(rows)), key=lambda i: (round(rows[i]["mean"], 4), -rows[i]["gate"],
+                                                  -(rows[i]["postprocess"] != "none")))
+    return {"candidates": rows, "chosen": rows[best], "point": postprocessing_candidates()[best]}
 
 
 def score_cls(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, seed: int = 0) -> dict:
@@ -205,6 +244,15 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> 
         results += fold_results
         say(f"fold {fold}: {len(mine)} held-out patients predicted")
     score = score_seg if base.train.task == "seg" else score_cls
+    chosen = {}
+    if base.train.task == "seg":
+        choice = choose_postprocessing(results, patients, threshold)
+        chosen = {"postprocessing": {
+            "protocol": "chosen on these out-of-fold predictions among the candidates below (best mean per-patient "
+            "Dice); scored on the same predictions, so slightly optimistic (as nnU-Net's)",
+            "chosen": choice["chosen"], "candidates": choice["candidates"],
+            **score_seg(results, patients, threshold, point=choice["point"]),
+        }}
     report = {
         "task": base.train.task,
         "folds": base.data.folds,
@@ -215,6 +263,7 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> 
         "protocol": "each patient predicted once, by the fold model that did not train on it; intervals: percentile "
         "bootstrap over patients (2000 resamples); empty-vs-empty patients and slices are not scored",
         **score(results, patients, threshold),
+        **chosen,
     }
     (Path(out) / CV_FILE).write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     return report
@@ -230,8 +279,16 @@ def _headline(report: dict[str, Any]) -> str:
     if report["task"] == "seg":
         v, s = report["volumetric_dice"], report["tumour_slice_dice"]
         lo, hi = v["mean_ci95"]
-        return (f"per-patient Dice mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, "
+        line = (f"raw masks: per-patient Dice mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, "
                 f"worst {v['worst']:.4f} ({v['worst_patient']}); tumour-slice Dice {s['value']:.4f}")
+        if "postprocessing" in report:
+            pp = report["postprocessing"]
+            c, v = pp["chosen"], pp["volumetric_dice"]
+            lo, hi = v["mean_ci95"]
+            line += (f"\nchosen post-processing ({c['postprocess']}, area gate {c['min_tumour_area']:g}): per-patient Dice "
+                     f"mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, worst {v['worst']:.4f}; "
+                     f"tumour-slice Dice {pp['tumour_slice_dice']['value']:.4f}")
+        return line
     lo, hi = report["auc_ci95"]
     return f"AUC {report['auc']:.4f} [{lo:.4f}, {hi:.4f}], accuracy {report['accuracy']:.4f}"
 

@@ -7,8 +7,9 @@ final mask:
   is off, no slice is flagged by it);
 - `min_tumour_area`: the fused gate; > 0 also flags a slice whose segmenter mask covers at least this fraction of it;
 - `mask_threshold`: the segmenter's per-pixel probability;
-- `postprocess`: the rule applied to a patient's gated masks, by name (`POSTPROCESS_RULES`): "none" or
-  "largest_component" (3D largest connected component);
+- `postprocess`: the rule applied to a patient's gated masks, by name (`POSTPROCESS_RULES`): "none",
+  "drop_small_<floor>" (3D components below a floor, a fraction of one slice's area, removed) or the legacy
+  "largest_component" (3D largest connected component, which can erase a real tumour; see `SAFE_POSTPROCESS_RULES`);
 - `tta`: average each model's output over the image and its horizontal flip;
 - `gate`: empty the masks of slices that are not flagged (off: the segmenter's masks are kept everywhere).
 
@@ -52,11 +53,39 @@ def largest_connected_component(volume: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def drop_small_components(volume: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Removes the 3D components (26-connectivity) of a (D, H, W) bool volume with fewer voxels than `min_fraction`
+    of one slice's area, and nothing else. Unlike the largest component, it never weighs one region against another,
+    so a real tumour survives a larger false region however weak or fragmented it is, as long as each of its
+    fragments is above the floor."""
+    labels, n = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return volume.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_fraction * volume.shape[1] * volume.shape[2]
+    keep[0] = False
+    return keep[labels]
+
+
+# Component floors (fractions of one slice's area) that cross-validation chooses among; 0.001 of a 256² slice is
+# 66 voxels.
+SMALL_COMPONENT_FLOORS = (0.0005, 0.001, 0.002, 0.004)
+
+
+def _floor_rule(fraction: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda volume: drop_small_components(volume, fraction)
+
+
 # Post-processing rules by name: (D, H, W) bool volume of gated masks -> the final volume. Add rules here.
 POSTPROCESS_RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "none": lambda volume: volume,
     "largest_component": largest_connected_component,
+    **{f"drop_small_{f:g}": _floor_rule(f) for f in SMALL_COMPONENT_FLOORS},
 }
+# The rules a tuning or cross-validation may choose: those that cannot erase a tumour because a larger false region
+# exists elsewhere. "largest_component" can (a compact false blob beats a fragmented tumour), so it stays loadable
+# for old pipeline.json files but is never chosen.
+SAFE_POSTPROCESS_RULES = tuple(name for name in POSTPROCESS_RULES if name != "largest_component")
 _FIELDS = {"threshold": float, "min_tumour_area": float, "mask_threshold": float, "postprocess": str, "tta": bool,
            "gate": bool}
 

@@ -1,8 +1,9 @@
 """`python -m flaxtumor.tune --data PATH [--checkpoints DIR]`: choose the pipeline's operating point on the
 validation patients recorded in the checkpoints, and write it to DIR/pipeline.json.
 
-What is chosen: the classifier threshold, the fused gate's minimum segmented area (0 = classifier alone), 3D
-largest-connected-component post-processing, and flip test-time augmentation. The criterion is the headline metric,
+What is chosen: the classifier threshold, the fused gate's minimum segmented area (0 = classifier alone), the
+post-processing rule (among `SAFE_POSTPROCESS_RULES`: never the largest component, which can erase a real tumour),
+and flip test-time augmentation. The criterion is the headline metric,
 mean per-patient volumetric Dice of the whole pipeline. Only validation patients are ever read: never test patients,
 and never the patients that will judge the shipped models. The file also records an ablation (what each choice bought
 on validation), so the model card can report it. Numbers chosen and reported on the same patients are optimistic;
@@ -26,7 +27,7 @@ from flaxtumor.data.lgg import Patient, load_dataset, select
 from flaxtumor.evaluate import load_volume, missing_checkpoints
 from flaxtumor.inference import Pipeline
 from flaxtumor.operating_point import (
-    OPERATING_POINT_FILE, OperatingPoint, gate_and_postprocess, write_operating_point,
+    OPERATING_POINT_FILE, SAFE_POSTPROCESS_RULES, OperatingPoint, gate_and_postprocess, write_operating_point,
 )
 
 # The chosen 0.05 is this grid's lower edge. Below it per-patient Dice is flat on the shipped models (0.8443 at 0.01 too)
@@ -87,34 +88,37 @@ def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float
     """The operating point (best per-patient Dice over the grid), its validation scores and the ablation."""
     def point_of(p: dict[str, Any], gate: bool = True) -> OperatingPoint:
         return OperatingPoint(threshold=p["threshold"], min_tumour_area=p["min_tumour_area"],
-                              mask_threshold=mask_threshold, tta=p["tta"], gate=gate,
-                              postprocess="largest_component" if p["lcc"] else "none")
+                              mask_threshold=mask_threshold, tta=p["tta"], gate=gate, postprocess=p["postprocess"])
 
     grid = []
-    for tta, threshold, area, lcc in itertools.product((False, True), thresholds, MIN_AREAS, (False, True)):
-        p = {"tta": tta, "threshold": threshold, "min_tumour_area": area, "lcc": lcc}
+    for tta, threshold, area, rule in itertools.product((False, True), thresholds, MIN_AREAS, SAFE_POSTPROCESS_RULES):
+        p = {"tta": tta, "threshold": threshold, "min_tumour_area": area, "postprocess": rule}
         grid.append((p, score(raws[tta], point_of(p))))
-    # Best mean per-patient Dice; ties go to the simpler setting (no TTA, no LCC, no fusion), then to sensitivity.
+    # Best mean per-patient Dice; ties go to the simpler setting (no TTA, no post-processing, no fusion), then to
+    # sensitivity.
     def key(item):
         point, s = item
-        return (round(s["per_patient_dice_mean"], 4), -point["tta"], -point["lcc"], -(point["min_tumour_area"] > 0),
-                s["detection_sensitivity"])
+        return (round(s["per_patient_dice_mean"], 4), -point["tta"], -(point["postprocess"] != "none"),
+                -(point["min_tumour_area"] > 0), s["detection_sensitivity"])
     best, best_scores = max(grid, key=key)
 
     def row(name: str, point: dict[str, Any], gate: bool = True) -> dict[str, Any]:
         return {"name": name, **point, "gate": gate, **score(raws[point["tta"]], point_of(point, gate))}
 
-    base = {"tta": False, "threshold": 0.5, "min_tumour_area": 0.0, "lcc": False}
-    classifier_gate_only = [(p, s) for p, s in grid if p["min_tumour_area"] == 0 and not p["lcc"] and not p["tta"]]
+    base = {"tta": False, "threshold": 0.5, "min_tumour_area": 0.0, "postprocess": "none"}
+    classifier_gate_only = [(p, s) for p, s in grid
+                            if p["min_tumour_area"] == 0 and p["postprocess"] == "none" and not p["tta"]]
     best_threshold = max(classifier_gate_only, key=lambda item: item[1]["per_patient_dice_mean"])[0]
     area = best["min_tumour_area"] or MIN_AREAS[1]  # the classifier-off row needs an area for its calls
     ablation = [
         row("segmenter alone (no gate)", base, gate=False),
-        row("segmenter alone + LCC (no gate)", {**base, "lcc": True}, gate=False),
+        row("segmenter alone + post-processing (no gate)", {**base, "postprocess": best["postprocess"]}, gate=False),
         row("classifier gate at 0.5", base),
         row("classifier gate, tuned threshold", best_threshold),
         row("chosen operating point", best),
-        row("chosen, without LCC", {**best, "lcc": False}),
+        row("chosen, without post-processing", {**best, "postprocess": "none"}),
+        # The rule the first release used, for the record: not a candidate, since it can erase a real tumour.
+        row("chosen, with the largest component instead", {**best, "postprocess": "largest_component"}),
         row("chosen, without flip TTA", {**best, "tta": False}),
         row("chosen, without the fused gate", {**best, "min_tumour_area": 0.0}),
         # The classifier's share: the same pipeline with slice calls from the segmenter's area alone.
@@ -126,8 +130,8 @@ def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float
             "patients": list(patient_ids),
             "split": "val patients recorded in the segmenter checkpoint",
             "criterion": "mean per-patient volumetric Dice of the whole pipeline (empty-vs-empty patients excluded)",
-            "grid": {"threshold": list(thresholds), "min_tumour_area": list(MIN_AREAS), "lcc": [False, True],
-                     "tta": [False, True]},
+            "grid": {"threshold": list(thresholds), "min_tumour_area": list(MIN_AREAS),
+                     "postprocess": list(SAFE_POSTPROCESS_RULES), "tta": [False, True]},
             "note": "chosen and scored on the same validation patients: optimistic for unseen patients",
         },
         "validation": best_scores,
@@ -165,13 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     point = tune(pipeline, patients, sorted(set(args.thresholds)))
     out = args.out or args.checkpoints / OPERATING_POINT_FILE
     chosen = OperatingPoint.from_dict(point)
-    write_operating_point(out, chosen, **{k: v for k, v in point.items() if k not in chosen.to_dict()})
+    fields = set(chosen.to_dict()) | {"lcc", "postprocess"}  # the point itself, however to_dict spells the rule
+    write_operating_point(out, chosen, **{k: v for k, v in point.items() if k not in fields})
     v = point["validation"]
     print(f"chosen on {len(patients)} validation patients: threshold {point['threshold']}, min_tumour_area "
-          f"{point['min_tumour_area']}, lcc {point['lcc']}, tta {point['tta']} → per-patient Dice mean "
+          f"{point['min_tumour_area']}, post-processing {point['postprocess']}, tta {point['tta']} → per-patient Dice mean "
           f"{v['per_patient_dice_mean']:.4f} → {out}")
     for r in point["ablation"]:
-        print(f"  {r['name']:<36} per-patient Dice {r['per_patient_dice_mean']:.4f}  detection acc "
+        print(f"  {r['name']:<44} per-patient Dice {r['per_patient_dice_mean']:.4f}  detection acc "
               f"{r['detection_accuracy']:.4f} sens {r['detection_sensitivity']:.4f} spec {r['detection_specificity']:.4f}")
     return 0
 

@@ -121,3 +121,15 @@ def test_bootstrap_interval_brackets_the_statistic_and_narrows_with_more_items()
     groups = [[1.0, 1.0], [0.0]]
     assert M.bootstrap_interval(groups, lambda gs: np.mean([x for g in gs for x in g])) == pytest.approx((0.0, 1.0))
     assert M.bootstrap_interval([], np.mean) != M.bootstrap_interval([], np.mean)  # (nan, nan)
+
+
+def test_post_processing_is_chosen_on_the_out_of_fold_predictions(cv):
+    _, out = cv
+    report = json.loads((out / crossval.CV_FILE).read_text())
+    pp = report["postprocessing"]
+    assert len(pp["candidates"]) == len(crossval.postprocessing_candidates())
+    assert "largest_component" not in {c["postprocess"] for c in pp["candidates"]}
+    best = max(c["mean"] for c in pp["candidates"] if c["mean"] is not None)
+    assert pp["chosen"]["mean"] == pytest.approx(best, abs=5e-5)
+    assert pp["volumetric_dice"]["mean"] == pytest.approx(pp["chosen"]["mean"])
+    assert sorted(pp["per_patient_dice"]) == sorted(report["per_patient_dice"])

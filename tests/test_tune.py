@@ -8,7 +8,7 @@ import pytest
 
 from flaxtumor.inference import Pipeline
 from flaxtumor.evaluate import jsonable
-from flaxtumor.operating_point import OperatingPoint
+from flaxtumor.operating_point import SAFE_POSTPROCESS_RULES, OperatingPoint
 from flaxtumor.tune import choose, main, score
 from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
 
@@ -48,8 +48,8 @@ def test_cli_tunes_on_validation_patients_and_the_pipeline_reads_it(tiny, tmp_pa
     assert point["tuned_on"]["patients"] == list(tiny.val)
     assert {r["name"] for r in point["ablation"]} >= {"segmenter alone (no gate)", "chosen operating point"}
     p = Pipeline.from_checkpoints(checkpoints).point
-    assert (p.threshold, p.lcc, p.tta, p.min_tumour_area) == (
-        point["threshold"], point["lcc"], point["tta"], point["min_tumour_area"])
+    assert (p.threshold, p.postprocess, p.tta, p.min_tumour_area) == (
+        point["threshold"], point.get("postprocess", "none"), point["tta"], point["min_tumour_area"])
 
 
 def test_cli_refuses_checkpoints_without_validation_patients(tiny, tmp_path, capsys):  # noqa: F811
@@ -63,25 +63,36 @@ def test_cli_refuses_checkpoints_without_validation_patients(tiny, tmp_path, cap
     assert "no validation patients" in capsys.readouterr().err
 
 
-def test_ablation_shows_the_segmenter_alone_with_lcc_and_the_classifier_off():
-    truth = np.zeros((3, 8, 8), bool)
-    truth[1, 2:6, 2:6] = True
+def test_ablation_shows_the_segmenter_alone_the_rules_and_the_classifier_off():
+    truth = np.zeros((3, 64, 64), bool)
+    truth[1, 10:26, 10:26] = True  # 256 px = 6.25 % of the slice
     masks = truth.copy()
-    masks[2, 0, 0] = True  # a 1-px false positive (area 1/64) on a tumour-free slice
+    masks[2, 0, 0] = True  # a 1-px false positive (1/4096 of the slice) on a tumour-free slice
     # the classifier misses the tumour slice and calls the empty slice 0: only the segmenter's area finds the tumour
     raw = [_patient([0.9, 0.01, 0.01], masks, truth)]
     point = choose({False: raw, True: raw}, 0.5, ["p"], thresholds=(0.5,))
+    # the fused gate's smallest area (0.05 %) calls slice 1 and not slice 2: Dice 1 with no post-processing, which
+    # wins the tie with the component floors
+    assert (point["min_tumour_area"], point["postprocess"], point["tta"]) == (0.0005, "none", False)
     rows = {r["name"]: r for r in point["ablation"]}
     off = rows["classifier off (area-only calls)"]
-    assert off["threshold"] == float("inf") and off["min_tumour_area"] == point["min_tumour_area"] > 0
-    # area-only calls: slice 1 (16/64) is tumour; slice 2 (1/64) only when min_tumour_area <= 1/64
-    expected_calls = np.array([False, True, 1 / 64 >= off["min_tumour_area"]])
-    assert off["detection_accuracy"] == pytest.approx((expected_calls == truth.any(axis=(1, 2))).mean())
-    assert off["per_patient_dice_mean"] == 1.0  # LCC drops the isolated pixel
-    with_lcc = rows["segmenter alone + LCC (no gate)"]
-    assert with_lcc["gate"] is False and with_lcc["lcc"] is True and with_lcc["per_patient_dice_mean"] == 1.0
-    assert rows["segmenter alone (no gate)"]["per_patient_dice_mean"] == pytest.approx(32 / 33)
+    assert off["threshold"] == float("inf") and off["min_tumour_area"] == point["min_tumour_area"]
+    assert off["detection_accuracy"] == 1.0 and off["per_patient_dice_mean"] == 1.0
+    assert rows["segmenter alone (no gate)"]["per_patient_dice_mean"] == pytest.approx(512 / 513)
+    alone = rows["segmenter alone + post-processing (no gate)"]
+    assert alone["gate"] is False and alone["postprocess"] == "none"
+    legacy = rows["chosen, with the largest component instead"]
+    assert legacy["postprocess"] == "largest_component" and legacy["per_patient_dice_mean"] == 1.0
     assert json.loads(json.dumps(jsonable(point)))["ablation"][-1]["threshold"] is None  # strict JSON: off = null
+
+
+def test_the_grid_never_offers_the_largest_component():
+    truth = np.zeros((2, 64, 64), bool)
+    truth[0, 10:20, 10:20] = True
+    raw = [_patient([0.9, 0.1], truth, truth)]
+    point = choose({False: raw, True: raw}, 0.5, ["p"], thresholds=(0.5,))
+    assert point["tuned_on"]["grid"]["postprocess"] == list(SAFE_POSTPROCESS_RULES)
+    assert "largest_component" not in SAFE_POSTPROCESS_RULES and "none" in SAFE_POSTPROCESS_RULES
 
 
 def test_cli_names_the_checkpoints_flag_when_the_folder_is_missing(tmp_path, capsys):
