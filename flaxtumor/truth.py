@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -33,17 +34,29 @@ def pair_masks(paths: Sequence[str | Path]) -> tuple[list[Path], dict[Path, Path
     A mask pairs with the image whose stem it extends by `_mask`, in the same folder (any image suffix).
     A mask without an image is an error that names it; images without masks are simply unpaired.
     """
+    images, pairs, problems = pair_masks_leniently(paths)
+    if problems:
+        raise problems[0]
+    return images, pairs
+
+
+def pair_masks_leniently(paths: Sequence[str | Path]) -> tuple[list[Path], dict[Path, Path], list[DataError]]:
+    """`pair_masks` that goes on past bad masks: (images, {image: mask}, one DataError per mask left unpaired), for
+    callers that report every problem and still predict the rest (`predict`)."""
     images = [Path(p) for p in paths if not is_mask_name(p)]
     by_key = {(p.parent, p.stem.lower()): p for p in images}
     pairs: dict[Path, Path] = {}
+    problems: list[DataError] = []
     for m in (Path(p) for p in paths if is_mask_name(p)):
         image = by_key.get((m.parent, mask_stem(m).lower()))
         if image is None:
-            raise DataError(m, f"mask has no image (expected {mask_stem(m)}.<tif|png|jpg> beside it)")
-        if image in pairs:
-            raise DataError(m, f"second mask for {image.name} (already have {pairs[image].name})")
-        pairs[image] = m
-    return images, pairs
+            problems.append(DataError(m, f"mask has no image (expected {mask_stem(m)}.<tif|png|jpg> beside it, "
+                                         "among the inputs)"))
+        elif image in pairs:
+            problems.append(DataError(m, f"second mask for {image.name} (already have {pairs[image].name})"))
+        else:
+            pairs[image] = m
+    return images, pairs, problems
 
 
 def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -58,3 +71,50 @@ def patient_dice(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> f
     if not preds:
         return float("nan")
     return dice(np.stack([np.asarray(p) > 0 for p in preds]), np.stack([np.asarray(t) > 0 for t in truths]))
+
+
+# ---- the figures as predict writes them ----------------------------------------------------------------------------
+
+TRUTH_COLUMNS = ("true_pixels", "dice")  # appended to predict's CSV when any input has ground truth
+PATIENTS_HEADER = ("patient", "slices", "true_pixels", "predicted_pixels", "dice")
+
+
+def dice_cell(d: float) -> str:
+    """A Dice for a CSV cell: blank when undefined (empty vs empty), never 1 or 0."""
+    return "" if np.isnan(d) else f"{d:.6f}"
+
+
+def truth_cells(pred: np.ndarray, truth: np.ndarray | None) -> tuple[str, str]:
+    """The TRUTH_COLUMNS of one slice: blank without a truth."""
+    if truth is None:
+        return "", ""
+    return str(int(np.count_nonzero(truth))), dice_cell(slice_dice(pred, truth))
+
+
+@dataclass(frozen=True)
+class PatientScore:
+    """One patient volume's truth against its prediction (see PATIENT_DICE_PROTOCOL)."""
+
+    patient: str
+    slices: int
+    true_pixels: int
+    predicted_pixels: int
+    dice: float  # nan when neither has tumour
+
+    @classmethod
+    def of(cls, patient: str, preds: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> PatientScore:
+        return cls(patient, len(preds), int(sum(np.count_nonzero(t) for t in truths)),
+                   int(sum(np.count_nonzero(p) for p in preds)), patient_dice(preds, truths))
+
+    def row(self) -> tuple[str, int, int, int, str]:
+        return self.patient, self.slices, self.true_pixels, self.predicted_pixels, dice_cell(self.dice)
+
+
+def patients_table(scores: Sequence[PatientScore]) -> str:
+    """The scores as an aligned text table under the protocol (what predict prints on stderr)."""
+    width = max([len("patient"), *(len(s.patient) for s in scores)])
+    lines = [PATIENT_DICE_PROTOCOL + ":", f"  {'patient':<{width}}  slices  true px  predicted px  dice"]
+    for s in scores:
+        shown = "-" if np.isnan(s.dice) else f"{s.dice:.4f}"
+        lines.append(f"  {s.patient:<{width}}  {s.slices:>6}  {s.true_pixels:>7}  {s.predicted_pixels:>12}  {shown}")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ import tifffile
 from PIL import Image
 
 from flaxtumor.predict import CSV_HEADER, collect_inputs, duplicate_stems, group_volumes, main
+from flaxtumor.truth import TRUTH_COLUMNS
 from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
 
 
@@ -48,8 +49,10 @@ def test_output_contract_for_a_patient_folder_and_loose_images(tiny, loose, tmp_
     assert main([str(patient), str(loose), "--out", str(out), "--checkpoints", str(tiny.checkpoints),
                  "--batch-size", "2"]) == 0
     header, rows = _read_csv(out / "predictions.csv")
-    assert tuple(header) == CSV_HEADER == ("image", "tumour_probability", "has_tumour", "tumour_pixels", "verdict",
-                                           "classifier_call", "patient", "warning")
+    assert CSV_HEADER == ("image", "tumour_probability", "has_tumour", "tumour_pixels", "verdict", "classifier_call",
+                          "patient", "warning")
+    # the patient's *_mask.tif (and loose/odd_mask.png) are its ground truth: two columns follow the usual ones
+    assert tuple(header) == CSV_HEADER + TRUTH_COLUMNS == CSV_HEADER + ("true_pixels", "dice")
     slices = sorted((p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")),
                     key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     others = ["deep16.tif", "odd.png", "photo.jpg", "sub/gray.png", "sub/rgba.png"]
@@ -101,8 +104,10 @@ def test_duplicate_stems_fail_before_any_work(tiny, loose, tmp_path, capsys):  #
 
 
 def test_the_same_file_twice_is_not_a_duplicate(loose):
-    files, problems = collect_inputs([loose / "odd.png", loose, str(loose / "odd.png")])
-    assert files.count(loose / "odd.png") == 1 and not problems and not duplicate_stems(files)
+    found = collect_inputs([loose / "odd.png", loose, str(loose / "odd.png")])
+    files = found.images
+    assert files.count(loose / "odd.png") == 1 and not found.problems and not duplicate_stems(files)
+    assert found.masks == {loose / "odd.png": loose / "odd_mask.png"}  # the mask is its truth, never an input
 
 
 def test_unreadable_inputs_are_reported_and_the_rest_written(tiny, loose, tmp_path, capsys):  # noqa: F811
@@ -120,8 +125,12 @@ def test_unreadable_inputs_are_reported_and_the_rest_written(tiny, loose, tmp_pa
     assert not (out / "empty_pred.png").exists()
 
 
-def test_explicit_mask_file_is_skipped_and_no_inputs_is_an_error(loose, tmp_path, capsys):
+def test_explicit_mask_file_is_not_an_input_and_no_inputs_is_an_error(loose, tmp_path, capsys):
+    # a mask named without its image: an unpaired truth, and nothing to predict
     assert main([str(loose / "odd_mask.png"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{loose / 'odd_mask.png'}: mask has no image" in err and "no input images" in err
+    assert main([str(loose / "odd_mask.png"), "--out", str(tmp_path / "o"), "--no-truth"]) == 2
     err = capsys.readouterr().err
     assert "never inputs" in err and "no input images" in err
 
@@ -157,8 +166,7 @@ def test_its_own_output_folder_is_not_read_back_as_inputs(tiny, loose, tmp_path)
     _, rows = _read_csv(out / "predictions.csv")
     assert len(rows) == 5 and not any("_pred" in r[0] for r in rows)
     assert not list(out.glob("*_pred_pred.png"))
-    files, _ = collect_inputs([out])
-    assert files == []
+    assert collect_inputs([out]).images == []
 
 
 def test_verdict_agrees_with_the_mask_on_synthetic_data(tiny, tmp_path):  # noqa: F811
@@ -231,8 +239,7 @@ def test_gradcam_maps_have_the_input_size(tiny, loose, tmp_path):  # noqa: F811
         assert heat.mode == "L"
         assert heat.size[::-1] == _input_shape(loose / name)
     # Its own outputs are never inputs when it is pointed at them again.
-    files, _ = collect_inputs([maps, out])
-    assert files == []
+    assert collect_inputs([maps, out]).images == []
 
 
 def test_missing_checkpoints_name_the_flag(loose, tmp_path, capsys):

@@ -99,17 +99,38 @@ def nifti_stem(path: str | Path) -> str:
     return Path(name).stem
 
 
+_SEPARATORS = r"[_\-.\s]+"
+
+
 def _tokens(path: str | Path) -> list[str]:
-    return [t for t in re.split(r"[_\-.\s]+", nifti_stem(path).lower()) if t]
+    return [t for t in re.split(_SEPARATORS, nifti_stem(path).lower()) if t]
+
+
+def _is_role_token(token: str, role: str) -> bool:
+    exact, prefixes = ROLE_PATTERNS[role]
+    return token in exact or token.startswith(prefixes)
 
 
 def role_of(path: str | Path) -> str | None:
     """The role a file name announces: "pre", "flair", "post", "truth", "t2" (recognised, not used), or None."""
     tokens = _tokens(path)
-    for role, (exact, prefixes) in ROLE_PATTERNS.items():
-        if any(t in exact or t.startswith(prefixes) for t in tokens):
+    for role in ROLE_PATTERNS:
+        if any(_is_role_token(t, role) for t in tokens):
             return role
     return None
+
+
+def case_key(path: str | Path) -> str:
+    """The file name without its role tokens (any role's, case kept): `BraTS2021_00042_t1ce.nii.gz` and
+    `BraTS2021_00042_seg.nii.gz` -> `BraTS2021_00042`, `BraTS-GLI-00000-000-t1n.nii.gz` -> `BraTS-GLI-00000-000`,
+    `t1.nii.gz` -> ``. Files of one patient share it, so a folder holding several patients can be split."""
+    parts = re.split(f"({_SEPARATORS})", nifti_stem(path))  # token, separator, token, ...
+    kept: list[str] = []
+    for i in range(0, len(parts), 2):
+        token = parts[i]
+        if token and not any(_is_role_token(token.lower(), role) for role in ROLE_PATTERNS):
+            kept.append((parts[i - 1] if kept else "") + token)
+    return "".join(kept)
 
 
 @dataclass(frozen=True)
@@ -267,13 +288,16 @@ def _read_truth(path: Path, orientation: Orientation, reference: Path) -> np.nda
 def _check_affine(img: Any, path: Path, orientation: Orientation, reference: Path) -> None:
     affine = np.asarray(img.affine, np.float64)
     if not np.allclose(affine, orientation.affine, rtol=0.0, atol=AFFINE_ATOL):
-        diff = float(np.abs(affine - orientation.affine).max())
-        raise DataError(path, f"affine differs from {reference.name}'s by up to {diff:.4g} (tolerance {AFFINE_ATOL}): "
-                              f"the volumes are not co-registered on the same grid\n{affine.round(4)}\nvs\n"
-                              f"{orientation.affine.round(4)}")
+        delta = np.abs(affine - orientation.affine)
+        row, col = np.unravel_index(int(np.argmax(delta)), delta.shape)
+        # one line (predict lists failures one per line): the largest difference locates the problem well enough
+        raise DataError(path, f"affine differs from {reference.name}'s by up to {delta.max():.4g} (tolerance "
+                              f"{AFFINE_ATOL}): the volumes are not co-registered on the same grid (element "
+                              f"[{row}, {col}]: {affine[row, col]:.4g} vs {orientation.affine[row, col]:.4g})")
 
 
-def _common_stem(paths: Iterable[Path]) -> str:
+def common_stem(paths: Iterable[Path]) -> str:
+    """The longest common prefix of the files' stems, without trailing separators (`""` when none)."""
     stems = [nifti_stem(p) for p in paths]
     prefix = stems[0]
     for s in stems[1:]:
@@ -344,7 +368,7 @@ def load_case(source: str | Path | Sequence[str | Path] | Mapping[str, str | Pat
             raise ValueError(f"unknown role(s) {sorted(unknown)}; expected {ROLES} and optionally {TRUTH!r}")
         files = list(roles.values())
         where = _where(files)
-        default_name = _common_stem(roles[r] for r in ROLES if r in roles) if roles else where.name
+        default_name = common_stem(roles[r] for r in ROLES if r in roles) if roles else where.name
     else:
         if isinstance(source, (str, Path)):
             source = Path(source)
@@ -359,7 +383,7 @@ def load_case(source: str | Path | Sequence[str | Path] | Mapping[str, str | Pat
             files = [Path(p) for p in source]
             if not files:
                 raise ValueError("no input files given")
-            where, default_name, strict = _where(files), _common_stem(files), True
+            where, default_name, strict = _where(files), common_stem(files), True
         volumes = [p for p in files if role_of(p) != TRUTH]
         if len(volumes) == 1 and _single_volume(volumes[0]):
             roles = {"4d": volumes[0]}  # one volume: it must hold the three roles
