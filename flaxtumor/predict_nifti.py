@@ -5,8 +5,8 @@ nibabel (through `flaxtumor.data.nifti`) is imported only when a NIfTI input exi
 Grouping, per folder: each NIfTI file named for no role is a case of its own (a 4-D volume; in a searched folder a
 3-D one is skipped with a note, given by name it is an error), with any truth named like it (`case9.nii.gz` +
 `case9_seg.nii.gz`). The files named for a role form one case, unless a role occurs twice and the names split into
-patients (`p1_t1`, `p1_flair`, ..., `p2_t1`, ...; see `nifti.case_key`). A case is named after its files' common stem,
-else its folder.
+patients (`p1_t1`, `p1_flair`, ..., `p2_t1`, ...; see `nifti.case_key`). A case is named after the patient its file
+names share (their name without the role tokens), else their common stem, else its folder.
 """
 
 from __future__ import annotations
@@ -97,8 +97,7 @@ def group_cases(files: Sequence[Path], explicit: set[Path], use_truth: bool = Tr
                              "post-contrast volumes, or a 4-D volume named like it, beside it)"
                              for p in group if nifti.role_of(p) == nifti.TRUTH]
                 continue
-            name = nifti.common_stem(group) or folder.name
-            cases.append(NiftiInput(name, tuple(group)))
+            cases.append(NiftiInput(_case_name(group, folder, nifti), tuple(group)))
     return cases, problems
 
 
@@ -120,6 +119,14 @@ def _split_patients(named: list[Path], nifti) -> list[list[Path]]:
     if not clean:
         return [named]
     return [by_key[k] for k in sorted(by_key, key=natural_key)]
+
+
+def _case_name(group: list[Path], folder: Path, nifti) -> str:
+    """The patient the files' names share (`BraTS2021_00042`), else their common stem, else the folder's name."""
+    keys = {nifti.case_key(p) for p in group}
+    if len({k.lower() for k in keys}) == 1 and next(iter(keys)):
+        return next(iter(keys))
+    return nifti.common_stem(group) or folder.name
 
 
 def _is_3d(path: Path) -> bool:

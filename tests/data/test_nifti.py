@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from flaxtumor.data.io import DataError
-from flaxtumor.data.nifti import (AFFINE_ATOL, NiftiCase, Orientation, load_case, robust_rescale, role_of,
-                                  write_mask)
+from flaxtumor.data.nifti import (AFFINE_ATOL, NiftiCase, Orientation, case_key, load_case, robust_rescale,
+                                  role_of, write_mask)
 
 # Stored (file) shape -> canonical (x, y, z) and sliced (D, H, W) shapes differ per affine; in-plane sizes differ so a
 # transposed slice cannot pass.
@@ -93,6 +93,16 @@ def _patient(folder: Path, affine_key: str = "LPS", *, names=("t1", "flair", "t1
 ])
 def test_role_of(name: str, role: str | None) -> None:
     assert role_of(name) == role
+
+
+@pytest.mark.parametrize("name, key", [
+    ("BraTS2021_00042_t1ce.nii.gz", "BraTS2021_00042"), ("BraTS2021_00042_seg.nii.gz", "BraTS2021_00042"),
+    ("BraTS-GLI-00000-000-t1n.nii.gz", "BraTS-GLI-00000-000"), ("t1.nii.gz", ""), ("p1_T1_post.nii", "p1"),
+    ("caseA.nii.gz", "caseA"),
+])
+def test_case_key(name: str, key: str) -> None:
+    # predict splits a folder of several patients by it
+    assert case_key(name) == key
 
 
 def test_folder_roles_truth_and_skipped_t2(tmp_path: Path) -> None:
@@ -299,8 +309,9 @@ def test_mismatched_affines_with_tolerance(tmp_path: Path) -> None:
     off = p["affine"].copy()
     off[1, 3] += 1.0  # a 1 mm shift: not on the same grid
     _save(p["vols"][2], off, p["paths"]["post"])
-    with pytest.raises(DataError, match=r"_t1ce.nii.gz: affine differs from .*_t1.nii.gz's by up to 1 "):
+    with pytest.raises(DataError, match=r"_t1ce.nii.gz: affine differs from .*_t1.nii.gz's by up to 1 ") as e:
         load_case(tmp_path / "p")
+    assert "\n" not in str(e.value) and "element [1, 3]: 21 vs 20" in str(e.value)  # one line, pointing at it
     flipped = p["affine"] @ np.diag([-1.0, 1, 1, 1])
     _save(p["vols"][2], flipped, p["paths"]["post"])
     with pytest.raises(DataError, match="affine differs"):
