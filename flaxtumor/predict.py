@@ -186,13 +186,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threshold", type=float, default=None, help="tumour-probability gate (default: checkpoint's)")
     ap.add_argument("--no-gate", action="store_true", help="run the segmenter on every slice")
     ap.add_argument("--lcc", action=argparse.BooleanOptionalAction, default=None,
-                    help="keep the largest 3D component in patient-folder volumes (default: checkpoints' pipeline.json)")
+                    help="keep the largest 3D component in patient volumes (folders, NIfTI cases) (default: "
+                         "checkpoints' pipeline.json)")
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="average with a horizontal flip (default: checkpoints' pipeline.json)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--gradcam", type=Path, default=None, metavar="DIR",
-                    help="also write DIR/<stem>_gradcam.png: the classifier's Grad-CAM, 8-bit grayscale at the input's "
-                         "size, brighter = more evidence for tumour")
+                    help="also write DIR/<stem>_gradcam.png (DIR/<case>_z<k>_gradcam.png per NIfTI slice): the "
+                         "classifier's Grad-CAM, 8-bit grayscale at the input's size, brighter = more evidence for "
+                         "tumour")
     truth = ap.add_mutually_exclusive_group()
     truth.add_argument("--truth", type=Path, default=None, metavar="SEG",
                        help="a binary NIfTI segmentation: the ground truth of the one NIfTI case given (kaggle "
@@ -402,7 +404,13 @@ def _predict_group(pipeline, group: Group, masks: dict[Path, Path], failures: li
     if as_volume and scored == len(group.files):  # every slice read and with its truth: evaluate's patient
         outcome.scores.append(PatientScore.of(group.patient, [p.mask for p in preds], truths))
     else:
-        why = "slices of different sizes" if not as_volume else f"{scored} of {len(group.files)} slices have a truth"
+        n = len(group.files)
+        if not as_volume:
+            why = "slices of different sizes"
+        elif len(readable) < n:
+            why = f"{n - len(readable)} of {n} slices unreadable"
+        else:
+            why = f"{scored} of {n} slices have a truth"
         print(f"note: {group.patient}: no per-patient Dice ({why}; it needs the whole volume's)", file=sys.stderr)
 
 
@@ -413,10 +421,12 @@ def _predict_case(pipeline, item: NiftiInput, failures: list[str], args: argpars
     from flaxtumor.predict_nifti import read_case, slice_name, write_case_mask
 
     try:
-        case = read_case(item)
+        case, truth_problem = read_case(item)
     except DataError as e:
         failures.append(str(e))
         return
+    if truth_problem:
+        failures.append(truth_problem)
     bar.total += len(case.slices)
     bar.refresh()
     timer.lap("write")

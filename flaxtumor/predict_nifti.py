@@ -147,9 +147,18 @@ def duplicate_names(cases: Sequence[NiftiInput]) -> list[str]:
             for name, cs in by_name.items() if len(cs) > 1]
 
 
-def read_case(item: NiftiInput) -> NiftiCase:
-    """The case's uint8 composites (and truth), or a DataError naming the file and the problem."""
-    return _nifti().load_case(list(item.files), truth=item.truth, patient=item.name)
+def read_case(item: NiftiInput) -> tuple[NiftiCase, str | None]:
+    """(the case's uint8 composites and truth, None), or a DataError naming the file and the problem. A bad truth
+    loses only the truth: (the case without it, the truth's problem)."""
+    nifti = _nifti()
+    try:
+        return nifti.load_case(list(item.files), truth=item.truth, patient=item.name), None
+    except DataError as e:
+        truths = {p for p in item.files if nifti.role_of(p) == nifti.TRUTH} | ({item.truth} - {None})
+        if e.path not in truths:
+            raise
+        volumes = [p for p in item.files if p not in truths]
+        return nifti.load_case(volumes, patient=item.name), f"{e} (its case is predicted without a truth)"
 
 
 def slice_name(case: NiftiCase, k: int) -> str:

@@ -93,8 +93,10 @@ def test_4d_volume_and_explicit_files(tiny, tmp_path):  # noqa: F811
     vols, _ = _volumes()
     four = _save(np.stack(vols, axis=-1), tmp_path / "in" / "case9.nii.gz")
     trio, _ = _trio(tmp_path / "elsewhere", prefix="sub-01")
-    out = tmp_path / "out"
-    assert _run(tiny, [four, *trio], out, "--threshold", "0") == 0
+    out, maps = tmp_path / "out", tmp_path / "maps"
+    assert _run(tiny, [four, *trio], out, "--threshold", "0", "--gradcam", maps) == 0
+    heat = Image.open(maps / "case9_z5_gradcam.png")  # one Grad-CAM per axial slice, at the slice's size
+    assert heat.mode == "L" and heat.size == (28, 32) and len(list(maps.iterdir())) == 12
     for name, ref in (("case9", four), ("sub-01", trio[0])):
         written = nib.load(out / f"{name}_pred.nii.gz")
         assert written.shape == SHAPE and np.array_equal(written.affine, nib.load(ref).affine)
@@ -168,16 +170,19 @@ def test_truth_by_name_and_by_flag_is_scored(tiny, tmp_path):  # noqa: F811
     assert _read_csv(tmp_path / "o4" / "predictions.csv")[0] == CSV_HEADER
 
 
-def test_bad_truth_fails_its_case_only(tiny, tmp_path, capsys):  # noqa: F811
+def test_a_bad_truth_is_a_failure_but_its_case_is_predicted(tiny, tmp_path, capsys):  # noqa: F811
     paths, blob = _trio(tmp_path / "p1")
     labels = blob.astype(np.uint8) * 2  # BraTS-style labels, not binary
     _save(labels, tmp_path / "p1" / "p1_seg.nii.gz", dtype=np.uint8)
     _trio(tmp_path / "p2", seg=True)
     assert _run(tiny, [tmp_path / "p1", tmp_path / "p2"], tmp_path / "out") == 1
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'p1' / 'p1_seg.nii.gz'}: truth is not binary" in err
+    assert f"{tmp_path / 'p1' / 'p1_seg.nii.gz'}: truth is not binary" in err and "predicted without a truth" in err
     _, patients = _read_csv(tmp_path / "out" / "patients.csv")
-    assert [r["patient"] for r in patients] == ["p2"] and not (tmp_path / "out" / "p1_pred.nii.gz").exists()
+    assert [r["patient"] for r in patients] == ["p2"] and (tmp_path / "out" / "p1_pred.nii.gz").exists()
+    _, rows = _read_csv(tmp_path / "out" / "predictions.csv")
+    assert {r["true_pixels"] for r in rows if r["patient"] == "p1"} == {""}
+    assert all(r["true_pixels"] for r in rows if r["patient"] == "p2")
 
 
 def test_its_own_mask_volumes_are_not_read_back(tiny, tmp_path):  # noqa: F811
@@ -248,3 +253,18 @@ def test_tif_only_runs_never_import_nibabel(tmp_path):
             "assert 'nibabel' not in sys.modules, 'nibabel imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_nibabel_is_a_runtime_dependency_of_the_package_and_the_space():
+    # predict reads .nii inputs with it: a core dependency (not an extra), and in the Space's requirements.txt, which
+    # must list every runtime dependency of pyproject.toml
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    name = lambda spec: re.split(r"[<>=!~\[ ;]", spec.strip(), maxsplit=1)[0].lower()  # noqa: E731
+    runtime = {name(d) for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]}
+    space = {name(line) for line in (root / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert "nibabel" in runtime and runtime <= space, sorted(runtime - space)
