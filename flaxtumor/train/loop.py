@@ -571,6 +571,14 @@ def run(cfg: Config) -> dict[str, Any]:
     if state.progress.phase_index >= len(state.phases):
         state.say("this run had already finished (resume does not add epochs); exporting its best checkpoint again")
     for index, phase in enumerate(state.phases):
-        if index >= state.progress.phase_index:
-            run_phase(state, index, phase)
+        if index < state.progress.phase_index:
+            continue
+        if index == state.progress.phase_index and state.progress.epoch >= phase.epochs:
+            # Resumed with fewer epochs than it has done (to stop a long run now): the phase is over, and so is an
+            # unfinished epoch; the best checkpoint so far is what continues or is exported.
+            state.say(f"{state.progress.epoch} epochs done ≥ the {phase.epochs} asked for: phase {phase.number} over")
+            state.progress = dataclasses.replace(state.progress, phase_index=index + 1, epoch=0, step_in_epoch=0,
+                                                 loss_sum=0.0, best=-math.inf, bad_epochs=0)
+            continue
+        run_phase(state, index, phase)
     return export(state)

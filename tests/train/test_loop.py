@@ -119,3 +119,29 @@ def test_tumour_sampling_sets_the_steps_per_epoch(tmp_path):
     cfg = tiny_config(tmp_path, "seg", **{"train.epochs": 1, "data.sampling": "tumour", "data.samples_per_epoch": 24})
     summary = loop.run(cfg)
     assert [h["step"] for h in summary["history"]] == [24 // 8]  # not the 80 // 8 of a whole shuffled epoch
+
+
+def test_resume_with_fewer_epochs_stops_the_run_and_exports_its_best(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "seg", **{"train.epochs": 5})
+    finish, calls = loop._finish_epoch, []
+
+    def stop_after_two(*args, **kwargs):
+        over = finish(*args, **kwargs)  # validates and checkpoints the epoch first
+        calls.append(1)
+        if len(calls) == 2:
+            args[0].checkpoints.manager.wait_until_finished()  # its checkpoint written (saves are asynchronous)
+            raise KeyboardInterrupt  # the run is killed after its second epoch
+        return over
+
+    monkeypatch.setattr(loop, "_finish_epoch", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(cfg)
+    monkeypatch.setattr(loop, "_finish_epoch", finish)
+    trained = []
+    monkeypatch.setattr(loop, "train_epoch", lambda *a, **k: trained.append(1))
+    summary = loop.run(cfg.override(**{"train.epochs": 2, "train.resume": True}))
+    assert trained == [] and len(summary["history"]) == 2  # no epoch added
+    best = max(summary["history"], key=lambda h: h["val_volumetric_dice"])
+    assert summary["best_step"] == best["step"]
+    model, metadata = load_inference(summary["checkpoint"])
+    assert metadata["best"]["step"] == best["step"]
