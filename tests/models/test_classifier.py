@@ -58,10 +58,8 @@ def _flat(model: nnx.Module, kind: type) -> dict[str, np.ndarray]:
     return {".".join(map(str, p)): np.array(v[...]) for p, v in nnx.iter_graph(model) if type(v) is kind}
 
 
-@pytest.mark.parametrize("phase", [1, 2])
-def test_frozen_kernels_and_bn_stats_are_bit_identical(phase):
-    model = TumourClassifier(ResNet((1, 2), width=8, rngs=nnx.Rngs(0)), (16,), 0.3, rngs=nnx.Rngs(1))
-    trainable = set_phase(model, phase, unfreeze_last_layers=10)  # phase 2: the last block, stages.1.1
+def _step_and_compare(model: TumourClassifier, trainable) -> tuple[dict, dict, dict, dict]:
+    """One Adam step on the `trainable` params in train mode: (params, stats) before, then after."""
     model.train()  # must not thaw the frozen parts' BatchNorm
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=trainable)
 
@@ -72,9 +70,15 @@ def test_frozen_kernels_and_bn_stats_are_bit_identical(phase):
         optimizer.update(model, grads)
 
     params, stats = _flat(model, nnx.Param), _flat(model, nnx.BatchStat)
-    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    step(model, optimizer, x, jnp.array([0.0, 1.0, 1.0, 0.0]))
-    params_after, stats_after = _flat(model, nnx.Param), _flat(model, nnx.BatchStat)
+    step(model, optimizer, jax.random.normal(jax.random.key(0), (4, 32, 32, 3)), jnp.array([0.0, 1.0, 1.0, 0.0]))
+    return params, stats, _flat(model, nnx.Param), _flat(model, nnx.BatchStat)
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_frozen_kernels_and_bn_stats_are_bit_identical(phase):
+    model = TumourClassifier(ResNet((1, 2), width=8, rngs=nnx.Rngs(0)), (16,), 0.3, rngs=nnx.Rngs(1))
+    trainable = set_phase(model, phase, unfreeze_last_layers=10)  # phase 2: the last block, stages.1.1
+    params, stats, params_after, stats_after = _step_and_compare(model, trainable)
 
     unfrozen = "backbone.stages.1.1." if phase == 2 else "head only"
     for key in params:
@@ -89,19 +93,7 @@ def test_phase3_after_phase2_thaws_every_kernel_and_bn_stat():
     # Phase 3 follows phase 2 on the same model: what phase 2 froze (and put in eval mode) must train again.
     model = TumourClassifier(ResNet((1, 2), width=8, rngs=nnx.Rngs(0)), (16,), 0.3, rngs=nnx.Rngs(1))
     set_phase(model, 2, unfreeze_last_layers=10)
-    trainable = set_phase(model, 3)
-    model.train()
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=trainable)
-
-    @nnx.jit
-    def step(model, optimizer, x, y):
-        loss = lambda m: optax.sigmoid_binary_cross_entropy(m(x), y).mean()  # noqa: E731
-        grads = nnx.grad(loss, argnums=nnx.DiffState(0, trainable))(model)
-        optimizer.update(model, grads)
-
-    params, stats = _flat(model, nnx.Param), _flat(model, nnx.BatchStat)
-    step(model, optimizer, jax.random.normal(jax.random.key(0), (4, 32, 32, 3)), jnp.array([0.0, 1.0, 1.0, 0.0]))
-    params_after, stats_after = _flat(model, nnx.Param), _flat(model, nnx.BatchStat)
+    params, stats, params_after, stats_after = _step_and_compare(model, set_phase(model, 3))
     assert [k for k in params if np.array_equal(params[k], params_after[k])] == []
     assert [k for k in stats if np.array_equal(stats[k], stats_after[k])] == []
 
