@@ -134,6 +134,15 @@ class _Runner:
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+def _check_task(path: Path, metadata: InferenceMetadata, task: str, role: str) -> None:
+    """A classifier folder given as the segmenter (or the reverse) fails here, in words, not deep in a model call."""
+    if metadata.task != task:
+        from flaxtumor.checkpoints import CheckpointError
+
+        raise CheckpointError(f"{Path(path).absolute()}: a {metadata.task!r} checkpoint, but the {role} must be a "
+                              f"{task!r} one")
+
+
 class Pipeline:
     """Classifier → gate → segmenter → post-processing, on slices of any size.
 
@@ -160,6 +169,7 @@ class Pipeline:
         self.segmenter_spec = segmenter_metadata.preprocessing
         self.point = point or self.checkpoint_point(classifier_metadata, segmenter_metadata)
         self.record = record or {}  # pipeline.json as read (provenance, validation, ablation), for the model card
+        self.sources: dict[str, Path] = {}  # model -> the folder it was loaded from (set by from_checkpoints)
         self._classify = _Runner(classifier, batch_size)
         self._segment = _Runner(segmenter, batch_size)
 
@@ -170,24 +180,34 @@ class Pipeline:
         return OperatingPoint(threshold=classifier_metadata.threshold, mask_threshold=segmenter_metadata.threshold)
 
     @classmethod
-    def from_checkpoints(cls, dir: str | Path = "checkpoints", batch_size: int = DEFAULT_BATCH_SIZE,
+    def from_checkpoints(cls, dir: str | Path = "checkpoints", batch_size: int = DEFAULT_BATCH_SIZE, *,
+                         classifier: str | Path | None = None, segmenter: str | Path | None = None,
                          **overrides: Any) -> "Pipeline":
         """Loads DIR/classifier and DIR/segmenter (raises CheckpointError with one clear line when either is bad).
-        The default point is DIR/pipeline.json's over the checkpoints' thresholds, then `overrides` (OperatingPoint
-        fields, or `lcc`; None keeps the value). An invalid point raises ValueError naming the field."""
+        `classifier` / `segmenter` load that model from another folder instead (pairing a newly trained model with a
+        shipped one); each must hold a checkpoint of its task. The default point is DIR/pipeline.json's over the
+        loaded checkpoints' thresholds, then `overrides` (OperatingPoint fields, or `lcc`; None keeps the value). An
+        invalid point raises ValueError naming the field."""
         from flaxtumor.checkpoints import load_inference  # orbax and the model builders: only needed when loading
 
         dir = Path(dir)
-        classifier, classifier_metadata = load_inference(dir / "classifier")
-        segmenter, segmenter_metadata = load_inference(dir / "segmenter")
+        sources = {"classifier": Path(classifier or dir / "classifier"),
+                   "segmenter": Path(segmenter or dir / "segmenter")}
+        classifier_model, classifier_metadata = load_inference(sources["classifier"])
+        segmenter_model, segmenter_metadata = load_inference(sources["segmenter"])
+        _check_task(sources["classifier"], classifier_metadata, "cls", "classifier")
+        _check_task(sources["segmenter"], segmenter_metadata, "seg", "segmenter")
         point, record = read_operating_point(dir, cls.checkpoint_point(classifier_metadata, segmenter_metadata))
-        return cls(classifier, segmenter, classifier_metadata, segmenter_metadata, point=point.override(**overrides),
-                   batch_size=batch_size, record=record)
+        pipeline = cls(classifier_model, segmenter_model, classifier_metadata, segmenter_metadata,
+                       point=point.override(**overrides), batch_size=batch_size, record=record)
+        pipeline.sources = sources
+        return pipeline
 
     # -- model card ------------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """What a model-card panel shows: per model its preprocessing, init, dtype, threshold, split sizes and
-        validation metrics, plus the default operating point and pipeline.json's record."""
+        """What a model-card panel shows: per model its preprocessing, init, dtype, threshold, split sizes,
+        validation metrics (and the folder it was loaded from, when known), plus the default operating point and
+        pipeline.json's record."""
         models = {}
         for name, meta in self.metadata.items():
             split = meta.split or {}
@@ -200,6 +220,8 @@ class Pipeline:
                 "split_sizes": {k: len(v) for k, v in split.items() if isinstance(v, (list, tuple))},
                 "metrics": meta.metrics,
             }
+            if name in self.sources:
+                models[name]["source"] = str(self.sources[name])
         return {"models": models, "pipeline": dataclasses.asdict(self.point), "operating_point": self.record}
 
     def warm_up(self, point: OperatingPoint | None = None) -> float:

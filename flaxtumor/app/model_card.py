@@ -1,52 +1,32 @@
-"""The model-card panel and the threshold slider's help, as Markdown from `Pipeline.summary()`."""
+"""The model-card panel as Markdown tables, and the threshold slider's help, from `Pipeline.summary()`.
+
+Everything is read generically from the summary (the checkpoints' metadata and `pipeline.json` as recorded), so a
+retrained model or a re-tuned `pipeline.json` shows up without code changes: the operating point, how it was chosen
+(`tuned_on`), its validation metrics (`validation`) and ablation (`ablation`), any other record, then per model its
+preprocessing, split and validation metrics with the protocol they came from.
+
+Settings are shown exactly as stored (0.0005 stays 0.0005); metrics to three decimals, like the model card.
+"""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
+from flaxtumor.operating_point import OperatingPoint
 
-
-
-def threshold_info(min_tumour_area: float) -> str:
-    """The slider's help: with a fused gate the classifier threshold is not the only way a slice is called tumour."""
-    text = "A slice is called tumour when its tumour probability is at least this"
-    if min_tumour_area > 0:
-        text += f", or when the segmenter outlines at least {min_tumour_area:.2%} of it (the fused gate)"
-    return text + "; the default is the checkpoints' operating point."
-
-
-def model_card_markdown(summary: dict[str, Any]) -> str:
-    """The model-card panel: per model its validation metrics (with the protocol they came from) and how it was made."""
-    lines = []
-    for name, info in summary.get("models", {}).items():
-        prep = info.get("preprocessing") or {}
-        sizes = info.get("split_sizes") or {}
-        lines.append(f"**{name}** ({info.get('task')}): input {prep.get('image_size')} px, "
-                     f"normalisation `{prep.get('normalisation')}`, backbone init `{info.get('backbone_init')}`, "
-                     f"weights {info.get('dtype')}, threshold {_fmt(info.get('threshold'))}.")
-        split = ", ".join(f"{k} {v}" for k, v in sizes.items())
-        metrics = dict(info.get("metrics") or {})
-        protocol = metrics.pop("protocol", None)
-        lines.append(
-            f"- Protocol: {protocol or _DEFAULT_PROTOCOL}" + (f" Patients per split: {split}." if split else "")
-        )
-        lines += [f"- {line}" for line in _metric_lines(metrics)] or ["- No validation metrics recorded."]
-        lines.append("")
-    settings = summary.get("pipeline") or {}
-    if settings:
-        lines.append("Pipeline: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in settings.items()) + ".")
-    point = summary.get("operating_point") or {}
-    lines.append(
-        "Operating point from `pipeline.json`: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in point.items()) + "."
-        if point else "No `pipeline.json`: thresholds are the checkpoints' own."
-    )
-    return "\n".join(lines)
-
-
-_DEFAULT_PROTOCOL = (
-    "validation patients of a patient-level split (no patient in both train and validation), at the epoch chosen on "
-    "that same split, so slightly optimistic; the untouched test split is reported by `python -m flaxtumor.evaluate`."
-)
+_POINT_FIELDS = (*OperatingPoint.__dataclass_fields__, "lcc")
+# What each operating-point field does, in words (a field the code gains later is shown without a meaning).
+_POINT_MEANINGS = {
+    "threshold": "the classifier flags a slice when its tumour probability is at least this",
+    "min_tumour_area": "fused gate: a slice is also flagged when the segmenter outlines at least this fraction of it",
+    "mask_threshold": "the segmenter's per-pixel probability for a tumour pixel",
+    "postprocess": "rule run over each patient's gated masks",
+    "lcc": "keep only the largest 3D connected component (the post-processing rule)",
+    "tta": "average each model over the image and its horizontal flip",
+    "gate": "empty the masks of slices that are not flagged",
+}
 # What each metric the training loop records means, so the numbers are not read as something they are not.
 _METRIC_NOTES = {
     "volumetric_dice": "3D Dice per patient, mean over patients",
@@ -59,18 +39,161 @@ _METRIC_NOTES = {
     "f1": "per slice, at the checkpoint threshold",
     "auc": "per-slice ROC AUC",
 }
+_LIST_SHOWN = 8  # longer lists are abbreviated: first three, last, and the count
 
 
-def _metric_lines(metrics: dict[str, Any], prefix: str = "") -> list[str]:
-    lines = []
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            lines += _metric_lines(value, f"{prefix}{key} / ")
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            note = f" ({_METRIC_NOTES[key]})" if key in _METRIC_NOTES else ""
-            lines.append(f"{prefix}{key}: {_fmt(value)}{note}")
-    return lines
+def threshold_info(min_tumour_area: float) -> str:
+    """The slider's help: with a fused gate the classifier threshold is not the only way a slice is called tumour."""
+    text = "A slice is called tumour when its tumour probability is at least this"
+    if min_tumour_area > 0:
+        text += f", or when the segmenter outlines at least {min_tumour_area:.2%} of it (the fused gate)"
+    return text + "; the default is the checkpoints' operating point."
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def model_card_markdown(summary: dict[str, Any]) -> str:
+    """The model-card panel: the operating point and its record, then per model its metrics and how it was made."""
+    record = dict(summary.get("operating_point") or {})
+    parts = [_point_section(summary.get("pipeline") or {}, record)]
+    shown = set(_POINT_FIELDS)
+    if isinstance(record.get("tuned_on"), dict):
+        parts.append("**How the operating point was chosen**\n\n" + _key_value_table(record["tuned_on"]))
+        shown.add("tuned_on")
+    if isinstance(record.get("validation"), dict):
+        parts.append(_validation_section(record["validation"], record.get("tuned_on")))
+        shown.add("validation")
+    if isinstance(record.get("ablation"), list) and record["ablation"]:
+        parts.append(_ablation_section(record["ablation"]))
+        shown.add("ablation")
+    others = {k: v for k, v in record.items() if k not in shown}  # whatever else a new pipeline.json records
+    if others:
+        parts.append("**Other records in `pipeline.json`**\n\n" + _key_value_table(others))
+    parts.append(_models_section(summary.get("models") or {}))
+    return "\n\n".join(parts)
+
+
+# -- sections ----------------------------------------------------------------------------------------------------------
+
+
+def _point_section(point: dict[str, Any], record: dict[str, Any]) -> str:
+    source = ("from `pipeline.json`" if record else
+              "no `pipeline.json`: the checkpoints' own thresholds, no post-processing")
+    rows = [f"| `{k}` | {_setting(k, v)} | {_POINT_MEANINGS.get(k, '')} |" for k, v in point.items()]
+    return (f"**Operating point** (the app's defaults; {source})\n\n| setting | value | what it does |\n|---|---|---|\n"
+            + "\n".join(rows))
+
+
+def _validation_section(validation: dict[str, Any], tuned_on: Any) -> str:
+    protocol = "the whole pipeline at this operating point"
+    if isinstance(tuned_on, dict):
+        patients = tuned_on.get("patients")
+        if isinstance(patients, list):
+            protocol += f", on the {len(patients)} patients it was tuned on"
+        if tuned_on.get("split"):
+            protocol += f" ({_text(tuned_on['split'])})"
+        if tuned_on.get("note"):
+            protocol += f"; {_text(tuned_on['note'])}"
+    rows = [f"| {_text(k)} | {_metric(v)} |" for k, v in _flat(validation)]
+    return (f"**Validation** ({protocol})\n\n| metric | value |\n|---|---|\n" + "\n".join(rows))
+
+
+def _ablation_section(ablation: list[Any]) -> str:
+    entries = [e for e in ablation if isinstance(e, dict)]
+    columns = [k for k in dict.fromkeys(k for e in entries for k in e) if k != "name"]
+    settings = [k for k in columns if k in _POINT_FIELDS]
+    scores = [k for k in columns if k not in _POINT_FIELDS]
+    head = "| variant | " + " | ".join([*(f"`{k}`" for k in settings), *(_text(k) for k in scores)]) + " |"
+    rows = []
+    for e in entries:
+        cells = [_setting(k, e.get(k)) if k in e else "" for k in settings]
+        cells += [_metric(e[k]) if k in e else "" for k in scores]
+        rows.append(f"| {_text(e.get('name', ''))} | " + " | ".join(cells) + " |")
+    return ("**Ablation** (each variant of the pipeline scored like the validation above)\n\n" + head + "\n|"
+            + "---|" * (1 + len(columns)) + "\n" + "\n".join(rows))
+
+
+def _models_section(models: dict[str, Any]) -> str:
+    parts = []
+    for name, info in models.items():
+        prep = info.get("preprocessing") or {}
+        sizes = {k: v for k, v in (info.get("split_sizes") or {}).items()}
+        facts = {"task": info.get("task"), "input size (px)": prep.get("image_size"),
+                 "normalisation": prep.get("normalisation"), "backbone init": info.get("backbone_init"),
+                 "weights": info.get("dtype"), "checkpoint threshold": info.get("threshold"),
+                 "patients per split": ", ".join(f"{k} {v}" for k, v in sizes.items()) or None}
+        if info.get("source"):
+            facts["loaded from"] = "/".join(Path(str(info["source"])).parts[-2:])
+        metrics = dict(info.get("metrics") or {})
+        protocol = metrics.pop("protocol", None) or _default_protocol(sizes)
+        rows = [f"| {_text(k)} | {_metric(v)} | {_METRIC_NOTES.get(k.rsplit(' / ', 1)[-1], '')} |"
+                for k, v in _flat(metrics)]
+        table = ("| metric | value | meaning |\n|---|---|---|\n" + "\n".join(rows)) if rows else \
+            "No validation metrics recorded."
+        parts.append(f"**{_text(name)}**\n\n" + _key_value_table({k: v for k, v in facts.items() if v is not None})
+                     + f"\n\nValidation metrics. Protocol: {_text(protocol)}\n\n{table}")
+    return "\n\n".join(parts)
+
+
+def _default_protocol(split_sizes: dict[str, Any]) -> str:
+    text = ("validation patients of a patient-level split (no patient in both train and validation), at the epoch "
+            "chosen on that same split, so slightly optimistic")
+    if split_sizes.get("test"):
+        return text + "; the untouched test split is reported by `python -m flaxtumor.evaluate`."
+    return text + "; this split has no test patients, so there is no held-out test score."
+
+
+# -- cells ---------------------------------------------------------------------------------------------------------
+
+
+def _key_value_table(d: dict[str, Any]) -> str:
+    rows = [f"| {_text(k)} | {_cell(v)} |" for k, v in _flat(d, keep_lists=True)]
+    return "| | |\n|---|---|\n" + "\n".join(rows)
+
+
+def _flat(d: dict[str, Any], prefix: str = "", keep_lists: bool = False) -> list[tuple[str, Any]]:
+    """(key path, leaf) pairs; nested dicts become `outer / inner` rows instead of a printed dict."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k} / ", keep_lists)
+        elif keep_lists or not isinstance(v, list):
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _setting(key: str, value: Any) -> str:
+    """An operating-point value exactly as stored; a missing threshold (stored as null) is the classifier off."""
+    if key == "threshold" and (value is None or (isinstance(value, float) and math.isinf(value))):
+        return "∞ (classifier off)"
+    return _cell(value)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)  # the shortest exact form: 0.0005, not 0.001
+    if isinstance(value, list):
+        shown = [_cell(v) for v in value]
+        if len(shown) > _LIST_SHOWN:
+            return f"{', '.join(shown[:3])}, …, {shown[-1]} ({len(value)} in all)"
+        return ", ".join(shown)
+    if isinstance(value, dict):
+        return "; ".join(f"{_text(k)}: {_cell(v)}" for k, v in value.items())
+    if value is None:
+        return "–"
+    return _text(value)
+
+
+def _metric(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _cell(value)
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return "–"
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:.3g}"
+
+
+def _text(value: Any) -> str:
+    """Plain text for a Markdown table cell: no line breaks, pipes escaped."""
+    return str(value).replace("\r", " ").replace("\n", " ").replace("|", "\\|")

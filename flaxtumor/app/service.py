@@ -1,80 +1,62 @@
-"""The app's behaviour without Gradio (`App`): checks uploads, groups them into patients, runs the pipeline at the
-request's operating point, writes output files, and says what it found.
+"""The app's behaviour without Gradio (`App`): checks uploads, groups them into patients, runs the models once per
+upload, and renders results at the request's operating point and display settings.
 
-Brain area (the denominator of "% of brain"): the non-background pixels, i.e. those whose brightest channel exceeds
-`BRAIN_LEVEL` (of 255), with holes filled. kaggle_3m slices show the head on a black background, so this is the head
-region as imaged (the skull is not removed); dark ventricles inside it count.
+Two kinds of request:
+- **analyse** (`analyse_slice`, `run_example`, `analyse_patient`): the only ones that run the models. Per patient,
+  the classifier's probabilities and the segmenter's ungated masks (`Pipeline.tumour_probabilities` and
+  `Pipeline.segment` on the stack as one volume, as `evaluate` runs them) go into the `AnalysisStore` behind a token;
+- **render** (`render_slice`, `render_patient`, `view`): threshold and post-processing re-run
+  `operating_point.gate_and_postprocess` on the stored raw outputs (`FinalMasks`); opacity and toggles re-draw.
+An analysis renders itself once at the request's point, so both give the same results.
 """
 
 from __future__ import annotations
 
-import io
 import tempfile
 import threading
-import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from PIL import Image
-from scipy import ndimage
 
+from flaxtumor.app import report
+from flaxtumor.app.cache import AnalysisStore, Analysis, Expired, FinalMasks, NewVolume, Volume
 from flaxtumor.app.errors import bool_field, md_code, number_field
-from flaxtumor.app.state import BrowserStore, RequestDirs, UploadJanitor, private_root
-from flaxtumor.inference import GRAY_WARNING, MASK_REFUSAL, input_warning, looks_like_mask
-from flaxtumor.operating_point import VERDICT_MEANINGS, OperatingPoint
-from flaxtumor.app.uploads import UploadError, UploadedImage, UploadLimits, load_many, load_single
 from flaxtumor.app.examples import Examples
+from flaxtumor.app.render import Display, compose, heatmap_overlay, legend_html
+from flaxtumor.app.report import brain_mask, file_stem, mask_png_bytes, plural, tumour_area
+from flaxtumor.app.state import RequestDirs, UploadJanitor, private_root
+from flaxtumor.app.uploads import Submission, UploadError, UploadedImage, UploadLimits, load_many, load_single
+from flaxtumor.inference import MASK_REFUSAL, input_warning, looks_like_mask
+from flaxtumor.operating_point import POSTPROCESS_RULES, VERDICT_MEANINGS, OperatingPoint, verdicts
+from flaxtumor.truth import slice_dice
 
-BRAIN_LEVEL = 10  # uint8 intensity: above JPEG noise on a black background, below any tissue
+# Names other modules and tests have imported from here.
+from flaxtumor.app.report import PATIENT_COLUMNS  # noqa: F401
+
 MAX_SPACING_MM, MAX_THICKNESS_MM = 10.0, 50.0  # MRI: ~0.2-2 mm pixels, 1-10 mm slices; larger is a typo
+UPLOADED = "uploaded"  # the patient of loose files without a kaggle-style patient prefix
+EXPIRED = "This result has expired (results are kept for an hour, for a limited number of users): analyse it again."
 
 
 class Predictor(Protocol):
-    """What the UI needs from `flaxtumor.inference.Pipeline`: its default operating point, and predictions at the
-    point a request asks for (the pipeline itself never changes)."""
+    """What the app needs from `flaxtumor.inference.Pipeline`: its default operating point, the models' raw outputs,
+    Grad-CAM and the model card (the pipeline itself never changes)."""
 
     point: OperatingPoint
 
-    def predict_volume(self, images: Sequence[np.ndarray], point: OperatingPoint | None = None) -> list[Any]: ...
+    def tumour_probabilities(self, images: Sequence[np.ndarray], volume: bool = False,
+                             point: OperatingPoint | None = None) -> np.ndarray: ...
+
+    def segment(self, images: Sequence[np.ndarray], volume: bool = False,
+                point: OperatingPoint | None = None) -> list[np.ndarray]: ...
 
     def gradcam(self, image: np.ndarray) -> np.ndarray: ...
 
     def summary(self) -> dict[str, Any]: ...
-
-
-def brain_mask(image: np.ndarray) -> np.ndarray:
-    """bool (H, W): non-background pixels of a uint8 (H, W, 3) slice, holes filled (see the module docstring)."""
-    return ndimage.binary_fill_holes(image.max(axis=-1) > BRAIN_LEVEL)
-
-
-def tumour_area(mask: np.ndarray, brain: np.ndarray) -> tuple[int, float | None]:
-    """Tumour pixels and their percentage of the brain area (None when the slice has no brain pixels); tumour pixels
-    count as brain, so the percentage never exceeds 100."""
-    tumour = int(mask.sum())
-    total = int((brain | mask).sum())
-    return tumour, (100.0 * tumour / total if total else None)
-
-
-def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Grad-CAM blended over the slice (jet colour map), uint8 (H, W, 3)."""
-    colours = matplotlib.colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
-    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
-
-
-def mask_png_bytes(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")  # uint8 2-D: 8-bit gray
-    return buf.getvalue()
-
-
-def _stem(name: str) -> str:
-    stem = Path(name.replace("\\", "/")).stem
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in stem)[:100] or "slice"
 
 
 def _check_slices(uploads: Sequence[UploadedImage]) -> None:
@@ -82,12 +64,6 @@ def _check_slices(uploads: Sequence[UploadedImage]) -> None:
     for u in uploads:
         if looks_like_mask(u.image):
             raise UploadError(f"{u.name}: {MASK_REFUSAL}.")
-
-
-UPLOADED = "uploaded"  # the patient of loose files without a kaggle-style patient prefix
-# predict's CSV columns (flaxtumor.predict.CSV_HEADER), plus the app's extras: slice number and % of brain
-PATIENT_COLUMNS = ("slice", "patient", "image", "tumour_probability", "has_tumour", "tumour_pixels", "verdict",
-                   "classifier_call", "warning", "tumour_pct_of_brain")
 
 
 def group_patients(uploads: Sequence[UploadedImage]) -> dict[str, list[UploadedImage]]:
@@ -107,35 +83,6 @@ def group_patients(uploads: Sequence[UploadedImage]) -> dict[str, list[UploadedI
     return groups
 
 
-def _patient_row(index: int, patient: str, u: UploadedImage, p: Any) -> dict[str, Any]:
-    area_px, area_pct = tumour_area(p.mask, brain_mask(u.image))
-    return {"slice": index, "patient": patient, "image": u.name,
-            "tumour_probability": round(float(p.tumour_probability), 4), "has_tumour": int(p.has_tumour),
-            "tumour_pixels": area_px, "verdict": p.verdict, "classifier_call": int(p.classifier_call),
-            "warning": input_warning(u.image) or "",
-            "tumour_pct_of_brain": None if area_pct is None else round(area_pct, 3)}
-
-
-def _patient_summary(patient: str, rows: list[dict[str, Any]], shape: tuple[int, ...], spacing: float | None,
-                     thickness: float | None) -> str:
-    h, w = shape[:2]
-    tumour = [r["slice"] for r in rows if r["verdict"] == "tumour"]
-    suspicious = [r["slice"] for r in rows if r["verdict"] == "suspicious"]
-    burden = sum(r["tumour_pixels"] for r in rows)
-    mm3 = (f" = {burden * spacing**2 * thickness:.1f} mm³ (pixel spacing {spacing} mm, slice thickness {thickness} mm)"
-           if spacing and thickness else " (give the pixel spacing and the slice thickness for mm³)")
-    gray = sum(1 for r in rows if r["warning"])
-    warn = f"\n\n{_warning_md(f'{gray} slice(s) of this patient: {GRAY_WARNING}')}" if gray else ""
-    return (f"**Patient {md_code(patient)}**: {len(rows)} slices ({w}x{h} px). **Tumour outlined** on slices: "
-            f"{', '.join(map(str, tumour)) or 'none'} ({len(tumour)} of {len(rows)}); **suspicious** (flagged by the "
-            f"classifier, nothing outlined): {', '.join(map(str, suspicious)) or 'none'}. **Tumour burden:** "
-            f"{burden} px{mm3}.{warn}")
-
-
-def _warning_md(warning: str | None) -> str:
-    return f"⚠️ **Warning: {warning}.**\n\n" if warning else ""
-
-
 def _one_size(uploads: Sequence[UploadedImage]) -> None:
     sizes: dict[tuple[int, ...], list[str]] = {}
     for u in uploads:
@@ -146,15 +93,25 @@ def _one_size(uploads: Sequence[UploadedImage]) -> None:
 
 
 @dataclass(frozen=True)
+class View:
+    """One slice as a viewer shows it: the drawn image and its caption with the legend (HTML)."""
+
+    image: np.ndarray | None
+    caption: str
+
+
+@dataclass(frozen=True)
 class SliceResult:
     verdict: str
     probability: float
-    overlay: tuple[np.ndarray, list[tuple[np.ndarray, str]]]
+    overlay: np.ndarray
     area_px: int
     area_pct: float | None
     gradcam: np.ndarray
     mask_file: Path
     details: str
+    caption: str
+    token: str
 
 
 @dataclass(frozen=True)
@@ -162,32 +119,53 @@ class PatientResult:
     summary: str
     table: pd.DataFrame
     masks_zip: Path
-    browser: str  # the slice browser's token in `App.browser` (thumbnails on disk, not arrays in session state)
+    token: str  # the analysis in `App.store`
     count: int  # slices
-    first: int  # 0-based slice shown first: the most probable flagged slice, else 0
+    index: int  # 0-based slice the viewer shows
+    view: View
 
 
 class App:
-    """The app's behaviour without Gradio: checks uploads, runs the pipeline, writes output files."""
+    """The app's behaviour without Gradio: checks uploads, runs the models once per upload, renders results."""
 
     def __init__(self, pipeline: Predictor, examples: Examples, limits: UploadLimits):
         self.pipeline = pipeline
         self.examples = examples
         self.limits = limits
         self.dirs = RequestDirs()
-        self.browser = BrowserStore()
+        self.store = AnalysisStore()
+        self.finals = FinalMasks()
         self.janitor = UploadJanitor()
         # nnx modules are mutable Python objects and Grad-CAM runs through nnx.jit: one call at a time.
         self._gradcam_lock = threading.Lock()
 
-    def _point(self, threshold: float | None, lcc: Any) -> OperatingPoint:
-        """The request's operating point: the pipeline's, with the request's threshold and post-processing. A value
-        per call, so concurrent requests never see each other's settings."""
+    # -- request fields ------------------------------------------------------------------------------------------------
+    def point(self, threshold: Any, postprocess: Any) -> OperatingPoint:
+        """The request's operating point: the pipeline's, with the request's threshold and post-processing rule. A
+        value per call, so concurrent requests never see each other's settings."""
         threshold = number_field(threshold, "Classification threshold", 0.0, 1.0, include_low=True)
-        lcc = bool_field(lcc, "Largest connected component")
-        return self.pipeline.point.override(threshold=threshold, lcc=lcc)
+        return self.pipeline.point.override(threshold=threshold, postprocess=postprocess_field(postprocess))
 
-    def _load(self, paths: list[Any], load: Callable[[], Any]) -> Any:
+    @staticmethod
+    def display(opacity: Any, prediction: Any = True, truth: Any = True) -> Display:
+        opacity = number_field(opacity, "Overlay opacity", 0.0, 1.0, include_low=True)
+        return Display(opacity=Display.opacity if opacity is None else opacity,
+                       prediction=True if prediction is None else bool_field(prediction, "Show the prediction"),
+                       truth=True if truth is None else bool_field(truth, "Show the truth"))
+
+    def release(self, token: Any) -> None:
+        """A session ended (Gradio's delete callback): its analysis goes at once."""
+        self.store.release(token)
+        if isinstance(token, str):
+            self.finals.forget(token)
+
+    def _analysis(self, token: Any) -> Analysis:
+        try:
+            return self.store.get(token)
+        except Expired:
+            raise UploadError(EXPIRED) from None
+
+    def _load(self, paths: list[Any], load: Any) -> Any:
         """Runs `load`; uploads it refuses are deleted at once (nobody can use them), used ones are kept for re-runs."""
         self.janitor.use(paths)
         try:
@@ -196,97 +174,190 @@ class App:
             self.janitor.discard(paths)
             raise
 
-    def predict_slice(self, path: str | Path | None, threshold: float | None, lcc: bool) -> SliceResult:
-        point = self._point(threshold, lcc)
+    def _raw(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The models' raw outputs for one patient volume, at the pipeline's mask threshold and TTA: (N,) float32
+        probabilities and (N, H, W) ungated masks. The only place the app runs the models."""
+        point = self.pipeline.point
+        probabilities = np.asarray(self.pipeline.tumour_probabilities(images, volume=True, point=point), np.float32)
+        masks = np.stack(self.pipeline.segment(images, volume=True, point=point)).astype(bool)
+        return probabilities, masks
+
+    # -- single slice --------------------------------------------------------------------------------------------------
+    def analyse_slice(self, path: str | Path | None, threshold: Any, postprocess: Any,
+                      display: Display = Display()) -> SliceResult:
+        point = self.point(threshold, postprocess)
         upload = self._load([path], lambda: self._read_slice(path))
-        # A slice is a volume of one: LCC then keeps the largest 2D blob.
-        (pred,) = self.pipeline.predict_volume([upload.image], point)
+        # A slice is a volume of one: the largest component is then the largest 2D blob.
+        probabilities, raw = self._raw([upload.image])
         with self._gradcam_lock:
             heat = self.pipeline.gradcam(upload.image)
-        brain = brain_mask(upload.image)
-        area_px, area_pct = tumour_area(pred.mask, brain)
-        out = self.dirs.new()
-        try:
-            mask_file = out / f"{_stem(upload.name)}_mask.png"
-            mask_file.write_bytes(mask_png_bytes(pred.mask))
-        finally:
-            self.dirs.finish(out)
-        h, w = pred.mask.shape
-        details = (
-            f"{_warning_md(input_warning(upload.image))}**{pred.verdict}**: {VERDICT_MEANINGS[pred.verdict]}.\n\n"
-            f"{md_code(upload.name)}: {w}x{h} px, brain area {int(brain.sum())} px; "
-            f"threshold {point.threshold:.2f}, largest connected component {'on' if point.lcc else 'off'}."
-        )
-        return SliceResult(
-            verdict=pred.verdict,
-            probability=float(pred.tumour_probability),
-            overlay=(upload.image, [(pred.mask.astype(np.float32), "tumour")]),
-            area_px=area_px,
-            area_pct=area_pct,
-            gradcam=heatmap_overlay(upload.image, heat),
-            mask_file=mask_file,
-            details=details,
-        )
+        volume = Volume(upload.name, (upload.name,), upload.image.shape[:2], tuple(map(float, probabilities)),
+                        warnings=(input_warning(upload.image) or "",))
+        new = NewVolume(volume, [upload.image], raw, brain_mask(upload.image)[None],
+                        heat=[heatmap_overlay(upload.image, heat)])
+        return self._render_slice(self._analysis(self.store.put("slice", [new])), point, display)
 
-    def run_example(self, name: str | None, threshold: float | None, lcc: bool) -> SliceResult:
+    def run_example(self, name: str | None, threshold: Any, postprocess: Any,
+                    display: Display = Display()) -> SliceResult:
         if name not in self.examples.slices:
             raise UploadError(f"Unknown example {name!r}; choose one of {', '.join(self.examples.slices) or 'none'}.")
-        return self.predict_slice(self.examples.slices[name], threshold, lcc)
+        return self.analyse_slice(self.examples.slices[name], threshold, postprocess, display)
 
-    def predict_patient(
-        self,
-        paths: Sequence[str | Path] | None,
-        threshold: float | None,
-        lcc: bool,
-        spacing_mm: float | None,
-        thickness_mm: float | None,
-    ) -> PatientResult:
-        # Number fields first: a typo there should not cost the upload.
-        spacing = number_field(spacing_mm, "Pixel spacing", 0.0, MAX_SPACING_MM, "mm", zero_is_unset=True)
-        thickness = number_field(thickness_mm, "Slice thickness", 0.0, MAX_THICKNESS_MM, "mm", zero_is_unset=True)
-        point = self._point(threshold, lcc)
-        groups, skipped_masks = self._load(list(paths or []), lambda: self._read_patient(paths))
-        rows, lines, names, images, masks, probs = [], [], [], [], [], []
-        for patient, uploads in groups.items():  # each patient its own volume: own normalisation and post-processing
-            preds = self.pipeline.predict_volume([u.image for u in uploads], point)
-            for u, p in zip(uploads, preds):
-                rows.append(_patient_row(len(rows) + 1, patient, u, p))
-                names.append(u.name if len(groups) == 1 else f"{patient}: {u.name}")
-                images.append(u.image)
-                masks.append(p.mask)
-                probs.append(p.tumour_probability)
-            lines.append(_patient_summary(patient, rows[-len(uploads):], uploads[0].image.shape, spacing, thickness))
-        table = pd.DataFrame(rows, columns=PATIENT_COLUMNS)
+    def render_slice(self, token: Any, threshold: Any, postprocess: Any, display: Display) -> SliceResult:
+        return self._render_slice(self._analysis(token), self.point(threshold, postprocess), display)
+
+    def _render_slice(self, analysis: Analysis, point: OperatingPoint, display: Display) -> SliceResult:
+        volume = analysis.volumes[0]
+        _, final = self.finals(analysis, 0, point)
+        mask, probability = final[0], volume.probabilities[0]
+        (verdict,) = verdicts(np.float32([probability]) >= point.threshold, [mask])  # float32, as the pipeline
+        brain = analysis.brain(0)[0]
+        area_px, area_pct = tumour_area(mask, brain)
         out = self.dirs.new()
         try:
-            masks_zip = out / (f"{_stem(next(iter(groups)))}_masks.zip" if len(groups) == 1 else "patients_masks.zip")
-            with zipfile.ZipFile(masks_zip, "w", zipfile.ZIP_DEFLATED) as zf:
-                for row, mask in zip(rows, masks):  # one folder per patient
-                    zf.writestr(f"{_stem(row['patient'])}/{row['slice']:03d}_{_stem(row['image'])}_mask.png",
-                                mask_png_bytes(mask))
-                zf.writestr("predictions.csv", table.to_csv(index=False))
+            mask_file = out / f"{file_stem(volume.patient)}_mask.png"
+            mask_file.write_bytes(mask_png_bytes(mask))
         finally:
             self.dirs.finish(out)
-        n = len(rows)
-        skipped = f", {skipped_masks} ground-truth mask file(s) skipped" if skipped_masks else ""
-        head = (f"**{len(groups)} patient{'s' if len(groups) > 1 else ''}, {n} slices**{skipped}; threshold "
-                f"{point.threshold:.2f}, largest connected component {'on' if point.lcc else 'off'} (per patient).")
-        legend = "Verdicts: " + "; ".join(f"**{v}**: {m}" for v, m in VERDICT_MEANINGS.items()) + "."
-        token = self.browser.put(names, images, masks, probs)
-        drawn = [i for i, r in enumerate(rows) if r["has_tumour"]]
-        first = max(drawn, key=lambda i: probs[i]) if drawn else 0
-        return PatientResult("\n\n".join([head, *lines, legend]), table, masks_zip, token, n, first)
+        h, w = mask.shape
+        warning = f"⚠️ **Warning: {volume.warnings[0]}.**\n\n" if volume.warnings[0] else ""
+        details = (f"{warning}**{verdict}**: {VERDICT_MEANINGS[verdict]}.\n\n{md_code(volume.patient)}: {w}x{h} px, "
+                   f"brain area {int(brain.sum())} px; threshold {point.threshold:.2f}, post-processing "
+                   f"{md_code(point.postprocess)}.")
+        thumb = analysis.thumbnail(0, 0)
+        caption = legend_html(f"Predicted tumour: {report.short_name(volume.patient)}", mask, None, display)
+        return SliceResult(verdict, float(probability), compose(thumb, mask, None, display), area_px, area_pct,
+                           analysis.heat(0, 0), mask_file, details, caption, analysis.token)
 
     def _read_slice(self, path: str | Path | None) -> UploadedImage:
         upload = load_single(path, self.limits)
         _check_slices([upload])
         return upload
 
-    def _read_patient(self, paths: Sequence[str | Path] | None) -> tuple[dict[str, list[UploadedImage]], int]:
+    # -- whole patients ------------------------------------------------------------------------------------------------
+    def analyse_patient(self, paths: Sequence[str | Path] | None, threshold: Any, postprocess: Any,
+                        spacing_mm: Any = None, thickness_mm: Any = None,
+                        display: Display = Display()) -> PatientResult:
+        # Fields first: a typo there should not cost the upload.
+        spacing, thickness = self._lengths(spacing_mm, thickness_mm)
+        point = self.point(threshold, postprocess)
+        volumes = self._load(list(paths or []), lambda: self._read_patient(paths))
+        token = self.store.put("patient", volumes)
+        return self._render_patient(self._analysis(token), point, spacing, thickness, display, None)
+
+    def render_patient(self, token: Any, threshold: Any, postprocess: Any, spacing_mm: Any, thickness_mm: Any,
+                       display: Display, index: Any) -> PatientResult:
+        """Every patient output at another point; `index`: the slider's slice (1-based), kept in view."""
+        spacing, thickness = self._lengths(spacing_mm, thickness_mm)
+        return self._render_patient(self._analysis(token), self.point(threshold, postprocess), spacing, thickness,
+                                    display, _index(index))
+
+    @staticmethod
+    def _lengths(spacing_mm: Any, thickness_mm: Any) -> tuple[float | None, float | None]:
+        spacing = number_field(spacing_mm, "Pixel spacing", 0.0, MAX_SPACING_MM, "mm", zero_is_unset=True)
+        thickness = number_field(thickness_mm, "Slice thickness", 0.0, MAX_THICKNESS_MM, "mm", zero_is_unset=True)
+        return spacing, thickness
+
+    def _render_patient(self, analysis: Analysis, point: OperatingPoint, spacing: float | None,
+                        thickness: float | None, display: Display, index: int | None) -> PatientResult:
+        reports, first = [], 1
+        for k, volume in enumerate(analysis.volumes):  # each patient its own volume and post-processing
+            _, final = self.finals(analysis, k, point)
+            probabilities = np.asarray(volume.probabilities, np.float32)
+            reports.append(report.patient_report(volume, first, probabilities, final, analysis.brain(k),
+                                                 analysis.truth(k), point))
+            first += len(volume.names)
+        frame = report.table(reports)
+        out = self.dirs.new()
+        try:
+            name = f"{file_stem(reports[0].volume.patient)}_masks.zip" if len(reports) == 1 else "patients_masks.zip"
+            masks_zip = report.write_zip(out / name, reports, frame,
+                                         [analysis.reference(k) for k in range(len(reports))])
+        finally:
+            self.dirs.finish(out)
+        if index is None:  # first shown: the most probable slice with a tumour drawn, else the first
+            rows = frame.to_dict("records")
+            drawn = [i for i, r in enumerate(rows) if r["has_tumour"]]
+            index = max(drawn, key=lambda i: rows[i]["tumour_probability"]) if drawn else 0
+        index = int(np.clip(index, 0, analysis.count - 1))
+        return PatientResult(report.summary_markdown(reports, point, spacing, thickness), frame, masks_zip,
+                             analysis.token, analysis.count, index, self._view(analysis, point, display, index))
+
+    def view(self, token: Any, threshold: Any, postprocess: Any, display: Display, index: Any) -> View:
+        """The patient viewer at the slider's `index` (1-based, over all patients of the analysis)."""
+        return self._view(self._analysis(token), self.point(threshold, postprocess), display, _index(index) or 0)
+
+    def _view(self, analysis: Analysis, point: OperatingPoint, display: Display, index: int) -> View:
+        k, i = analysis.locate(index)
+        volume = analysis.volumes[k]
+        _, final = self.finals(analysis, k, point)
+        truth = analysis.truth(k)
+        true_mask = truth[i] if truth is not None and volume.truth[i] else None
+        caption = (f"Slice {index + 1}/{analysis.count}: {report.short_name(volume.names[i])}"
+                   + (f" (patient {volume.patient})" if len(analysis.volumes) > 1 else "")
+                   + f"; tumour probability {volume.probabilities[i]:.2f}")
+        if true_mask is not None:
+            d = slice_dice(final[i], true_mask)
+            caption += f"; Dice {d:.3f}" if not np.isnan(d) else "; Dice undefined (no tumour in truth or prediction)"
+        image = compose(analysis.thumbnail(k, i), final[i], true_mask, display)
+        return View(image, legend_html(caption, final[i], true_mask, display, has_truth=volume.truth is not None))
+
+    def _read_patient(self, paths: Sequence[str | Path] | None) -> list[NewVolume]:
         with tempfile.TemporaryDirectory(prefix="in-", dir=private_root()) as workdir:  # zip members, gone at return
-            uploads, skipped_masks = load_many(paths, self.limits, Path(workdir))
-        _check_slices(uploads)
-        groups = group_patients(uploads)
+            submission = load_many(paths, self.limits, Path(workdir))
+        _check_slices(submission.images)
+        groups = group_patients(submission.images)
         for group in groups.values():
             _one_size(group)
-        return groups, skipped_masks
+        # Every check has passed: only now do the models run.
+        return [self._image_volume(patient, uploads) for patient, uploads in groups.items()] + \
+            self._nifti_volume(submission)
+
+    def _image_volume(self, patient: str, uploads: list[UploadedImage]) -> NewVolume:
+        images = [u.image for u in uploads]
+        truth = None
+        if any(u.truth is not None for u in uploads):
+            truth = np.stack([u.truth if u.truth is not None else np.zeros(u.image.shape[:2], bool) for u in uploads])
+        return self._new_volume(patient, [u.name for u in uploads], images, truth,
+                                None if truth is None else tuple(u.truth is not None for u in uploads))
+
+    def _nifti_volume(self, submission: Submission) -> list[NewVolume]:
+        case = submission.nifti
+        if case is None:
+            return []
+        marks = None if case.truth is None else (True,) * len(case.slices)
+        return [self._new_volume(case.patient, case.names, case.slices, case.truth, marks,
+                                 submission.nifti_reference)]
+
+    def _new_volume(self, patient: str, names: Sequence[str], images: Sequence[np.ndarray], truth: np.ndarray | None,
+                    marks: tuple[bool, ...] | None, write_reference: Any = None) -> NewVolume:
+        probabilities, raw = self._raw(images)
+        volume = Volume(patient, tuple(names), images[0].shape[:2], tuple(map(float, probabilities)), marks,
+                        tuple(input_warning(im) or "" for im in images), nifti=write_reference is not None)
+        brain = np.stack([brain_mask(im) for im in images])
+        return NewVolume(volume, images, raw, brain, truth, write_reference=write_reference)
+
+
+def postprocess_field(value: Any) -> str | None:
+    """A post-processing rule by name (`operating_point.POSTPROCESS_RULES`); None keeps the operating point's. True
+    and False are the old largest-component switch (clients written before the rule had a name)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        return "largest_component" if value else "none"
+    if isinstance(value, str) and value in POSTPROCESS_RULES:
+        return value
+    raise UploadError(f"Post-processing: expected one of {', '.join(POSTPROCESS_RULES)} (or true/false for the "
+                      f"largest component) (got {str(value)[:40]}).")
+
+
+def _index(value: Any) -> int | None:
+    """The viewer's 1-based slider value as a 0-based index; None when not given or not a number."""
+    try:
+        return None if value is None else max(int(value) - 1, 0)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+__all__ = ["App", "PatientResult", "SliceResult", "View", "Predictor", "group_patients", "postprocess_field",
+           "plural", "PATIENT_COLUMNS"]

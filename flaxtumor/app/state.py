@@ -3,10 +3,9 @@
 - `private_root()`: one temp root per process (`mkdtemp`, mode 0700) with `umask 077`, so nothing the app or Gradio
   writes is readable by other local users; Gradio's temp dir (uploads, output copies) points inside it. It holds the
   synthetic examples (made fresh, so nobody can plant files there), per-request input and output folders, and the
-  slice browser's thumbnails; it is deleted at exit.
+  cached analyses; it is deleted at exit.
 - `RequestDirs`: per-request output folders, deleted a grace period after their request finished.
-- `BrowserStore`: what the slice browser shows, as thumbnails on disk behind a token, with a time to live, a capacity
-  and a byte cap; sessions only hold the token (Gradio keeps API sessions until 10,000 of them exist).
+- (`flaxtumor.app.cache.AnalysisStore` keeps each request's analysis on disk under this root, behind a token.)
 - `UploadJanitor`: deletes uploads that no request has used within a few minutes, and uploads of refused requests.
 """
 
@@ -19,20 +18,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 
 OUTPUT_GRACE_S = 120.0  # finished requests' output dirs are kept this long (Gradio copies them right after return)
-BROWSER_TTL_S = 3600.0  # a patient's slice browser lives this long, like Gradio's cached outputs
-BROWSER_CAPACITY = 32  # patients browsable at once (beyond it the oldest is dropped)
-BROWSER_MAX_BYTES = 512 * 2**20  # thumbnails on disk, all patients together
-THUMBNAIL_SIDE = 512  # px: the viewer shows 384 px
 UNUSED_UPLOAD_S = 600.0  # an upload no request has used within this is deleted
 
 _ROOT: Path | None = None
@@ -90,100 +81,6 @@ class RequestDirs:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class BrowsedSlice:
-    name: str
-    image: np.ndarray  # uint8 (h, w, 3) thumbnail, read back from disk
-    mask: np.ndarray  # float32 (h, w) at the thumbnail's size, 1 = tumour
-    probability: float
-    index: int  # 0-based
-    count: int
-
-
-@dataclass
-class _Patient:
-    folder: Path
-    names: list[str]
-    probabilities: list[float]
-    nbytes: int
-    created: float
-
-
-class BrowserStore:
-    """Slice-browser contents by token: thumbnails (image and mask as .npy: no encoding on the request's path, ~0.3 ms
-    a slice against ~10 ms for PNGs) on disk under the private root; memory holds only names and probabilities. Entries expire after `ttl_s`; beyond `capacity` entries or `max_bytes` of files the
-    oldest go first."""
-
-    def __init__(self, ttl_s: float = BROWSER_TTL_S, capacity: int = BROWSER_CAPACITY,
-                 max_bytes: int = BROWSER_MAX_BYTES, side: int = THUMBNAIL_SIDE, root: Path | None = None):
-        self.root = root or private_dir("browser-")
-        self.ttl_s, self.capacity, self.max_bytes, self.side = ttl_s, capacity, max_bytes, side
-        self._entries: OrderedDict[str, _Patient] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, names: Sequence[str], images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-            probabilities: Sequence[float]) -> str:
-        token = uuid.uuid4().hex
-        folder = self.root / token
-        folder.mkdir()
-        nbytes = 0
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            nbytes += self._save(folder / f"{i:04d}_image.npy", image, Image.Resampling.BILINEAR)
-            nbytes += self._save(folder / f"{i:04d}_mask.npy", mask.astype(np.uint8), Image.Resampling.NEAREST)
-        with self._lock:
-            self._entries[token] = _Patient(folder, list(names), [float(p) for p in probabilities], nbytes,
-                                            time.monotonic())
-        self.sweep()
-        return token
-
-    def _save(self, path: Path, array: np.ndarray, resample: Image.Resampling) -> int:
-        h, w = array.shape[:2]
-        if max(h, w) > self.side:
-            scale = self.side / max(h, w)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            array = np.asarray(Image.fromarray(array).resize(size, resample))
-        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-        return path.stat().st_size
-
-    def get(self, token: Any, index: int) -> BrowsedSlice | None:
-        """Slice `index` (clipped to the patient), or None when the token is unknown or expired."""
-        with self._lock:
-            entry = self._entries.get(token) if isinstance(token, str) else None
-        if entry is None or time.monotonic() - entry.created > self.ttl_s:
-            return None
-        i = int(np.clip(index, 0, len(entry.names) - 1))
-        try:
-            image = np.load(entry.folder / f"{i:04d}_image.npy", allow_pickle=False)
-            mask = np.load(entry.folder / f"{i:04d}_mask.npy", allow_pickle=False).astype(np.float32)
-        except OSError:  # released between the lookup and the read
-            return None
-        return BrowsedSlice(entry.names[i], image, mask, entry.probabilities[i], i, len(entry.names))
-
-    def release(self, token: Any) -> None:
-        with self._lock:
-            entry = self._entries.pop(token, None) if isinstance(token, str) else None
-        if entry is not None:
-            shutil.rmtree(entry.folder, ignore_errors=True)
-
-    def sweep(self) -> None:
-        """Drops expired entries, then the oldest until within the capacity and the byte cap."""
-        now = time.monotonic()
-        with self._lock:
-            drop = [t for t, e in self._entries.items() if now - e.created > self.ttl_s]
-            kept = [t for t in self._entries if t not in drop]
-            total = sum(self._entries[t].nbytes for t in kept)
-            while kept and (len(kept) > self.capacity or total > self.max_bytes):
-                oldest = kept.pop(0)
-                total -= self._entries[oldest].nbytes
-                drop.append(oldest)
-            folders = [self._entries.pop(t).folder for t in drop]
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 class UploadJanitor:

@@ -12,6 +12,11 @@ Everything a browser can send is checked before anything large is decoded or wri
 - one byte budget per submission (`max_submission_bytes`) covers the uploaded files and everything unpacked from all
   its zips together: declared sizes are checked before the first byte is written, and actual bytes while copying
   (headers can lie).
+- ground-truth masks (`<slice>_mask.<ext>` beside their slice, loose or in the same zip folder) go through every
+  check an image goes through, are paired with their slice by `flaxtumor.truth.pair_masks`, decoded by
+  `flaxtumor.data.io.read_mask` (binary masks only) and must have their slice's size;
+- NIfTI volumes (`.nii`, `.nii.gz`, loose files only) are checked by `flaxtumor.app.nifti_uploads` (magic bytes,
+  header shape and voxel budget) before nibabel reads them, and count towards the disk budget.
 Messages never carry a server path or an exception's class name: decoder failures are reported in words.
 Decoding itself is `flaxtumor.data.io.read_image` (16-bit, gray, RGBA and palette images are converted there).
 """
@@ -23,11 +28,14 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from flaxtumor.app import nifti_uploads
 
 from flaxtumor.data.io import (
     CORRUPT,
@@ -38,7 +46,9 @@ from flaxtumor.data.io import (
     is_mask_name,
     natural_key,
     read_image,
+    read_mask,
 )
+from flaxtumor.truth import pair_masks
 
 ZIP_SUFFIX = ".zip"
 _KIND_BY_SUFFIX = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".zip": "ZIP"}
@@ -76,6 +86,8 @@ class UploadLimits:
     max_zip_entries: int = 1000  # a patient folder holds ~2 x 88 files (slices + masks)
     # Disk: the uploaded files plus everything unpacked from all zips of one submission together.
     max_submission_bytes: int = 512 * MiB
+    # NIfTI: voxels per 3-D volume (256³; BraTS volumes have 240x240x155). Reading one takes ~24 bytes a voxel at peak.
+    max_volume_voxels: int = 256**3
 
     def describe(self) -> str:
         return (
@@ -83,7 +95,8 @@ class UploadLimits:
             f"{self.max_total_pixels / 1e6:.1f} MP in total, sides of at least {self.min_side} px; "
             f"{self.max_image_bytes // MiB} MiB of memory to decode one image and {self.max_memory_bytes // MiB} MiB "
             f"per submission (from the file headers); {self.max_submission_bytes // MiB} MiB on disk per submission "
-            f"(uploads plus unpacked zips); zips with at most {self.max_zip_entries} entries"
+            f"(uploads plus unpacked zips); zips with at most {self.max_zip_entries} entries; NIfTI volumes of at "
+            f"most {self.max_volume_voxels / 1e6:.1f} M voxels"
         )
 
 
@@ -91,6 +104,16 @@ class UploadLimits:
 class UploadedImage:
     name: str  # as the user knows it: "slice.png" or "patient.zip/TCGA_x/TCGA_x_12.tif"
     image: np.ndarray  # uint8 (H, W, 3)
+    truth: np.ndarray | None = None  # bool (H, W): the slice's uploaded ground-truth mask, if any
+
+
+class Submission(NamedTuple):
+    """What one patient-tab submission holds: decoded slices (with their truth when uploaded), and the NIfTI case
+    with a writer of its reference header (None without NIfTI files)."""
+
+    images: list[UploadedImage]
+    nifti: Any = None  # flaxtumor.data.nifti.NiftiCase
+    nifti_reference: Callable[[Path], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,8 +136,9 @@ def load_single(path: str | Path | None, limits: UploadLimits) -> UploadedImage:
     return _decode(pending)
 
 
-def load_many(paths: Sequence[str | Path] | None, limits: UploadLimits, workdir: Path) -> tuple[list[UploadedImage], int]:
-    """Slices of one patient from image files and/or zips, in natural name order, plus the number of masks skipped.
+def load_many(paths: Sequence[str | Path] | None, limits: UploadLimits, workdir: Path) -> Submission:
+    """Slices of one or more patients from image files and/or zips, in natural name order, with their ground-truth
+    masks when uploaded beside them; and NIfTI volumes as one more patient.
 
     Zip members are written under `workdir` (a fresh per-request private dir that the caller deletes), within one byte
     budget for the whole submission, checked from the declared sizes of all zips before anything is written."""
@@ -125,29 +149,73 @@ def load_many(paths: Sequence[str | Path] | None, limits: UploadLimits, workdir:
     budget = _Budget(limits.max_submission_bytes)
     files: list[_Pending] = []
     zips: list[tuple[Path, str, list[zipfile.ZipInfo]]] = []
-    skipped_masks = 0
+    volumes: list[tuple[str, Path, nifti_uploads.NiftiHeader]] = []
     for raw in paths:  # first pass: check everything, write nothing
         path = Path(raw)
         name = display_name(path)
         kind = _check_kind(path, name, allow_zip=True)
         budget.plan(path.stat().st_size, name, uploaded=True)
         if kind == "zip":
-            images, masks = _plan_zip(path, name, limits, budget)
-            zips.append((path, name, images))
-            skipped_masks += masks
-        elif is_mask_name(name):
-            skipped_masks += 1
+            zips.append((path, name, _plan_zip(path, name, limits, budget)))
+        elif kind == "nifti":
+            volumes.append((name, path, _nifti_header(path, name)))
         else:
             files.append(_Pending(name, path))
-        if len(files) + sum(len(z[2]) for z in zips) > limits.max_files:
+        slices = [f for f in files if not is_mask_name(f.name)]
+        if len(slices) + sum(_count_images(z[2]) for z in zips) > limits.max_files:
             raise UploadError(f"Too many images: more than {limits.max_files} in one submission (upload one patient).")
+    _nifti_budget(volumes, limits)
     pending = list(files)
-    for path, name, images in zips:  # second pass: copy, with the budget left after the uploads themselves
-        pending += _copy_members(path, name, images, workdir, start=len(pending), budget=budget)
-    if not pending:
-        raise UploadError(f"No images to analyse: all {skipped_masks} uploaded files are ground-truth masks (*_mask.*).")
-    pending.sort(key=lambda p: natural_key(PurePosixPath(p.name).name))
-    return [_decode(p) for p in _check_sizes(pending, limits)], skipped_masks
+    for path, name, members in zips:  # second pass: copy, with the budget left after the uploads themselves
+        pending += _copy_members(path, name, members, workdir, start=len(pending), budget=budget)
+    if not volumes and all(is_mask_name(p.name) for p in pending):
+        raise UploadError(f"No images to analyse: all {len(pending)} uploaded files are ground-truth masks (*_mask.*).")
+    images = _paired(pending)
+    images.sort(key=lambda pair: natural_key(PurePosixPath(pair[0].name).name))
+    _check_sizes([p for pair in images for p in pair if p is not None], limits)
+    decoded = [_decode(image, mask) for image, mask in images]
+    if not volumes:
+        return Submission(decoded)
+    case, reference = _load_nifti(volumes, workdir, limits)
+    return Submission(decoded, case, reference)
+
+
+def _count_images(members: list[zipfile.ZipInfo]) -> int:
+    return sum(1 for m in members if not is_mask_name(m.filename))
+
+
+def _paired(pending: list[_Pending]) -> list[tuple[_Pending, _Pending | None]]:
+    """(slice, its mask or None) for every slice: a mask pairs with the slice whose name it extends by `_mask`, in
+    the same folder (`flaxtumor.truth.pair_masks`, on the names the user knows)."""
+    by_name = {PurePosixPath(p.name): p for p in pending}
+    try:
+        images, pairs = pair_masks(list(by_name))
+    except DataError as e:
+        raise UploadError(f"{PurePosixPath(e.path)}: {e.problem}; the masks are refused.") from None
+    return [(by_name[PurePosixPath(i)], by_name[PurePosixPath(pairs[i])] if i in pairs else None) for i in images]
+
+
+def _nifti_header(path: Path, name: str) -> nifti_uploads.NiftiHeader:
+    try:
+        return nifti_uploads.read_header(path, name)
+    except nifti_uploads.NiftiUploadError as e:
+        raise UploadError(str(e)) from None
+
+
+def _nifti_budget(volumes: list[tuple[str, Path, nifti_uploads.NiftiHeader]], limits: UploadLimits) -> None:
+    try:
+        nifti_uploads.check_budget([(name, header) for name, _, header in volumes], limits.max_volume_voxels)
+    except nifti_uploads.NiftiUploadError as e:
+        raise UploadError(str(e)) from None
+
+
+def _load_nifti(volumes: list[tuple[str, Path, Any]], workdir: Path, limits: UploadLimits) -> tuple[Any, Any]:
+    folder = workdir / "nifti"  # its own folder: the volumes' names never meet the zip members'
+    folder.mkdir()
+    try:
+        return nifti_uploads.load([(name, path) for name, path, _ in volumes], folder, limits.min_side)
+    except nifti_uploads.NiftiUploadError as e:
+        raise UploadError(str(e)) from None
 
 
 class _Budget:
@@ -181,16 +249,20 @@ def _sniff(path: Path) -> str | None:
 
 
 def _check_kind(path: Path, name: str, allow_zip: bool) -> str:
-    """'image' or 'zip' when the extension is accepted and the content matches it."""
+    """'image', 'zip' or 'nifti' (zip and NIfTI with `allow_zip`) when the extension is accepted and the content
+    matches it (a NIfTI file's content is checked with its header, by `_nifti_header`)."""
     suffix = Path(name).suffix.lower()
-    accepted = IMAGE_SUFFIXES + ((ZIP_SUFFIX,) if allow_zip else ())
-    if suffix not in accepted:
+    accepted = IMAGE_SUFFIXES + ((ZIP_SUFFIX, *nifti_uploads.NIFTI_SUFFIXES) if allow_zip else ())
+    is_nifti = allow_zip and nifti_uploads.nifti_suffix(name) is not None
+    if suffix not in accepted and not is_nifti:
         what = f"extension {suffix!r}" if suffix else "no extension"
         raise UploadError(f"{name}: unsupported file type ({what}); accepted: {', '.join(accepted)}.")
     if not path.is_file():
         raise UploadError(f"{name}: the upload did not arrive (file missing on the server); please upload it again.")
     if path.stat().st_size == 0:
         raise UploadError(f"{name}: zero-byte file.")
+    if is_nifti:
+        return "nifti"
     expected, found = _KIND_BY_SUFFIX[suffix], _sniff(path)
     if found is None:
         raise UploadError(f"{name}: not a valid {expected} file (unrecognised content; is it an image at all?).")
@@ -228,8 +300,8 @@ def central_directory(path: Path, name: str) -> tuple[int, int]:
     return int(entries), int(cd_size)
 
 
-def _plan_zip(path: Path, name: str, limits: UploadLimits, budget: _Budget) -> tuple[list[zipfile.ZipInfo], int]:
-    """The image members to copy and the number of masks skipped; refuses the archive before anything is written."""
+def _plan_zip(path: Path, name: str, limits: UploadLimits, budget: _Budget) -> list[zipfile.ZipInfo]:
+    """The members to copy (slices and their masks); refuses the archive before anything is written."""
     entries, cd_size = central_directory(path, name)
     if entries > limits.max_zip_entries:
         raise UploadError(f"{name}: {entries} entries; the limit is {limits.max_zip_entries} (upload one patient).")
@@ -246,26 +318,28 @@ def _plan_zip(path: Path, name: str, limits: UploadLimits, budget: _Budget) -> t
     for info in infos:
         if problem := unsafe_member(info):
             raise UploadError(f"{name}: member {info.filename!r} {problem}; the archive is refused.")
-    images = [i for i in infos if not i.is_dir() and _is_image_member(i.filename)]
-    masks = [i for i in images if is_mask_name(i.filename)]
-    images = [i for i in images if not is_mask_name(i.filename)]
+    members = [i for i in infos if not i.is_dir() and _is_image_member(i.filename)]
+    masks = [i for i in members if is_mask_name(i.filename)]
+    images = [i for i in members if not is_mask_name(i.filename)]
     if not images:
         others = len([i for i in infos if not i.is_dir()])
+        volumes = sum(1 for i in infos if nifti_uploads.nifti_suffix(i.filename))
+        hint = f" NIfTI volumes ({volumes} here): upload the .nii/.nii.gz files themselves, not zipped." if volumes else ""
         raise UploadError(
             f"{name}: the zip holds no slices ({', '.join(IMAGE_SUFFIXES)}); "
-            f"found {others} other file(s), {len(masks)} of them masks."
+            f"found {others} other file(s), {len(masks)} of them masks.{hint}"
         )
     if len(images) > limits.max_files:
         raise UploadError(f"{name}: {len(images)} images; the limit is {limits.max_files} per submission.")
-    folders = sorted({str(PurePosixPath(i.filename).parent) for i in images})
+    folders = sorted({str(PurePosixPath(i.filename).parent) for i in members})
     if len(folders) > 1:
         shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
         raise UploadError(f"{name}: images in {len(folders)} folders ({shown}); upload one patient per zip.")
-    for info in images:
+    for info in members:
         if info.flag_bits & 0x1:
             raise UploadError(f"{name}/{info.filename}: encrypted zip members are not supported.")
-    budget.plan(sum(i.file_size for i in images), name)
-    return images, len(masks)
+    budget.plan(sum(i.file_size for i in members), name)
+    return members
 
 
 def unsafe_member(info: zipfile.ZipInfo) -> str | None:
@@ -376,8 +450,19 @@ def _check_sizes(pending: list[_Pending], limits: UploadLimits) -> list[_Pending
     return pending
 
 
-def _decode(p: _Pending) -> UploadedImage:
+def _decode(p: _Pending, mask: _Pending | None = None) -> UploadedImage:
     try:
-        return UploadedImage(p.name, read_image(p.path))
+        image = read_image(p.path)
     except DataError as e:
         raise UploadError(f"{p.name}: {_problem(e)}.") from None
+    if mask is None:
+        return UploadedImage(p.name, image)
+    try:
+        truth = read_mask(mask.path)
+    except DataError as e:
+        raise UploadError(f"{mask.name}: {_problem(e)}.") from None
+    if truth.shape != image.shape[:2]:
+        (h, w), (th, tw) = image.shape[:2], truth.shape
+        raise UploadError(f"{mask.name}: the mask is {tw}x{th} px but its slice {PurePosixPath(p.name).name} is "
+                          f"{w}x{h} px.")
+    return UploadedImage(p.name, image, truth)

@@ -215,3 +215,37 @@ BAD_PATIENT = [
     "too_many_files", "mixed_sizes",
 ]
 VARIANTS = ["gray16_png", "rgb16_tiff", "gray_png", "rgba_png", "palette_png", "jpeg"]
+
+
+# ---- NIfTI uploads (written by the tests themselves) ----------------------------------------------------------------
+
+NIFTI_SHAPE = (40, 48, 6)  # stored (x, y, z); axial slices are 48x40 (H x W), all sides >= the 32 px minimum
+NIFTI_AFFINE = np.array([[-0.9, 0, 0, 12.0], [0, -0.9, 0, 20.0], [0, 0, 3.0, -10.0], [0, 0, 0, 1]])  # LPS
+
+
+def save_nifti(data: np.ndarray, path: Path, affine: np.ndarray = NIFTI_AFFINE, dtype=np.float32) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(data, dtype), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=2)
+    nib.save(img, path)
+    return path
+
+
+def nifti_patient(folder: Path, prefix: str = "BraTS_007", seg: bool = True, shape=NIFTI_SHAPE,
+                  names=("t1", "flair", "t1ce")) -> dict[str, Path]:
+    """Three role volumes (a noisy head with a bright blob) and, with `seg`, a binary truth of the blob."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    idx = np.indices(shape) / (np.array(shape)[:, None, None, None] - 1) * 2 - 1
+    head = (idx**2).sum(0) < 1.2
+    blob = ((idx - np.array([0.2, -0.1, 0.0])[:, None, None, None]) ** 2).sum(0) < 0.12
+    paths = {}
+    for role, name in zip(("pre", "flair", "post"), names):
+        volume = np.where(head, 100 + 20 * rng.standard_normal(shape), 0)
+        volume[blob] = 400.0
+        paths[role] = save_nifti(volume, folder / f"{prefix}_{name}.nii.gz")
+    if seg:
+        paths["truth"] = save_nifti(blob, folder / f"{prefix}_seg.nii.gz", dtype=np.uint8)
+    return paths

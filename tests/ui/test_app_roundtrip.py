@@ -19,6 +19,8 @@ from PIL import Image
 
 from flaxtumor.app_errors import TITLE
 from flaxtumor.app_state import private_root
+from flaxtumor.app.report import columns
+from flaxtumor.operating_point import POSTPROCESS_RULES
 from flaxtumor.ui import PATIENT_COLUMNS, main
 from tests.ui import files as F
 
@@ -37,8 +39,7 @@ def test_single_slice(client, files: Path) -> None:
     mask = _mask(mask_file)
     assert mask.shape == (80, 80) and set(np.unique(mask)) == {255}
     assert area_px == 80 * 80 and area_pct == pytest.approx(100.0)
-    assert overlay["annotations"][0]["label"] == "tumour"
-    assert np.asarray(Image.open(heatmap)).shape == (80, 80, 3)
+    assert np.asarray(Image.open(overlay)).shape == np.asarray(Image.open(heatmap)).shape == (80, 80, 3)
     assert "TCGA_T_7.tif" in details
 
     verdict, *_, mask_file, _ = client.predict(handle_file(str(path)), 1.0, True, api_name="/predict_slice")
@@ -55,14 +56,15 @@ def test_patient_zip(client, tiny, files: Path) -> None:
     summary, table, _, _, slider, viewer, masks_zip = client.predict(
         [handle_file(str(archive))], 0.0, True, 0.5, 2.0, api_name="/predict_patient"
     )
-    assert table["headers"] == list(PATIENT_COLUMNS)  # predict's column names, plus the app's extras
+    # predict's column names, plus the app's extras, and the Dice against the masks in the zip
+    assert table["headers"] == list(columns(with_truth=True)) and set(PATIENT_COLUMNS) < set(table["headers"])
     rows = [dict(zip(table["headers"], row)) for row in table["data"]]
     assert len(rows) == n and all(r["has_tumour"] == 1 and r["verdict"] == "tumour" for r in rows)  # threshold 0
     assert [r["image"].rsplit("_", 1)[-1] for r in rows] == [f"{i}.tif" for i in range(1, n + 1)]
     assert {r["patient"] for r in rows} == {"patient.zip"}
-    assert f"**1 patient, {n} slices**" in summary and f"{n} ground-truth mask file(s) skipped" in summary
+    assert f"**1 patient, {n} slices**" in summary and "Per-patient Dice against the uploaded truth" in summary
     assert f"{n * 64 * 64} px = {n * 64 * 64 * 0.25 * 2.0:.1f} mm³" in summary
-    assert slider["maximum"] == n and viewer["value"]["annotations"][0]["label"] == "tumour"
+    assert slider["maximum"] == n and np.asarray(Image.open(viewer)).shape == (64, 64, 3)
     with zipfile.ZipFile(masks_zip) as zf:
         pngs = sorted(m for m in zf.namelist() if m.endswith(".png"))
         assert len(pngs) == n and "predictions.csv" in zf.namelist()
@@ -112,7 +114,7 @@ def test_empty_submissions_are_errors(client) -> None:
 def test_temp_dirs_are_cleaned_up(client, served, files: Path) -> None:
     app = served[1].app
     root = private_root()
-    assert app.dirs.root.parent == root and app.browser.root.parent == root
+    assert app.dirs.root.parent == root and app.store.root.parent == root
     zipped = F.zip_of(files / "p.zip", {"p/p_1.png": F.png_bytes(F.slice_array())})  # members go to an input dir
     client.predict([handle_file(str(zipped))], 0.5, False, None, None, api_name="/predict_patient")
     assert any(app.dirs.root.iterdir())  # the outputs of the request just answered
@@ -151,11 +153,12 @@ def test_controls_start_at_the_shipped_operating_point(tiny, tmp_path: Path) -> 
     shutil.copytree(tiny.checkpoints, checkpoints)
     (checkpoints / "pipeline.json").write_text(json.dumps({"threshold": 0.3, "lcc": True, "tuned_on": "val patients"}))
     demo = build_demo(Pipeline.from_checkpoints(checkpoints, batch_size=1))
-    values = {b.label: b.value for b in demo.blocks.blocks.values() if isinstance(b, (gr.Slider, gr.Checkbox, gr.Markdown))}
+    values = {b.label: b.value for b in demo.blocks.blocks.values() if isinstance(b, gr.Slider)}
     assert values["Classification threshold"] == 0.3
-    assert values["Keep only the largest connected tumour component"] is True
+    rule = next(b for b in demo.blocks.blocks.values() if getattr(b, "elem_id", None) == "postprocess")
+    assert rule.value == "largest_component" and [c[0] for c in rule.choices] == list(POSTPROCESS_RULES)
     card = next(b.value for b in demo.blocks.blocks.values() if getattr(b, "elem_id", None) == "model-card")
-    assert "tuned_on = val patients" in card
+    assert "| tuned_on | val patients |" in card
 
 
 def test_two_patients_in_one_upload_stay_two_patients(client, pipeline, tiny, files: Path) -> None:
@@ -170,7 +173,7 @@ def test_two_patients_in_one_upload_stay_two_patients(client, pipeline, tiny, fi
         preds = pipeline.predict_volume([read_image(p) for p in slices], pipeline.point.override(lcc=True))
         expected[zips[-1].name] = [int(p.mask.sum()) for p in preds]
     summary, table, *_, masks_zip = client.predict(files=[handle_file(str(z)) for z in zips], threshold=0.5,
-                                                   largest_component=True, api_name="/predict_patient")
+                                                   postprocess="largest_component", api_name="/predict_patient")
     rows = [dict(zip(table["headers"], row)) for row in table["data"]]
     got = {name: [r["tumour_pixels"] for r in rows if r["patient"] == name] for name in expected}
     assert got == expected and "**2 patients, 12 slices**" in summary
@@ -213,8 +216,8 @@ def test_api_takes_keywords_with_defaults_and_names_the_bad_field(client, files:
     path = F.good_png(files)
     info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     names = {e: [p["parameter_name"] for p in info[e]["parameters"]] for e in ("/predict_slice", "/predict_patient")}
-    assert names == {"/predict_slice": ["image", "threshold", "largest_component"],
-                     "/predict_patient": ["files", "threshold", "largest_component", "pixel_spacing_mm",
+    assert names == {"/predict_slice": ["image", "threshold", "postprocess"],
+                     "/predict_patient": ["files", "threshold", "postprocess", "pixel_spacing_mm",
                                           "slice_thickness_mm"]}
     assert all(p["parameter_has_default"] for e in info.values() for p in e["parameters"][1:])
     verdict, *_ = client.predict(image=handle_file(str(path)), api_name="/predict_slice")  # optionals omitted
@@ -224,3 +227,19 @@ def test_api_takes_keywords_with_defaults_and_names_the_bad_field(client, files:
     assert err.value.title == TITLE  # the title the app sets, not Gradio's "Error"
     with pytest.raises(AppError, match=re.escape("Pixel spacing: must lie in (0, 10] mm (got 11)")):
         client.predict(files=[handle_file(str(path))], pixel_spacing_mm=11, api_name="/predict_patient")
+
+
+def test_session_state_callbacks_do_not_drag_the_models_into_the_config(served) -> None:
+    """Gradio deep-copies its config, state callbacks included, on every page load and API client: a bound method of
+    the App would copy the models' weights each time (8 concurrent clients then timed out fetching the config)."""
+    import inspect
+    import time
+
+    import gradio as gr
+    import httpx
+
+    states = [b for b in served[1].blocks.blocks.values() if isinstance(b, gr.State)]
+    assert states and all(inspect.isfunction(s.delete_callback) for s in states)
+    start = time.perf_counter()
+    httpx.get(served[0] + "config", timeout=30).raise_for_status()
+    assert time.perf_counter() - start < 2.0

@@ -1,5 +1,6 @@
-"""The app's bounded state and its client-facing text, without a server: the slice browser store (TTL, capacity,
-byte cap, thumbnails), escaping, number fields and errors that never show server details."""
+"""The app's bounded state and its client-facing text, without a server: the analysis store (TTL, capacity, byte cap,
+packed masks and thumbnails on disk), the final-mask memo, escaping, number fields and errors that never show server
+details."""
 
 from __future__ import annotations
 
@@ -11,46 +12,82 @@ import numpy as np
 import pytest
 
 from flaxtumor.app_errors import UNEXPECTED, bool_field, escape, md_code, number_field, scrub, user_errors
-from flaxtumor.app_state import BrowserStore, private_root
+from flaxtumor.app.cache import AnalysisStore, Expired, FinalMasks, NewVolume, Volume
+from flaxtumor.app_state import private_root
 from flaxtumor.uploads import UploadError
 from tests.ui import files as F
 
 
-def _patient(n: int, side: int = 64) -> tuple[list[str], list[np.ndarray], list[np.ndarray], list[float]]:
-    masks = [np.zeros((side, side), bool) for _ in range(n)]
-    for m in masks:
-        m[: side // 2] = True
-    return [f"s_{i}.png" for i in range(n)], [F.slice_array(side, i) for i in range(n)], masks, [0.1 * i for i in range(n)]
+def _volume(n: int, side: int = 64, truth: bool = False) -> NewVolume:
+    masks = np.zeros((n, side, side), bool)
+    masks[:, : side // 2] = True
+    names = tuple(f"s_{i}.png" for i in range(n))
+    volume = Volume("p", names, (side, side), tuple(0.1 * i for i in range(n)), (True,) * n if truth else None)
+    return NewVolume(volume, [F.slice_array(side, i) for i in range(n)], masks, ~masks, masks if truth else None)
 
 
-def test_browser_keeps_thumbnails_on_disk_not_arrays(tmp_path: Path) -> None:
-    store = BrowserStore(root=tmp_path, side=128)
-    token = store.put(*_patient(3, side=512))
-    shown = store.get(token, 7)  # clipped to the last slice
-    assert (shown.index, shown.count, shown.name) == (2, 3, "s_2.png") and shown.probability == pytest.approx(0.2)
-    assert shown.image.shape == (128, 128, 3) and shown.image.dtype == np.uint8 and shown.mask.shape == (128, 128)
-    assert sorted(p.name for p in (tmp_path / token).iterdir())[:2] == ["0000_image.npy", "0000_mask.npy"]
-    assert shown.mask[:64].all() and not shown.mask[64:].any()
+def test_analyses_keep_packed_masks_and_thumbnails_on_disk_not_arrays(tmp_path: Path) -> None:
+    store = AnalysisStore(root=tmp_path, side=128)
+    token = store.put("patient", [_volume(3, side=512, truth=True)])
+    analysis = store.get(token)
+    assert analysis.count == 3 and analysis.locate(7) == (0, 2)  # clipped to the last slice
+    thumb = analysis.thumbnail(0, 2)
+    assert thumb.shape == (128, 128, 3) and thumb.dtype == np.uint8
+    raw = analysis.raw(0)
+    assert raw.shape == (3, 512, 512) and raw[:, :256].all() and not raw[:, 256:].any()
+    assert (analysis.brain(0) == ~raw).all() and (analysis.truth(0) == raw).all()
+    assert sorted(p.name for p in (tmp_path / token).iterdir()) == ["0_brain.npy", "0_raw.npy", "0_thumbs.npy",
+                                                                    "0_truth.npy"]
+    assert (tmp_path / token / "0_raw.npy").stat().st_size < 3 * 512 * 512 / 8 + 1024  # one bit a pixel
     entry = store._entries[token]
-    assert not any(isinstance(v, np.ndarray) for v in vars(entry).values())  # only names, probabilities, a folder
+    assert not any(isinstance(v, np.ndarray) for v in vars(entry).values())
     store.release(token)
-    assert store.get(token, 0) is None and not any(tmp_path.iterdir())
+    with pytest.raises(Expired):
+        store.get(token)
+    assert not any(tmp_path.iterdir())
 
 
-def test_browser_entries_expire_and_are_capped(tmp_path: Path) -> None:
-    store = BrowserStore(root=tmp_path, ttl_s=0.2, capacity=2)
-    first = store.put(*_patient(1))
+def test_analyses_expire_and_are_capped(tmp_path: Path) -> None:
+    store = AnalysisStore(root=tmp_path, ttl_s=0.2, capacity=2)
+    first = store.put("slice", [_volume(1)])
     time.sleep(0.3)
-    assert store.get(first, 0) is None  # expired: the viewer says so instead of showing stale data
-    tokens = [store.put(*_patient(1)) for _ in range(3)]
-    assert len(store) == 2 and store.get(tokens[0], 0) is None and store.get(tokens[2], 0) is not None
+    with pytest.raises(Expired):  # the app says so instead of showing stale data
+        store.get(first)
+    tokens = [store.put("slice", [_volume(1)]) for _ in range(3)]
+    assert len(store) == 2 and store.get(tokens[2]) is not None
+    with pytest.raises(Expired):
+        store.get(tokens[0])
     assert len(list(tmp_path.iterdir())) == 2  # folders of dropped entries are deleted with them
 
-    capped = BrowserStore(root=tmp_path / "capped", max_bytes=1)
-    (tmp_path / "capped").mkdir(exist_ok=True)
-    capped_token = capped.put(*_patient(2))
-    assert len(capped) == 0 and capped.get(capped_token, 0) is None
-    assert store.get(None, 0) is None and store.get(["not", "a", "token"], 0) is None
+    (tmp_path / "capped").mkdir()
+    capped = AnalysisStore(root=tmp_path / "capped", max_bytes=1)
+    capped_token = capped.put("slice", [_volume(2)])
+    assert len(capped) == 0
+    for token in (capped_token, None, ["not", "a", "token"]):
+        with pytest.raises(Expired):
+            capped.get(token)
+
+
+def test_final_masks_are_gate_and_postprocess_of_the_raw_outputs_and_memoised(tmp_path: Path, monkeypatch) -> None:
+    from flaxtumor.operating_point import OperatingPoint, gate_and_postprocess
+
+    store = AnalysisStore(root=tmp_path)
+    analysis = store.get(store.put("patient", [_volume(4)]))
+    finals = FinalMasks(max_bytes=10**9)
+    point = OperatingPoint(threshold=0.15, postprocess="largest_component")
+    calls, final = finals(analysis, 0, point)
+    expected = gate_and_postprocess(np.float32([0.0, 0.1, 0.2, 0.3]), analysis.raw(0), point)
+    assert (calls == expected[0]).all() and (final == expected[1]).all() and calls.tolist() == [False, False, True, True]
+    reads = []
+    monkeypatch.setattr("flaxtumor.app.cache.gate_and_postprocess", lambda *a: reads.append(a) or expected)
+    assert (finals(analysis, 0, point)[1] == final).all() and not reads  # memoised
+    finals(analysis, 0, OperatingPoint(threshold=0.5))
+    assert len(reads) == 1
+    tiny = FinalMasks(max_bytes=1)  # over its cap it keeps only the latest
+    tiny(analysis, 0, point), tiny(analysis, 0, OperatingPoint())
+    assert len(tiny._memo) == 1
+    finals.forget(analysis.token)
+    assert not finals._memo
 
 
 def test_private_root_is_owner_only() -> None:

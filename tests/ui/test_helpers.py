@@ -33,8 +33,49 @@ def test_model_card_names_the_protocol_and_metrics() -> None:
         "pipeline": {"threshold": 0.5, "gate": True},
     }
     text = model_card_markdown(summary)
-    assert "patient-level split" in text and "val 14" in text and "backbone init `none`" in text
-    assert "volumetric_dice: 0.810 (3D Dice per patient, mean over patients)" in text
+    assert "patient-level split" in text and "| patients per split | train 55, val 14 |" in text
+    assert "| backbone init | none |" in text
+    assert "| volumetric_dice | 0.810 | 3D Dice per patient, mean over patients |" in text
+    assert "no `pipeline.json`" in text
+
+
+def _shipped_like_summary(test_patients: int) -> dict:
+    record = {
+        "threshold": 0.05, "min_tumour_area": 0.0005, "lcc": True, "gate": True, "tta": False, "mask_threshold": 0.5,
+        "tuned_on": {"patients": [f"P{i}" for i in range(16)], "split": "val patients",
+                     "grid": {"threshold": [0.05 * k for k in range(1, 20)], "lcc": [False, True]},
+                     "note": "optimistic"},
+        "validation": {"per_patient_dice_mean": 0.8442615, "detection_sensitivity": 0.9655},
+        "ablation": [{"name": "segmenter alone", "threshold": 0.5, "min_tumour_area": 0.0, "lcc": False, "gate": False,
+                      "per_patient_dice_mean": 0.84013},
+                     {"name": "classifier off", "threshold": None, "min_tumour_area": 0.0005, "lcc": True,
+                      "gate": True, "per_patient_dice_mean": 0.8442}],
+        "provenance": {"command": "python -m flaxtumor.tune", "commit": "abc123"},
+    }
+    models = {"classifier": {"task": "cls", "preprocessing": {"image_size": 128, "normalisation": "image_zscore"},
+                             "split_sizes": {"train": 65, "val": 16, "test": test_patients},
+                             "metrics": {"auc": 0.905, "by_size": {"small": 0.5}}, "source": "/srv/x/checkpoints/classifier"}}
+    point = {"threshold": 0.05, "min_tumour_area": 0.0005, "mask_threshold": 0.5, "postprocess": "largest_component",
+             "tta": False, "gate": True}
+    return {"models": models, "pipeline": point, "operating_point": record}
+
+
+def test_model_card_is_markdown_tables_with_exact_settings() -> None:
+    text = model_card_markdown(_shipped_like_summary(test_patients=0))
+    assert "| `min_tumour_area` | 0.0005 |" in text and "0.001 " not in text  # exact, not rounded to 3 decimals
+    assert "| `postprocess` | largest_component |" in text and "| `gate` | on |" in text
+    assert "{" not in text and "[" not in text  # no printed Python dict or list
+    assert "| per_patient_dice_mean | 0.844 |" in text and "on the 16 patients it was tuned on" in text
+    assert "| classifier off | ∞ (classifier off) | 0.0005 | on | on | 0.844 |" in text  # the ablation, row by row
+    assert "| segmenter alone | 0.5 | 0.0 | off | off | 0.840 |" in text
+    assert "| grid / threshold | 0.05, 0.1, 0.15000000000000002, …, 0.9500000000000001 (19 in all) |" in text
+    assert "| provenance / commit | abc123 |" in text and "| by_size / small | 0.500 |" in text
+    assert "| loaded from | checkpoints/classifier |" in text and "/srv" not in text  # no server path
+    assert "untouched" not in text and "no test patients" in text
+
+
+def test_model_card_mentions_the_test_split_only_when_there_is_one() -> None:
+    assert "the untouched test split is reported by" in model_card_markdown(_shipped_like_summary(test_patients=12))
 
 
 def test_request_dirs_are_removed_after_the_grace_period() -> None:

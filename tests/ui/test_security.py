@@ -74,7 +74,7 @@ def test_number_fields_are_validated_by_name(client, files: Path, spacing, thick
 @pytest.mark.parametrize("threshold, lcc, expected", [
     (5, False, "Classification threshold: must lie in [0, 1]"),
     (-0.1, False, "Classification threshold: must lie in [0, 1]"),
-    (0.5, "yes", "Largest connected component: expected true or false"),
+    (0.5, "yes", "Post-processing: expected one of none, largest_component"),
 ])
 def test_threshold_and_switch_are_validated(client, files: Path, threshold, lcc, expected: str) -> None:
     path = handle_file(str(F.good_png(files)))
@@ -153,17 +153,19 @@ def test_gradio_file_leaves_no_empty_temp_files(client, files: Path) -> None:
 
 
 def test_patient_results_are_browsed_from_disk(client, served, tiny, files: Path) -> None:
-    """Session state holds a token; the browser reads thumbnails from the request's private folder."""
-    from flaxtumor.ui import _browse
+    """Session state holds a token; the viewer reads thumbnails and packed masks from the analysis' private folder."""
+    from flaxtumor.app.render import Display
 
-    store = served[1].app.browser
-    before = set(store._entries)
+    app = served[1].app
+    before = set(app.store._entries)
     paths = [F.good_png(files, f"s_{i}.png", 96) for i in range(3)]
     client.predict([handle_file(str(p)) for p in paths], 0.0, False, None, None, api_name="/predict_patient")
-    (token,) = set(store._entries) - before
-    viewer = _browse(store, token, 2)
-    assert viewer.label.startswith("Slice 2/3: s_1.png") and Path(viewer.value["image"]["path"]).is_file()
-    assert "expired" in _browse(store, "no-such-token", 1).label
+    (token,) = set(app.store._entries) - before
+    assert app.store.get(token).folder.parent == app.store.root and app.store.root.parent == app_state.private_root()
+    view = app.view(token, 0.0, "none", Display(), 2)
+    assert "Slice 2/3: s_1.png" in view.caption and view.image.shape == (96, 96, 3)
+    with pytest.raises(Exception, match="expired"):
+        app.view("no-such-token", 0.0, "none", Display(), 1)
 
 
 def test_names_in_markdown_are_code_spans(client, files: Path) -> None:

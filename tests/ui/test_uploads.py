@@ -35,7 +35,7 @@ def test_bad_patient_uploads_name_the_problem(tmp_path: Path, case: str) -> None
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(UploadError) as e:
-        uploads, _ = load_many(paths, TEST_LIMITS, work)
+        uploads = load_many(paths, TEST_LIMITS, work).images
         from flaxtumor.ui import _one_size  # the one check that needs decoded images lives in the UI
 
         _one_size(uploads)
@@ -59,19 +59,23 @@ def test_zip_slip_writes_nothing_outside_the_workdir(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("evil.png"))
 
 
-def test_patient_zip_in_natural_order_with_masks_skipped(tmp_path: Path) -> None:
+def test_patient_zip_in_natural_order_with_its_masks_paired(tmp_path: Path) -> None:
     png = F.png_bytes(F.slice_array())
     members = {f"TCGA_X/TCGA_X_{n}.png": png for n in (10, 2, 1)}
-    members["TCGA_X/TCGA_X_1_mask.png"] = F.png_bytes(np.zeros((64, 64), np.uint8))
+    truth = np.zeros((64, 64), np.uint8)
+    truth[5:9, 5:9] = 255
+    members["TCGA_X/TCGA_X_1_mask.png"] = F.png_bytes(truth)
     members["__MACOSX/TCGA_X/._TCGA_X_1.png"] = b"junk"
     members["TCGA_X/data.csv"] = b"a\n"
     work = tmp_path / "work"
     work.mkdir()
-    uploads, masks = load_many([F.zip_of(tmp_path / "p.zip", members)], TEST_LIMITS, work)
+    uploads = load_many([F.zip_of(tmp_path / "p.zip", members)], TEST_LIMITS, work).images
     assert [u.name for u in uploads] == [f"p.zip/TCGA_X/TCGA_X_{n}.png" for n in (1, 2, 10)]
-    assert masks == 1
+    assert uploads[0].truth is not None and uploads[0].truth.sum() == 16 and uploads[0].truth.dtype == bool
+    assert uploads[1].truth is None and uploads[2].truth is None  # slices without a mask are simply unpaired
     # Members land under the workdir with sanitised, index-prefixed names only.
-    assert sorted(p.name for p in work.iterdir()) == ["0000_TCGA_X_10.png", "0001_TCGA_X_2.png", "0002_TCGA_X_1.png"]
+    assert sorted(p.name for p in work.iterdir()) == ["0000_TCGA_X_10.png", "0001_TCGA_X_2.png", "0002_TCGA_X_1.png",
+                                                      "0003_TCGA_X_1_mask.png"]
 
 
 def test_per_submission_pixel_budget(tmp_path: Path) -> None:
@@ -135,7 +139,7 @@ def test_a_multi_zip_submission_never_writes_past_the_budget(tmp_path: Path) -> 
     with pytest.raises(UploadError, match=r"part2.zip: the submission would put 5 MiB .* the limit is 4 MiB"):
         load_many(paths, TEST_LIMITS, work)
     assert sum(f.stat().st_size for f in work.iterdir()) == 0
-    uploads, _ = load_many(paths[:2], TEST_LIMITS, work)  # the same zips within the budget are fine
+    uploads = load_many(paths[:2], TEST_LIMITS, work).images  # the same zips within the budget are fine
     assert len(uploads) == 2 and sum(f.stat().st_size for f in work.iterdir()) <= TEST_LIMITS.max_submission_bytes
 
 
