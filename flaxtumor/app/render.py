@@ -18,6 +18,7 @@ from scipy import ndimage
 PREDICTION_COLOUR = "#ff3b30"  # filled: the predicted tumour
 TRUTH_COLOUR = "#00d8ff"  # outlined: the uploaded truth (cyan stays distinct from red for red-green colour blindness)
 DEFAULT_OPACITY = 0.45
+DISPLAY_SIDE = 384  # px: the viewers' height; smaller slices are drawn at this size so they fill it
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,29 @@ def fit_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 127
 
 
+def for_display(image: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
+    """A slice (or a Grad-CAM blend) enlarged to `side` px when smaller (bilinear), so every viewer fills its frame
+    and the masks drawn over it (at this size) stay crisp."""
+    h, w = image.shape[:2]
+    if max(h, w) >= side:
+        return image
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
 def outline(mask: np.ndarray, width: int | None = None) -> np.ndarray:
-    """The inner border of a bool mask, `width` px (default: 1 px per 256 px of side, at least 1)."""
+    """The inner border of a bool mask, `width` px (default: 1 px per 160 px of side, at least 1)."""
     if not mask.any():
         return mask.astype(bool)
-    width = width or max(1, round(max(mask.shape) / 256))
+    width = width or max(1, round(max(mask.shape) / 160))
     return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
 
 
 def compose(image: np.ndarray, prediction: np.ndarray | None, truth: np.ndarray | None, display: Display) -> np.ndarray:
-    """uint8 (h, w, 3): `image` with the prediction filled at `display.opacity` and the truth outlined (both
-    optional, both at any size: fitted to the image)."""
+    """uint8 (h, w, 3): `image` (enlarged `for_display`) with the prediction filled at `display.opacity` and the
+    truth outlined (both optional, both at any size: fitted to the image)."""
+    image = for_display(image)
     out = image.astype(np.float32)
     if prediction is not None and display.prediction and display.opacity > 0:
         fill = fit_mask(prediction, image.shape)

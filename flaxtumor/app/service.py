@@ -26,8 +26,8 @@ from flaxtumor.app import report
 from flaxtumor.app.cache import AnalysisStore, Analysis, Expired, FinalMasks, NewVolume, Volume
 from flaxtumor.app.errors import bool_field, md_code, number_field
 from flaxtumor.app.examples import Examples
-from flaxtumor.app.render import Display, compose, heatmap_overlay, legend_html
-from flaxtumor.app.report import brain_mask, file_stem, mask_png_bytes, plural, tumour_area
+from flaxtumor.app.render import Display, compose, for_display, heatmap_overlay, legend_html
+from flaxtumor.app.report import brain_mask, file_stem, mask_png_bytes, tumour_area
 from flaxtumor.app.state import RequestDirs, UploadJanitor, private_root
 from flaxtumor.app.uploads import Submission, UploadError, UploadedImage, UploadLimits, load_many, load_single
 from flaxtumor.inference import MASK_REFUSAL, input_warning, looks_like_mask
@@ -227,7 +227,7 @@ class App:
         thumb = analysis.thumbnail(0, 0)
         caption = legend_html(f"Predicted tumour: {report.short_name(volume.patient)}", mask, None, display)
         return SliceResult(verdict, float(probability), compose(thumb, mask, None, display), area_px, area_pct,
-                           analysis.heat(0, 0), mask_file, details, caption, analysis.token)
+                           for_display(analysis.heat(0, 0)), mask_file, details, caption, analysis.token)
 
     def _read_slice(self, path: str | Path | None) -> UploadedImage:
         upload = load_single(path, self.limits)
@@ -360,4 +360,4 @@ def _index(value: Any) -> int | None:
 
 
 __all__ = ["App", "PatientResult", "SliceResult", "View", "Predictor", "group_patients", "postprocess_field",
-           "plural", "PATIENT_COLUMNS"]
+           "PATIENT_COLUMNS"]

@@ -122,17 +122,23 @@ def build_demo(
 
 def _controls(app: App) -> Controls:
     point = app.pipeline.point
+    # Each control in its own column: a row of bare form controls is one block that squeezes instead of wrapping
+    # on a phone.
     with gr.Row():
-        threshold = gr.Slider(0.0, 1.0, value=point.threshold, step=0.01, label="Classification threshold",
-                              info=threshold_info(point.min_tumour_area), elem_id="threshold")
-        rule = gr.Dropdown(list(POSTPROCESS_RULES), value=point.postprocess, label="Post-processing",
-                           info="The rule run over each patient's masks (a single slice is a patient of one slice).",
-                           elem_id="postprocess")
+        with gr.Column(min_width=300):
+            threshold = gr.Slider(0.0, 1.0, value=point.threshold, step=0.01, label="Classification threshold",
+                                  info=threshold_info(point.min_tumour_area), elem_id="threshold")
+        with gr.Column(min_width=300):
+            rule = gr.Dropdown(list(POSTPROCESS_RULES), value=point.postprocess, label="Post-processing",
+                               info="The rule run over each patient's masks (a single slice is a patient of one "
+                                    "slice).", elem_id="postprocess")
     with gr.Row():
-        opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Overlay opacity",
-                            info="Of the predicted tumour drawn over the slice.", elem_id="opacity")
-        show_prediction = gr.Checkbox(value=True, label="Show the prediction", elem_id="show-prediction")
-        show_truth = gr.Checkbox(value=True, label="Show the true outline (when uploaded)", elem_id="show-truth")
+        with gr.Column(min_width=300):
+            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Overlay opacity",
+                                info="Of the predicted tumour drawn over the slice.", elem_id="opacity")
+        with gr.Column(min_width=300):
+            show_prediction = gr.Checkbox(value=True, label="Show the prediction", elem_id="show-prediction")
+            show_truth = gr.Checkbox(value=True, label="Show the true outline (when uploaded)", elem_id="show-truth")
     # Checked by App (messages that name the field; the old true/false post-processing switch still works).
     for component in (threshold, rule, opacity):
         component.preprocess = lambda payload: payload  # type: ignore[method-assign]
@@ -160,6 +166,14 @@ def _label(text: str) -> None:
     gr.Markdown(text, elem_classes="field-label")
 
 
+def figures_markdown(probability: float | None, area_px: int | None, area_pct: float | None) -> str:
+    """The single slice's numbers as shown: a dash, not 0, before anything is analysed."""
+    prob = "–" if probability is None else f"{probability:.3f}"
+    area = "–" if area_px is None else f"{area_px} px"
+    pct = "–" if area_pct is None else f"{area_pct:.2f}%"
+    return f"| Tumour probability | Tumour area | % of brain |\n|---|---|---|\n| {prob} | {area} | {pct} |"
+
+
 def _slice_outputs(r: SliceResult) -> tuple:
     return r.verdict, r.probability, r.overlay, r.area_px, r.area_pct, r.gradcam, str(r.mask_file), r.details
 
@@ -178,13 +192,11 @@ def _slice_tab(app: App, controls: Controls, concurrency_limit: int) -> None:
                                       elem_id="example-choice")
                 example_button = gr.Button("Run example", elem_id="example-button")
                 verdict = gr.Label(label="Verdict", elem_id="verdict")
-                probability = gr.Number(label="Tumour probability", precision=3, placeholder="–", interactive=False,
-                                        elem_id="probability")
-                with gr.Row():
-                    area_px = gr.Number(label="Tumour area (px)", precision=0, placeholder="–", interactive=False,
-                                        elem_id="area-px")
-                    area_pct = gr.Number(label="Tumour area (% of brain)", precision=2, placeholder="–",
-                                         interactive=False, elem_id="area-pct")
+                figures = gr.Markdown(figures_markdown(None, None, None), elem_id="slice-figures")
+                # The API's numbers. Hidden: Gradio's Number shows 0 for "no value yet" (its frontend sets null to 0).
+                probability = gr.Number(label="Tumour probability", precision=3, visible=False)
+                area_px = gr.Number(label="Tumour area (px)", precision=0, visible=False)
+                area_pct = gr.Number(label="Tumour area (% of brain)", precision=2, visible=False)
                 details = gr.Markdown(elem_id="slice-details")
                 mask_file = gr.File(label="Mask (PNG, 0/255, input size)")
             with gr.Column(scale=2):
@@ -213,24 +225,25 @@ def _slice_tab(app: App, controls: Controls, concurrency_limit: int) -> None:
 
     def render(token: Any, threshold: Any, rule: Any, *display: Any) -> tuple:
         if not token:
-            return _skip(len(outputs) + 1)
+            return _skip(len(outputs) + 2)
         r = app.render_slice(token, threshold, rule, app.display(*display))
-        return (*_slice_outputs(r), r.caption)
+        return (*_slice_outputs(r), r.caption, figures_markdown(r.probability, r.area_px, r.area_pct))
 
     def redraw(token: Any, threshold: Any, rule: Any, *display: Any) -> tuple:
         if not token:
-            return _skip(2)
+            return _skip(3)
         r = app.render_slice(token, threshold, rule, app.display(*display))
-        return r.overlay, r.caption
+        return r.overlay, r.caption, figures_markdown(r.probability, r.area_px, r.area_pct)
 
     state_in = [token, *controls.point, *controls.display]
     for button, fn, first, api_name in ((slice_button, predict_slice, slice_file, "predict_slice"),
                                         (example_button, example_fn, example, "example")):
         button.click(user_errors(fn), [first, *controls.point], [*outputs, token], api_name=api_name,
                      concurrency_id="slice", concurrency_limit=concurrency_limit,
-                     ).success(user_errors(redraw), state_in, [overlay, caption], api_visibility="private",
+                     ).success(user_errors(redraw), state_in, [overlay, caption, figures], api_visibility="private",
                                show_progress="hidden")
-    _live(controls, user_errors(render), state_in, [*outputs, caption], user_errors(redraw), [overlay, caption])
+    _live(controls, user_errors(render), state_in, [*outputs, caption, figures], user_errors(redraw),
+          [overlay, caption, figures])
 
 
 def _live(controls: Controls, render: Any, inputs: list, outputs: list, redraw: Any, redraw_outputs: list) -> None:

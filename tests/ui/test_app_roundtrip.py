@@ -39,7 +39,8 @@ def test_single_slice(client, files: Path) -> None:
     mask = _mask(mask_file)
     assert mask.shape == (80, 80) and set(np.unique(mask)) == {255}
     assert area_px == 80 * 80 and area_pct == pytest.approx(100.0)
-    assert np.asarray(Image.open(overlay)).shape == np.asarray(Image.open(heatmap)).shape == (80, 80, 3)
+    # drawn at the viewers' size (small slices enlarged), the overlay and the Grad-CAM alike
+    assert np.asarray(Image.open(overlay)).shape == np.asarray(Image.open(heatmap)).shape == (384, 384, 3)
     assert "TCGA_T_7.tif" in details
 
     verdict, *_, mask_file, _ = client.predict(handle_file(str(path)), 1.0, True, api_name="/predict_slice")
@@ -64,7 +65,7 @@ def test_patient_zip(client, tiny, files: Path) -> None:
     assert {r["patient"] for r in rows} == {"patient.zip"}
     assert f"**1 patient, {n} slices**" in summary and "Per-patient Dice against the uploaded truth" in summary
     assert f"{n * 64 * 64} px = {n * 64 * 64 * 0.25 * 2.0:.1f} mm³" in summary
-    assert slider["maximum"] == n and np.asarray(Image.open(viewer)).shape == (64, 64, 3)
+    assert slider["maximum"] == n and np.asarray(Image.open(viewer)).shape == (384, 384, 3)
     with zipfile.ZipFile(masks_zip) as zf:
         pngs = sorted(m for m in zf.namelist() if m.endswith(".png"))
         assert len(pngs) == n and "predictions.csv" in zf.namelist()

@@ -141,7 +141,7 @@ def test_opacity_and_toggles_redraw_without_a_model_call(app: App, tiny, tmp_pat
     full = app.view(r.token, 0.0, "none", Display(opacity=1.0, truth=False), truth_slice + 1)
     with_truth = app.view(r.token, 0.0, "none", Display(opacity=1.0, truth=True), truth_slice + 1)
     assert _pixels(plain.image, PREDICTION_COLOUR) == 0 and "prediction hidden" in plain.caption
-    assert _pixels(full.image, PREDICTION_COLOUR) == 64 * 64 and "predicted tumour" in full.caption
+    assert _pixels(full.image, PREDICTION_COLOUR) == 384 * 384 and "predicted tumour" in full.caption  # enlarged
     assert _pixels(with_truth.image, TRUTH_COLOUR) > 0 and "true tumour (outline)" in with_truth.caption
     assert _pixels(full.image, TRUTH_COLOUR) == 0 and "truth hidden" in full.caption
     half = app.view(r.token, 0.0, "none", Display(opacity=0.5, truth=False), truth_slice + 1)

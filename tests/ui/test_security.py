@@ -163,7 +163,7 @@ def test_patient_results_are_browsed_from_disk(client, served, tiny, files: Path
     (token,) = set(app.store._entries) - before
     assert app.store.get(token).folder.parent == app.store.root and app.store.root.parent == app_state.private_root()
     view = app.view(token, 0.0, "none", Display(), 2)
-    assert "Slice 2/3: s_1.png" in view.caption and view.image.shape == (96, 96, 3)
+    assert "Slice 2/3: s_1.png" in view.caption and view.image.shape == (384, 384, 3)
     with pytest.raises(Exception, match="expired"):
         app.view("no-such-token", 0.0, "none", Display(), 1)
 
