@@ -244,3 +244,21 @@ def test_session_state_callbacks_do_not_drag_the_models_into_the_config(served) 
     start = time.perf_counter()
     httpx.get(served[0] + "config", timeout=30).raise_for_status()
     assert time.perf_counter() - start < 2.0
+
+
+def test_nifti_volumes_through_the_api(client, files: Path) -> None:
+    """The three role volumes and a truth in, the mask out as .nii.gz on the input's grid; a missing role is refused
+    in words that name the problem."""
+    import nibabel as nib
+
+    paths = F.nifti_patient(files / "in")
+    summary, table, *_, masks_zip = client.predict(files=[handle_file(str(p)) for p in paths.values()], threshold=0.0,
+                                                   api_name="/predict_patient")
+    assert "**Patient ` BraTS_007 `**: 6 slices (40x48 px)" in summary and "Per-patient Dice" in summary
+    assert table["headers"][6:8] == ["true_pixels", "dice"] and len(table["data"]) == 6
+    with zipfile.ZipFile(masks_zip) as zf:
+        (out := files / "mask.nii.gz").write_bytes(zf.read("BraTS_007/BraTS_007_mask.nii.gz"))
+    assert np.allclose(nib.load(out).affine, F.NIFTI_AFFINE) and nib.load(out).shape == F.NIFTI_SHAPE
+    with pytest.raises(AppError, match=re.escape("The NIfTI upload: missing the post-contrast (T1-Gd) volume")):
+        client.predict(files=[handle_file(str(paths["pre"])), handle_file(str(paths["flair"]))],
+                       api_name="/predict_patient")
