@@ -101,7 +101,9 @@ def _ablation_section(ablation: list[Any]) -> str:
     columns = [k for k in dict.fromkeys(k for e in entries for k in e) if k != "name"]
     settings = [k for k in columns if k in _POINT_FIELDS]
     scores = [k for k in columns if k not in _POINT_FIELDS]
-    head = "| variant | " + " | ".join([*(f"`{k}`" for k in settings), *(_text(k) for k in scores)]) + " |"
+    # Metric names with spaces, so narrow columns wrap between words.
+    head = "| variant | " + " | ".join([*(f"`{k}`" for k in settings), *(_text(k.replace("_", " ")) for k in scores)])
+    head += " |"
     rows = []
     for e in entries:
         cells = [_setting(k, e.get(k)) if k in e else "" for k in settings]

@@ -275,10 +275,12 @@ class App:
                                          [analysis.reference(k) for k in range(len(reports))])
         finally:
             self.dirs.finish(out)
-        if index is None:  # first shown: the most probable slice with a tumour drawn, else the first
+        if index is None:  # first shown: the most probable slice with a tumour drawn, else the largest true one
             rows = frame.to_dict("records")
             drawn = [i for i, r in enumerate(rows) if r["has_tumour"]]
-            index = max(drawn, key=lambda i: rows[i]["tumour_probability"]) if drawn else 0
+            true = [i for i, r in enumerate(rows) if (r.get("true_pixels") or 0) > 0]
+            index = (max(drawn, key=lambda i: rows[i]["tumour_probability"]) if drawn else
+                     max(true, key=lambda i: rows[i]["true_pixels"]) if true else 0)
         index = int(np.clip(index, 0, analysis.count - 1))
         return PatientResult(report.summary_markdown(reports, point, spacing, thickness), frame, masks_zip,
                              analysis.token, analysis.count, index, self._view(analysis, point, display, index))

@@ -196,3 +196,10 @@ def test_nifti_trio_in_mask_out_with_the_input_affine(app: App, tmp_path: Path) 
     with zipfile.ZipFile(again.masks_zip) as zf:
         out.write_bytes(zf.read(name))
     assert not np.asarray(nib.load(out).dataobj).any()
+
+
+def test_with_nothing_drawn_the_viewer_opens_on_the_largest_true_tumour(app: App, tmp_path: Path) -> None:
+    paths = F.nifti_patient(tmp_path / "in")
+    r = app.analyse_patient([str(p) for p in paths.values()], 1.0, "none")  # threshold 1: nothing is drawn
+    assert not r.table["has_tumour"].any()
+    assert r.index == int(r.table["true_pixels"].to_numpy().argmax()) and "true tumour (outline)" in r.view.caption
