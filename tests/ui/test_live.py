@@ -203,3 +203,10 @@ def test_with_nothing_drawn_the_viewer_opens_on_the_largest_true_tumour(app: App
     r = app.analyse_patient([str(p) for p in paths.values()], 1.0, "none")  # threshold 1: nothing is drawn
     assert not r.table["has_tumour"].any()
     assert r.index == int(r.table["true_pixels"].to_numpy().argmax()) and "true tumour (outline)" in r.view.caption
+
+
+def test_names_in_captions_are_text_not_html() -> None:
+    from flaxtumor.app.render import legend_html
+
+    caption = legend_html(f"Slice 1/1: {F.HTML_NAME}", np.ones((4, 4), bool), None, Display())
+    assert "<img" not in caption and "<a " not in caption and "&lt;img" in caption
