@@ -54,6 +54,7 @@ class ModelConfig:
     backbone: Literal["resnet50", "resnet_tiny"] = "resnet50"
     backbone_layout: Literal["torchvision", "keras"] = "torchvision"
     head_widths: tuple[int, ...] = (256, 256)
+    head_pool: Literal["avg", "max", "avgmax"] = "avg"  # global pooling before the head (see TumourClassifier)
     dropout: float = 0.3
     unfreeze_last_layers: int = 30  # phase 2: the seed's "last 30 layers", rounded to whole blocks of the last stage
     # Segmenter: "resunet" (widths below), or "resnet50_unet": a U-Net on the classifier's ResNet50 (torchvision

@@ -27,7 +27,7 @@ def build_classifier(model_cfg: ModelConfig, rngs: nnx.Rngs) -> TumourClassifier
         backbone = _ResNet1(layout=model_cfg.backbone_layout, rngs=rngs)
     else:
         raise ValueError(f"unknown backbone {model_cfg.backbone!r}; expected 'resnet50' or 'resnet_tiny'")
-    return TumourClassifier(backbone, model_cfg.head_widths, model_cfg.dropout, rngs=rngs)
+    return TumourClassifier(backbone, model_cfg.head_widths, model_cfg.dropout, rngs=rngs, pool=model_cfg.head_pool)
 
 
 def build_segmenter(model_cfg: ModelConfig, rngs: nnx.Rngs) -> ResUNet | ResNetUNet:

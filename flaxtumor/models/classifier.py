@@ -28,14 +28,24 @@ _KERAS_LAYERS_PER_BLOCK = 10  # conv, bn, relu x3 + add + relu
 _KERAS_LAYERS_PROJECTION = 2  # the first block of a stage adds the shortcut conv and BN
 
 
-class TumourClassifier(nnx.Module):
-    """Backbone -> global average pool -> [Dense -> ReLU -> Dropout] x len(head_widths) -> one tumour logit."""
+POOLS = ("avg", "max", "avgmax")
 
-    def __init__(self, backbone: ResNet, head_widths: Sequence[int], dropout: float, *, rngs: nnx.Rngs):
+
+class TumourClassifier(nnx.Module):
+    """Backbone -> global pool -> [Dense -> ReLU -> Dropout] x len(head_widths) -> one tumour logit.
+
+    The pool is the seed's average ("avg"), the maximum ("max": "is there a lesion anywhere", which an average over a
+    mostly tumour-free slice dilutes), or both concatenated ("avgmax", twice the features)."""
+
+    def __init__(self, backbone: ResNet, head_widths: Sequence[int], dropout: float, *, rngs: nnx.Rngs,
+                 pool: str = "avg"):
         if backbone.fc is not None:
             raise ValueError("the classifier's backbone must have no top (build it with num_classes=None)")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.backbone = backbone
-        widths = (backbone.num_features, *head_widths)
+        self.pool_kind = pool
+        widths = (backbone.num_features * (2 if pool == "avgmax" else 1), *head_widths)
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         self.dropouts = nnx.List([nnx.Dropout(dropout, rngs=rngs) for _ in head_widths])
         self.logit = nnx.Linear(widths[-1], 1, rngs=rngs)
@@ -47,8 +57,16 @@ class TumourClassifier(nnx.Module):
             features = dropout(nnx.relu(dense(features)))
         return self.logit(features)[:, 0]
 
+    def pool(self, feature_map: jax.Array) -> jax.Array:
+        """(N, h, w, C) -> pooled features (N, C), or (N, 2C) for "avgmax"."""
+        if self.pool_kind == "avg":
+            return jnp.mean(feature_map, axis=(1, 2))
+        if self.pool_kind == "max":
+            return jnp.max(feature_map, axis=(1, 2))
+        return jnp.concatenate([jnp.mean(feature_map, axis=(1, 2)), jnp.max(feature_map, axis=(1, 2))], axis=-1)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.head(jnp.mean(self.backbone.feature_map(x), axis=(1, 2)))
+        return self.head(self.pool(self.backbone.feature_map(x)))
 
     def _frozen_modules(self) -> list[nnx.Module]:
         modules = []

@@ -21,7 +21,7 @@ def _gradcam(model: TumourClassifier, images: jax.Array, stage: int) -> jax.Arra
 
     def logit_sum(f: jax.Array) -> jax.Array:
         # Eval mode makes samples independent, so the gradient of the sum is each sample's own gradient.
-        return model.head(jnp.mean(backbone.run_stages(f, stage + 1), axis=(1, 2))).sum()
+        return model.head(model.pool(backbone.run_stages(f, stage + 1))).sum()
 
     grads = jax.grad(logit_sum)(fmap)
     weights = jnp.mean(grads, axis=(1, 2), keepdims=True)  # channel importance (N, 1, 1, C)

@@ -51,6 +51,7 @@ FIELDS = {
     "phase2_epochs": "train.phase2_epochs",
     "phase2_lr_factor": "train.phase2_lr_factor",
     "phase3_epochs": "train.phase3_epochs",
+    "head_pool": "model.head_pool",
     "phase3_lr_factor": "train.phase3_lr_factor",
     "schedule": "train.schedule",
     "weight_decay": "train.weight_decay",
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"cls: epochs with the last stage unfrozen; 0 skips (default {d.train.phase2_epochs})")
     a("--phase2-lr-factor", type=float, metavar="F",
       help=f"cls: phase-2 LR = lr x F (default {d.train.phase2_lr_factor})")
+    a("--head-pool", choices=["avg", "max", "avgmax"],
+      help=f"cls: global pooling before the head; max suits 'a lesion anywhere' (default {d.model.head_pool})")
     a("--phase3-epochs", type=int, metavar="N",
       help="cls: then epochs with the whole backbone unfrozen; the best checkpoint over all phases is exported, so "
            f"phase 3 is kept only if validation improves (default {d.train.phase3_epochs}: off)")

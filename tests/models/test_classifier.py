@@ -102,3 +102,21 @@ def test_unknown_phase_is_refused():
     model = TumourClassifier(ResNet((1, 2), width=8, rngs=nnx.Rngs(0)), (16,), 0.3, rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="0, 1, 2 or 3"):
         set_phase(model, 4)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+def test_head_pool_is_the_named_global_pool(pool):
+    model = TumourClassifier(ResNet((1, 2), width=8, rngs=nnx.Rngs(0)), (16,), 0.3, rngs=nnx.Rngs(1), pool=pool)
+    model.eval()
+    x = jax.random.normal(jax.random.key(2), (3, 32, 32, 3))
+    fmap = model.backbone.feature_map(x)
+    avg, peak = jnp.mean(fmap, axis=(1, 2)), jnp.max(fmap, axis=(1, 2))
+    expected = {"avg": avg, "max": peak, "avgmax": jnp.concatenate([avg, peak], axis=-1)}[pool]
+    np.testing.assert_allclose(model.pool(fmap), expected)
+    np.testing.assert_allclose(model(x), model.head(expected), rtol=1e-6)
+    assert model.hidden[0].in_features == expected.shape[-1]
+
+
+def test_unknown_head_pool_is_refused():
+    with pytest.raises(ValueError, match="pool must be one of"):
+        TumourClassifier(ResNet((1, 2), width=8, rngs=nnx.Rngs(0)), (16,), 0.3, rngs=nnx.Rngs(1), pool="sum")

@@ -36,3 +36,13 @@ def test_gradcam_zero_gradients_give_zeros_not_nan():
     model.logit.kernel[...] = jnp.zeros_like(model.logit.kernel[...])
     heat = gradcam(model, synthetic_slices(1))
     assert heat.shape == (1, 64, 64) and np.array_equal(heat, np.zeros_like(heat))
+
+
+def test_gradcam_follows_the_heads_pool():
+    # Grad-CAM differentiates the model's own logit: with an avg+max head it must go through that pool, so the map
+    # differs from the same weights read through an average alone.
+    model = TumourClassifier(_ResNet1(rngs=nnx.Rngs(0)), (16,), 0.0, rngs=nnx.Rngs(1), pool="avgmax")
+    heat = gradcam(model, synthetic_slices(2))
+    assert heat.shape == (2, 64, 64) and np.isfinite(heat).all() and 0.0 <= heat.min() <= heat.max() <= 1.0
+    fmap = model.backbone.feature_map(synthetic_slices(2))
+    np.testing.assert_allclose(model(synthetic_slices(2)), model.head(model.pool(fmap)), rtol=1e-6)
