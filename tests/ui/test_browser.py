@@ -222,7 +222,7 @@ def test_example_patient_in_chromium(browser: WebDriver, served) -> None:
     browser.command("POST", "/url", {"url": served[0]})
     _wait(lambda: "Research use only" in browser.text("#notice"), "the research-use notice")
     click_text = "const b = [...document.querySelectorAll(arguments[0])].find(e => e.innerText.includes(arguments[1])); b && b.click(); return !!b;"
-    assert browser.script(click_text, "button[role=tab]", "Whole patient")
+    _wait(lambda: browser.script(click_text, "button[role=tab]", "Whole patient"), "the Whole patient tab")
     _wait(lambda: browser.script(click_text, "button", "synthetic_patient.zip"), "the example patient")
     _wait(lambda: "synthetic_patient" in browser.text("#patient-files"), "the example to fill the file input")
     browser.command("POST", f"/element/{browser.find('#patient-button')}/click", {})
