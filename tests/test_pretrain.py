@@ -74,6 +74,10 @@ def test_two_phase_classifier_from_pretrained_encoder(pretrained) -> None:
     assert {h.get("phase") for h in history} == {1, 2}, history
     meta = json.loads((root / "cls" / "classifier" / "metadata.json").read_text())
     assert meta["backbone_init"] == str(encoder)
+    # the classifier carries its backbone's provenance: the pretraining's patients are this split's training patients
+    provenance = meta["backbone_provenance"]
+    assert provenance == json.loads((encoder / "metadata.json").read_text())
+    assert set(provenance["patients"]) <= set(meta["split"]["train"])
     assert summary
 
 

@@ -255,6 +255,7 @@ class Run:
     loss_fn: LossFn
     eval_step: Callable
     phases: list[Phase]
+    backbone: dict[str, Any] | None = None  # the backbone weights' metadata (source, patients, ...), when loaded
 
     @property
     def leader(self) -> bool:
@@ -304,9 +305,11 @@ def _set_up_data(cfg: Config, out: Path, batch_size: int, mesh: Mesh) -> tuple[S
     return split, train_slices, val_patients, steps
 
 
-def _build_model(cfg: Config, mesh: Mesh, split: Split) -> nnx.Module:
+def _build_model(cfg: Config, mesh: Mesh, split: Split) -> tuple[nnx.Module, dict[str, Any] | None]:
+    """The model, and the loaded backbone weights' metadata (their provenance) when it starts from some."""
     tcfg = cfg.train
     model = build_model(cfg, nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1))
+    weights = None
     if tcfg.task == "cls" and tcfg.backbone_weights != "none":
         weights = load_backbone(model, tcfg.backbone_weights)
         # In-domain pretrained weights record their training patients: none may be one this run validates on.
@@ -319,7 +322,7 @@ def _build_model(cfg: Config, mesh: Mesh, split: Split) -> nnx.Module:
     if tcfg.init_from:  # continue from an exported model of the same architecture (a new run: fresh optimizer)
         init_from(model, tcfg.init_from)
     nnx.update(model, sharding.replicate(nnx.state(model), mesh))
-    return model
+    return model, weights
 
 
 def set_up(cfg: Config) -> Run:
@@ -347,9 +350,10 @@ def set_up(cfg: Config) -> Run:
         if latest is not None:
             print(f"resuming from step {latest}: epoch {progress.data_epoch + 1}, step {progress.step_in_epoch}")
     dtype = compute_dtype(tcfg.precision)
+    model, backbone = _build_model(cfg, mesh, split)
     return Run(
         cfg, out, mesh, batch_size, dtype, split, train_slices, val_patients, steps, checkpoints, latest, progress,
-        _build_model(cfg, mesh, split), make_loss(tcfg), make_eval_step(dtype), plan_phases(tcfg),
+        model, make_loss(tcfg), make_eval_step(dtype), plan_phases(tcfg), backbone,
     )
 
 
@@ -533,6 +537,8 @@ def export(run: Run) -> dict[str, Any]:
         # the task's own threshold: a classifier's tumour probability, a segmenter's mask probability
         "threshold": tcfg.cls_threshold if tcfg.task == "cls" else tcfg.mask_threshold,
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",
+        # Where the backbone weights came from, as their metadata says (in-domain: the patients they saw).
+        **({"backbone_provenance": run.backbone} if run.backbone is not None else {}),
         "init_from": tcfg.init_from,
         "split": run.split.to_dict(),
         "trained_patients": trained,
