@@ -78,7 +78,10 @@ def test_two_phase_classifier_from_pretrained_encoder(pretrained) -> None:
     provenance = meta["backbone_provenance"]
     assert provenance == json.loads((encoder / "metadata.json").read_text())
     assert set(provenance["patients"]) <= set(meta["split"]["train"])
-    assert summary
+    # ... and keeps it through --init-from (e.g. a third phase run as its own fine-tune)
+    longer = run(cfg.override(**{"train.backbone_weights": "none", "train.init_from": summary["checkpoint"],
+                                 "train.out_dir": str(root / "cls_longer"), "train.epochs": 1}))
+    assert json.loads((Path(longer["checkpoint"]) / "metadata.json").read_text())["backbone_provenance"] == provenance
 
 
 def test_backbone_trained_on_validation_patients_is_refused(pretrained, tmp_path) -> None:

@@ -320,7 +320,8 @@ def _build_model(cfg: Config, mesh: Mesh, split: Split) -> tuple[nnx.Module, dic
                 f"validation/test patients (e.g. {sorted(seen)[0]}); pretrain on this split's training patients only"
             )
     if tcfg.init_from:  # continue from an exported model of the same architecture (a new run: fresh optimizer)
-        init_from(model, tcfg.init_from)
+        source = init_from(model, tcfg.init_from)
+        weights = weights or source.get("backbone_provenance")  # the backbone's origin carries over
     nnx.update(model, sharding.replicate(nnx.state(model), mesh))
     return model, weights
 
