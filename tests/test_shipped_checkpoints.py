@@ -24,6 +24,7 @@ from flaxtumor.data.io import read_image
 from flaxtumor.data.lgg import discover, select
 from flaxtumor.data.synthetic import write_synthetic_dataset
 from flaxtumor.inference import Pipeline
+from flaxtumor.operating_point import SAFE_POSTPROCESS_RULES
 from flaxtumor.checkpoints import load_inference
 from tests.data.test_real_data import shared_manifest
 
@@ -94,9 +95,18 @@ def _mib(folder: Path) -> float:
 
 def test_bundled_checkpoints_fit_the_budget_and_match_what_ships(pipeline) -> None:
     assert _mib(CHECKPOINTS) <= 64
-    for name in ("classifier", "segmenter"):
-        assert pipeline.metadata[name]["backbone_init"] == "none"  # no ImageNet weights: the card says "from scratch"
-    assert pipeline.metadata["classifier"]["dtype"] == "bfloat16"
+    assert pipeline.metadata["segmenter"]["backbone_init"] == "none"  # the card: "Segmenter: from scratch"
+    cls_meta = pipeline.metadata["classifier"]
+    assert cls_meta["dtype"] == "bfloat16"
+    # "Classifier: in-domain pretraining" on the 65 training patients only, recorded as the backbone's provenance
+    provenance = cls_meta["backbone_provenance"]
+    assert provenance["source"].startswith("in-domain segmentation pretraining")
+    assert sorted(provenance["patients"]) == sorted(cls_meta["split"]["train"])
+    assert set(provenance["patients"]).isdisjoint(cls_meta["split"]["val"])
+    assert_shown("pretraining", claim(r"encoder \*is\* the classifier's ResNet50 .*?the \*\*(\d+) training patients\*\* "
+                                      r"only \(best epoch: validation per-patient Dice ([\d.]+) at (\d+)²\)"),
+                 [len(provenance["patients"]), provenance["pretraining_metrics"]["volumetric_dice"],
+                  provenance["image_size"]])
     classifier, _ = load_inference(CHECKPOINTS / "classifier")
     segmenter, _ = load_inference(CHECKPOINTS / "segmenter")
     cls_params, seg_params = _params(classifier), _params(segmenter)
@@ -128,8 +138,16 @@ def test_the_operating_point_and_its_ablation_are_pipeline_json(pipeline) -> Non
                                          r"\*\*([\d.]+) %\*\* of the slice \((\d+) px at 256²\)")
     assert_shown("threshold", [threshold, area_pct, area_px],
                  [point["threshold"], 100 * point["min_tumour_area"], point["min_tumour_area"] * 256 * 256])
-    assert point["lcc"] is True and point["tta"] is False and point["gate"] is True
-    assert claim(r"\*\*3D largest connected component: (on)\.\*\* \*\*Flip TTA: (off)\*\*") == ["on", "off"]
+    assert point["tta"] is False and point["gate"] is True
+    assert claim(r"\*\*Post-processing: ([\w.]+)\.\*\* \*\*Flip TTA: (off)\*\*") == [point["postprocess"], "off"]
+    assert point["postprocess"] in SAFE_POSTPROCESS_RULES
+    floor = float(point["postprocess"].removeprefix("drop_small_"))
+    assert_shown("floor", claim(r"3D components smaller than ([\d.]+) % of one slice's area \((\d+) voxels at 256²\)"),
+                 [100 * floor, floor * 256 * 256])
+    rows = {r["name"]: r for r in point["ablation"]}
+    lcc, chosen = rows["chosen, with the largest component instead"], rows["chosen operating point"]
+    assert_shown("LCC", claim(r"it would have scored ([\d.]+); the safe rule gives up that ([\d.]+)\."),
+                 [lcc["per_patient_dice_mean"], lcc["per_patient_dice_mean"] - chosen["per_patient_dice_mean"]])
     grid = point["tuned_on"]["grid"]
     lo, hi, area_lo, area_hi = claim(r"classifier thresholds \(([\d.]+)…([\d.]+)\), fused-gate areas \(([\d.]+)…([\d.]+) %")
     assert_shown("grid", [lo, hi, area_lo, area_hi], [min(grid["threshold"]), max(grid["threshold"]),
@@ -152,7 +170,7 @@ def assert_ablation_table(ablation: list[dict[str, Any]]) -> None:
             assert r["threshold"] in (None, float("inf"))
         else:
             assert_shown(f"{name}: threshold", [cells[1]], [r["threshold"]])
-        assert (onoff[cells[3]], onoff[cells[4]]) == (r["lcc"], r["gate"]), name
+        assert (cells[3], onoff[cells[4]]) == (r["postprocess"], r["gate"]), name
         keys = ("min_tumour_area", "per_patient_dice_mean", "per_patient_dice_median", "detection_accuracy",
                 "detection_sensitivity", "detection_specificity")
         assert_shown(name, [cells[2], *cells[5:]], [r[k] for k in keys])
@@ -161,13 +179,16 @@ def assert_ablation_table(ablation: list[dict[str, Any]]) -> None:
 def test_the_classifier_off_claims_are_the_recorded_ablation(pipeline) -> None:
     rows = {r["name"]: r for r in pipeline.record["ablation"]}
     off, chosen = rows["classifier off (area-only calls)"], rows["chosen operating point"]
-    shown = claim(r"give the same per-patient Dice \(([\d.]+)\) and better slice calls \(accuracy ([\d.]+) and "
-                  r"specificity ([\d.]+), against ([\d.]+) and ([\d.]+) shipped\), at a lower sensitivity \(([\d.]+) "
-                  r"against ([\d.]+)\)\. The segmenter alone with LCC also reaches ([\d.]+)\.")
+    shown = claim(r"give the same per-patient Dice \(([\d.]+)\) and better slice calls \(accuracy ([\d.]+) "
+                  r"and specificity ([\d.]+), against ([\d.]+) and ([\d.]+) shipped\), at a lower sensitivity "
+                  r"\(([\d.]+) against ([\d.]+)\)\. The segmenter alone with the same post-processing also reaches "
+                  r"([\d.]+)\.")
     assert_shown("classifier off", shown, [
         off["per_patient_dice_mean"], off["detection_accuracy"], off["detection_specificity"],
         chosen["detection_accuracy"], chosen["detection_specificity"], off["detection_sensitivity"],
-        chosen["detection_sensitivity"], rows["segmenter alone + LCC (no gate)"]["per_patient_dice_mean"]])
+        chosen["detection_sensitivity"], rows["segmenter alone + post-processing (no gate)"]["per_patient_dice_mean"]])
+    alone = rows["segmenter alone + post-processing (no gate)"]
+    assert alone["postprocess"] == chosen["postprocess"] and alone["gate"] is False
     assert round(off["per_patient_dice_mean"], 4) == round(chosen["per_patient_dice_mean"], 4)  # "the same"
 
 
@@ -176,22 +197,17 @@ def test_the_training_history_claims(pipeline) -> None:
     dice = {h["epoch"]: h["val_volumetric_dice"] for h in history}
     best = pipeline.metadata["segmenter"]["best"]["epoch"]
     assert [int(x) for x in claim(r"the segmenter's best epoch \((\d+) of (\d+)\)")] == [best, len(history)]
-    values = claim(r"at 128²: ([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+) at epochs (\d+), (\d+), (\d+), (\d+), "
-                   r"(\d+), then ([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+) at epochs (\d+)–(\d+)")
-    epochs = [int(e) for e in values[5:10]] + list(range(int(values[14]), int(values[15]) + 1))
-    assert_shown("segmenter history", values[:5] + values[10:14], [dice[e] for e in epochs])
-    assert epochs[4] == best and max(dice.values()) == dice[best]  # a plateau: nothing after the best epoch beats it
-    assert_shown("epochs", claim(r"(\d+) segmenter epochs and (\d+) classifier epochs"),
-                 [len(history), sum(json.loads((REPO / "configs" / f"{c}.json").read_text())["train"]["epochs"]
-                                    for c in ("classifier", "classifier_longer"))])
+    assert max(dice.values()) == dice[best]
     cls = pipeline.metadata["classifier"]
-    assert len(cls["history"]) == json.loads((REPO / "configs" / "classifier_longer.json").read_text())["train"]["epochs"]
-    assert_shown("float32 AUC in training", claim(r"classifier AUC ([\d.]+) vs [\d.]+\.")[:1], [cls["metrics"]["auc"]])
+    auc = [h["val_auc"] for h in cls["history"]]  # the shipped run is phase 3
+    assert len(auc) == cls["config"]["train"]["epochs"] and auc == sorted(auc) and len(set(auc)) == len(auc)
+    assert claim(r"It was kept because validation said so:\s+its AUC (rose at every epoch)")
+    assert_shown("float32 AUC in training", claim(r"bfloat16 classifiers give AUC ([\d.]+) vs [\d.]+\.")[:1],
+                 [cls["metrics"]["auc"]])
 
 
 def test_architecture_and_recipe_are_the_recorded_configs(pipeline) -> None:
     seg, cls = pipeline.metadata["segmenter"]["config"], pipeline.metadata["classifier"]["config"]
-    stage1 = json.loads((REPO / "configs" / "classifier.json").read_text())["train"]
     w1, w2, dropout = claim(r"head GAP → (\d+) → (\d+) → 1 logit, dropout ([\d.]+)")
     assert [int(w1), int(w2)] == list(cls["model"]["head_widths"]) and float(dropout) == cls["model"]["dropout"]
     assert [int(w) for w in claim(r"ResUNet, widths ([\d/]+),")[0].split("/")] == list(seg["model"]["resunet_widths"])
@@ -206,10 +222,17 @@ def test_architecture_and_recipe_are_the_recorded_configs(pipeline) -> None:
         assert (int(batch), float(decay), float(clip)) == (train["batch_size"], train["weight_decay"], train["grad_clip"])
     lr, epochs, patience = claim(r"soft Dice, lr ([\de.-]+), (\d+) epochs, early stopping on per-patient Dice \(patience (\d+)\)")
     assert (float(lr), int(epochs), int(patience)) == (seg["train"]["lr"], seg["train"]["epochs"], seg["train"]["patience"])
-    lr1, epochs1 = claim(r"trained whole, BCE, lr ([\de.-]+), (\d+) epochs, selection by AUC")
-    assert (float(lr1), int(epochs1)) == (stage1["lr"], stage1["epochs"])
-    epochs2, lr2 = claim(r"stage 2: (\d+) more epochs from stage 1's best model at lr ([\de.-]+)")
-    assert (int(epochs2), float(lr2)) == (cls["train"]["epochs"], cls["train"]["lr"])
+    phases = json.loads((REPO / "configs" / "classifier_indomain.json").read_text())["train"]
+    e1, lr1, e2, lr2 = claim(r"the head on the frozen backbone \(its BatchNorm statistics too\) for (\d+) epochs at lr "
+                             r"([\de.-]+), then the\s+last stage unfrozen for (\d+) epochs at lr ([\de.-]+)\.")
+    assert (int(e1), float(lr1), int(e2)) == (phases["epochs"], phases["lr"], phases["phase2_epochs"])
+    assert float(lr2) == pytest.approx(phases["lr"] * phases["phase2_lr_factor"])
+    e3, lr3 = claim(r"the whole network from phase 2's best model for (\d+) epochs at lr ([\de.-]+),")
+    assert (int(e3), float(lr3)) == (cls["train"]["epochs"], cls["train"]["lr"])
+    phase3 = json.loads((REPO / "configs" / "classifier_indomain_phase3.json").read_text())
+    assert phase3["train"]["epochs"] == cls["train"]["epochs"] and phase3["train"]["lr"] == cls["train"]["lr"]
+    assert json.loads(json.dumps(cls["model"])) == phase3["model"]  # (tuples in the config, lists in JSON)
+    assert cls["train"]["init_from"].endswith("cls_indomain/classifier")
 
 
 def test_bundled_pipeline_predicts_a_synthetic_volume(pipeline, tmp_path) -> None:
@@ -275,6 +298,8 @@ VALIDATION_ROWS: dict[str, Callable[[dict, dict], list[float]]] = {
         h["classifier"][k] for k in ("threshold", "accuracy", "precision", "recall", "f1")],
     "at the operating threshold #: accuracy / sensitivity / specificity / ECE": lambda m, h: [
         m["classifier"][k] for k in ("threshold", "accuracy", "sensitivity", "specificity", "ece")],
+    "Grad-CAM pointing score, # slices": lambda m, h: [
+        m["classifier"]["gradcam"]["pointing_slices"], m["classifier"]["gradcam"]["pointing_score"]],
     "on the # tumour slices: Dice / IoU": lambda m, h: [
         m["segmenter"][k] for k in ("n_slices", "dice_mean", "iou_mean")],
 }
@@ -309,8 +334,10 @@ README_ROWS: dict[str, Callable[[dict, dict], list[float]]] = {
         "slice calls: accuracy / sensitivity / specificity"],
     "classifier off (slice calls from the segmenter's area alone): per-patient Dice; slice-call accuracy / sensitivity"
     " / specificity": _off,
-    "segmenter alone + LCC (no classifier gate): per-patient Dice": lambda m, h: [
-        _ablation_row("segmenter alone + LCC (no gate)")["per_patient_dice_mean"]],
+    "segmenter alone + post-processing (no classifier gate): per-patient Dice": lambda m, h: [
+        _ablation_row("segmenter alone + post-processing (no gate)")["per_patient_dice_mean"]],
+    "classifier Grad-CAM pointing score (# slices)": lambda m, h: [
+        m["classifier"]["gradcam"]["pointing_slices"], m["classifier"]["gradcam"]["pointing_score"]],
     "pooled Dice (labelled extra: all pixels at once)": lambda m, h: [m["pipeline"]["pooled_dice"]],
 }
 
@@ -355,14 +382,20 @@ def test_the_cards_prose_numbers_on_the_real_data(evaluated, lgg_root: Path) -> 
                                    r"with tumour\)"), [len(patients), len(slices), sum(s.has_tumour for s in slices)])
     mean, auc = pipe["per_patient_dice"]["mean"], m["classifier"]["auc"]
     at_half = evaluated["at 0.5"]["classifier"]["accuracy"]
-    assert_shown("stage 2", claim(r"tied on the headline \(([\d.]+)\) once tuned; stage 2 was shipped for its better "
-                                  r"slice verdicts \(pipeline detection accuracy ([\d.]+) vs [\d.]+, accuracy at 0.5 "
-                                  r"([\d.]+) vs [\d.]+\), although stage 1 had the higher AUC \([\d.]+ vs ([\d.]+)\)"),
-                 [mean, pipe["detection"]["accuracy"], at_half, auc])  # stage 1's figures: training logs, not shipped
-    assert_shown("bfloat16", claim(r"give the same per-patient Dice \(([\d.]+)\) and classifier AUC [\d.]+ vs ([\d.]+)\."),
-                 [mean, auc])
+    assert_shown("bfloat16", claim(r"bfloat16 classifiers give AUC [\d.]+ vs ([\d.]+)\."), [auc])
     assert_shown("headline prose", claim(r"The pipeline reaches a per-patient Dice of ([\d.]+) on validation"), [mean])
-    assert_shown("AUC prose", claim(r"its AUC \(([\d.]+)\) is the weakest number"), [auc])
+    c, h = m["classifier"], evaluated["at 0.5"]["classifier"]
+    shown = claim(r"\| \*\*\(c\) \(b\) \+ phase 3 \(shipped, bfloat16\)\*\* \| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \| "
+                  r"([\d.]+) / ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \|")
+    assert_shown("classifier (c) row", shown, [auc, at_half, h["recall"], h["specificity"], h["ece"],
+                                              c["gradcam"]["pointing_score"]])
+    assert_shown("operating threshold", claim(r"At the shipped operating\s+threshold \(([\d.]+), below\) the "
+                                              r"classifier's own calls have sensitivity ([\d.]+) and specificity "
+                                              r"([\d.]+)\."), [c["threshold"], c["sensitivity"], c["specificity"]])
+    assert_shown("progress", claim(r"lifted AUC from\s+[\d.]+ to ([\d.]+) and the Grad-CAM pointing score from "
+                                   r"[\d.]+ to ([\d.]+)"), [auc, c["gradcam"]["pointing_score"]])
+    assert_shown("recall at 0.5", claim(r"At 0.5 it misses about one tumour slice in eight \(recall ([\d.]+)\)"),
+                 [h["recall"]])
     worst, shift = claim(r"one patient \(([\d.]+)\) moves the mean by ([\d.]+)")
     n = len(per_patient)
     assert_shown("one patient", [worst, shift], [per_patient[0], (n * mean - per_patient[0]) / (n - 1) - mean])
@@ -387,7 +420,7 @@ def _assert_close(recorded: Any, reproduced: Any, where: str = "pipeline.json") 
 @pytest.mark.slow  # both TTA settings over the 16 validation volumes, then the whole grid
 def test_tune_reproduces_the_recorded_operating_point_and_ablation(pipeline, lgg_root: Path) -> None:
     from flaxtumor.evaluate import jsonable
-    from flaxtumor.tune import THRESHOLDS, choose, raw_outputs
+    from flaxtumor.tune import choose, raw_outputs
 
     recorded = json.loads((CHECKPOINTS / "pipeline.json").read_text())
     val = pipeline.metadata["segmenter"]["split"]["val"]
@@ -395,12 +428,3 @@ def test_tune_reproduces_the_recorded_operating_point_and_ablation(pipeline, lgg
         raws = raw_outputs(Pipeline.from_checkpoints(CHECKPOINTS), select(discover(lgg_root), val))  # fresh jit
     reproduced = json.loads(json.dumps(jsonable(choose(raws, pipeline.point.mask_threshold, val))))
     _assert_close(recorded, reproduced)
-    # The card's reason for not widening the threshold grid below 0.05.
-    wide = choose(raws, pipeline.point.mask_threshold, val, thresholds=(0.01, 0.02, 0.03, 0.04) + THRESHOLDS)
-    v = wide["validation"]
-    shown = claim(r"grid widened to ([\d.]+)…([\d.]+) chose ([\d.]+) at the same per-patient Dice \(([\d.]+)\), with "
-                  r"slice-call specificity down from ([\d.]+) to ([\d.]+) \(accuracy ([\d.]+), sensitivity ([\d.]+)\)")
-    assert_shown("wider grid", shown, [0.01, 0.04, wide["threshold"], v["per_patient_dice_mean"],
-                                       recorded["validation"]["detection_specificity"], v["detection_specificity"],
-                                       v["detection_accuracy"], v["detection_sensitivity"]])
-    assert round(v["per_patient_dice_mean"], 4) == round(recorded["validation"]["per_patient_dice_mean"], 4)
