@@ -309,19 +309,20 @@ def _build_model(cfg: Config, mesh: Mesh, split: Split) -> tuple[nnx.Module, dic
     """The model, and the loaded backbone weights' metadata (their provenance) when it starts from some."""
     tcfg = cfg.train
     model = build_model(cfg, nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1))
-    weights = None
+    weights, where = None, tcfg.backbone_weights
     if tcfg.task == "cls" and tcfg.backbone_weights != "none":
         weights = load_backbone(model, tcfg.backbone_weights)
-        # In-domain pretrained weights record their training patients: none may be one this run validates on.
-        seen = set(weights.get("patients") or []) & set(split.val + split.test)
-        if seen:
-            raise ValueError(
-                f"{tcfg.backbone_weights}: these backbone weights were trained on {len(seen)} of this run's "
-                f"validation/test patients (e.g. {sorted(seen)[0]}); pretrain on this split's training patients only"
-            )
     if tcfg.init_from:  # continue from an exported model of the same architecture (a new run: fresh optimizer)
         source = init_from(model, tcfg.init_from)
-        weights = weights or source.get("backbone_provenance")  # the backbone's origin carries over
+        if weights is None:  # the backbone's origin carries over
+            weights, where = source.get("backbone_provenance"), f"{tcfg.init_from} (its backbone)"
+    # In-domain pretrained weights record their training patients: none may be one this run validates on.
+    seen = set((weights or {}).get("patients") or []) & set(split.val + split.test)
+    if seen:
+        raise ValueError(
+            f"{where}: these backbone weights were trained on {len(seen)} of this run's validation/test patients "
+            f"(e.g. {sorted(seen)[0]}); pretrain on this split's training patients only"
+        )
     nnx.update(model, sharding.replicate(nnx.state(model), mesh))
     return model, weights
 
