@@ -16,6 +16,7 @@ from flaxtumor.predict import CSV_HEADER, collect_inputs, main
 from flaxtumor.data.io import DataError
 from flaxtumor.predict_nifti import NiftiInput, group_cases, read_case
 from flaxtumor.truth import TRUTH_COLUMNS
+from tests.data.test_nifti import _save as save_nifti
 from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
 
 SHAPE = (28, 32, 6)  # stored (i, j, k); LPS, so the axial slices are 32x28 and there are 6 of them
@@ -24,12 +25,7 @@ ROLE_NAMES = ("t1", "flair", "t1ce")
 
 
 def _save(data, path, affine=LPS, dtype=np.float32):
-    img = nib.Nifti1Image(np.asarray(data, dtype), affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, path)
-    return path
+    return save_nifti(data, affine, path, dtype)  # tests/data/test_nifti.py's writer (qform and sform set)
 
 
 def _volumes(seed=0, shape=SHAPE):
