@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 Normalisation = Literal["image_zscore", "volume_zscore", "imagenet", "caffe"]
 Task = Literal["cls", "seg"]
+ALL_FOLDS = "all"  # `data.fold` for nnU-Net's "all" fold: every patient trains, none validates
 
 
 @dataclass
@@ -40,7 +41,8 @@ class DataConfig:
     sampling_uniform_share: float = 0.1
     samples_per_epoch: int = 0  # "tumour" only; 0 = twice the number of tumour slices among the training slices
     # Cross-validation: fold K of `folds` patient-level stratified folds; fold K's patients are the validation set.
-    fold: int | None = None
+    # ALL_FOLDS ("all"): every patient trains, with no validation; the run's last epoch is exported.
+    fold: int | Literal["all"] | None = None
     folds: int = 5
     cache_decoded: bool = True  # keep decoded, resized uint8 slices in memory: epochs after the first skip TIFF decoding
     synthetic_patients: int = 6

@@ -224,8 +224,10 @@ def _choose_patients(
     else:
         raise ValueError("the segmenter checkpoint records no split: pass --split FILE or --patients ID ...")
     ids = split.train + split.val + split.test if args.subset == "all" else getattr(split, args.subset)
-    if not ids:
-        raise ValueError(f"the {args.subset} subset of the split ({source}) is empty")
+    if not ids:  # e.g. the val subset of a model trained on every patient (train.py --fold all)
+        where = source if args.split else f"{source} {Path(args.checkpoints) / 'segmenter'}"
+        raise ValueError(f"the {args.subset} subset of the split ({where}) is empty: pass --patients ID ... or "
+                         "--split FILE")
     known = {p.patient_id for p in patients}
     missing = sorted(set(ids) - known)
     if missing and str(args.data) == "synthetic" and not args.split:

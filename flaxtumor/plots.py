@@ -124,10 +124,12 @@ def training_curves(history: Sequence[Mapping], path: Path) -> Path:
     x = [h["global_epoch"] for h in history]
     a.plot(x, [h["train_loss"] for h in history], marker="o")
     a.set(title="train loss", xlabel="epoch")
-    for k in [k for k in history[-1] if k.startswith("val_")]:
+    keys = [k for k in history[-1] if k.startswith("val_")]
+    for k in keys:
         b.plot(x, [h.get(k) for h in history], marker="o", label=k[4:])
-    b.set(title="validation", xlabel="epoch")
-    b.legend()
+    b.set(title="validation" if keys else "no validation (--fold all: no held-out patients)", xlabel="epoch")
+    if keys:
+        b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -95,6 +95,20 @@ def test_split_file_and_errors(tiny, tmp_path, capsys):  # noqa: F811
     assert "not found" in capsys.readouterr().err
 
 
+def test_a_checkpoint_without_validation_patients_says_to_pass_patients(tiny, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    checkpoints = tmp_path / "checkpoints"  # as train.py --fold all records it: every patient trains
+    shutil.copytree(tiny.checkpoints, checkpoints)
+    meta_file = checkpoints / "segmenter" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["split"] = {**meta["split"], "train": meta["split"]["train"] + meta["split"]["val"], "val": []}
+    meta_file.write_text(json.dumps(meta))
+    assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(checkpoints / "segmenter") in err and "--patients" in err
+
+
 def test_no_gate_pipeline_equals_the_segmenter_on_all_slices(tiny, tmp_path):  # noqa: F811
     out = tmp_path / "eval"
     args = ["--data", str(tiny.data), "--checkpoints", str(tiny.checkpoints), "--out", str(out), "--no-gate"]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from flaxtumor.config import Config
+from flaxtumor.config import ALL_FOLDS, Config
 
 EPILOG = """\
 examples:
@@ -21,6 +21,8 @@ examples:
   python train.py --task seg --data synthetic --epochs 2 --image-size 64   # smoke run, no download
   python train.py --task seg --data /data/lgg --resume          # continue runs/seg after an interruption
   python train.py --task seg --data /data/lgg --fold 0 --folds 5 --out runs/cv/fold_0   # one cross-validation fold
+  python train.py --config runs/cv/config.json --fold all --epochs N --out runs/cv/fold_all   # every patient, the
+                           # cross-validated recipe; N: crossval.json's recommended_epochs (crossval prints the command)
   python train.py --task seg --data /data/lgg --sampling tumour  # slices drawn by tumour area (Buda et al.)
 
 data: download mateuszbuda/lgg-mri-segmentation from Kaggle and unzip it; --data is the folder holding kaggle_3m/
@@ -86,6 +88,15 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _fold(text: str) -> int | str:
+    if text == ALL_FOLDS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number or '{ALL_FOLDS}', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -129,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", choices=["bce_dice", "focal_tversky"], help=f"seg loss (default {d.train.loss})")
     a("--class-weight", type=float, metavar="W", help="cls: weight on tumour slices in the BCE (default unweighted)")
     a("--patience", type=int, metavar="N",
-      help=f"early stopping: epochs without a better validation metric (default {d.train.patience})")
+      help=f"early stopping: epochs without a better validation metric; none with --fold all (default "
+           f"{d.train.patience})")
     a("--phase2-epochs", type=int, metavar="N",
       help=f"cls: epochs with the last stage unfrozen; 0 skips (default {d.train.phase2_epochs})")
     a("--phase2-lr-factor", type=float, metavar="F",
@@ -165,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--samples-per-epoch", type=int, metavar="N",
       help="--sampling tumour: slices drawn per epoch (default 0 = twice the number of training tumour slices)")
     a = p.add_argument_group("cross-validation").add_argument
-    a("--fold", type=int, metavar="K",
+    a("--fold", type=_fold, metavar="K|all",
       help="train fold K (0-based) of --folds patient-level folds stratified by tumour share: fold K's patients are "
-      "the validation set, all others train (excludes --split); python -m flaxtumor.crossval runs every fold")
+      "the validation set, all others train (excludes --split); python -m flaxtumor.crossval runs every fold. "
+      "'all' (nnU-Net's all fold): every patient trains and none validates, so there is no early stopping and no "
+      "best epoch: the run trains exactly --epochs epochs and exports the last; take --epochs from the "
+      "cross-validation (crossval.json's recommended_epochs)")
     a("--folds", type=int, metavar="N", help=f"number of folds for --fold (default {d.data.folds})")
     a = p.add_argument_group("checkpoints and output").add_argument
     a("--save-every", type=int, metavar="STEPS",
@@ -223,7 +238,7 @@ def _check_fold(config: Config) -> None:
     fold, folds = config.data.fold, config.data.folds
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
-    if fold is not None and not 0 <= fold < folds:
+    if fold is not None and fold != ALL_FOLDS and not 0 <= fold < folds:
         raise ValueError(f"--fold {fold} is outside 0..{folds - 1} (folds are numbered from 0)")
     if fold is not None and config.data.split_file:
         raise ValueError("--fold and --split exclude each other: a fold makes its own split")

@@ -5,7 +5,8 @@ A run is named steps: `set_up` (sharding, data and split, checkpoints/resume, mo
 and finally `export`. `cls` from pretrained weights (ImageNet or in-domain) runs phase 1 (frozen backbone), phase 2
 (last stage unfrozen at a lower LR) and optionally phase 3 (everything, lower still), each with its own early stopping
 and each starting from the best checkpoint so far; the export is the best over all phases. Everything else is one
-phase.
+phase. Which epoch is "best" is the run's `Selection` (flaxtumor/train/selection.py): the best on the validation
+patients, or, with `--fold all` (no validation patients), the last epoch, with no early stopping.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from flaxtumor.config import Config, TrainConfig
+from flaxtumor.config import ALL_FOLDS, Config, TrainConfig
 from flaxtumor.data.io import DataError
 from flaxtumor.data.lgg import (
     Patient, Slice, Split, kfold_splits, load_dataset, load_split, patient_split, save_split, select,
@@ -42,7 +43,8 @@ from flaxtumor.train import sharding
 from flaxtumor.checkpoints import export_inference, init_from
 from flaxtumor.train.checkpoint import TrainCheckpoints
 from flaxtumor.train.losses import LossFn, make_loss
-from flaxtumor.train.validation import SELECTION_METRIC, evaluate, format_metrics, selection_score
+from flaxtumor.train.selection import Selection, make_selection
+from flaxtumor.train.validation import evaluate  # noqa: F401 (loop.evaluate: the tests score exports with it)
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,13 @@ def _slices(patients: Sequence[Patient]) -> list[Slice]:
     return [s for p in patients for s in p.slices]
 
 
-def fold_split(patients: Sequence[Patient], folds: int, fold: int, seed: int) -> Split:
+def fold_split(patients: Sequence[Patient], folds: int, fold: int | str, seed: int) -> Split:
     """Fold `fold` (0-based) of `folds` patient-level folds stratified by tumour share (`kfold_splits`): the fold's
-    patients are the validation set, every other patient trains, and there is no test set."""
-    if not 0 <= fold < folds:
+    patients are the validation set, every other patient trains, and there is no test set. Fold "all" (nnU-Net's):
+    every patient trains, and there is neither a validation nor a test set."""
+    if fold == ALL_FOLDS:
+        return Split(tuple(sorted(p.patient_id for p in patients)), (), (), seed)
+    if not isinstance(fold, int) or not 0 <= fold < folds:
         raise ValueError(f"fold {fold} is outside 0..{folds - 1} of {folds} folds")
     held_out = kfold_splits(patients, folds, seed, val_fraction=0.0)[fold]
     return Split(held_out.train, held_out.test, (), seed)
@@ -246,7 +251,7 @@ class Run:
     dtype: Any
     split: Split
     train_slices: list[Slice]
-    val_patients: list[Patient]
+    selection: Selection  # which epoch is exported: the best on validation, or the last (--fold all)
     steps: int  # per epoch
     checkpoints: TrainCheckpoints
     latest: int | None  # the newest checkpoint step
@@ -279,30 +284,36 @@ class Run:
         return wrt
 
 
-def _set_up_data(cfg: Config, out: Path, batch_size: int, mesh: Mesh) -> tuple[Split, list[Slice], list[Patient], int]:
-    """The split (the saved one when resuming), the training slices, the validation patients and steps per epoch."""
+def _fold_note(cfg: Config) -> str:
+    fold = cfg.data.fold
+    if fold is None:
+        return ""
+    if fold == ALL_FOLDS:
+        return " (--fold all: every patient trains, none validates; the last epoch is exported)"
+    return f" (fold {fold} (0-based) of {cfg.data.folds})"
+
+
+def _set_up_data(cfg: Config, out: Path, batch_size: int, mesh: Mesh) -> tuple[Split, list[Slice], Selection, int]:
+    """The split (the saved one when resuming), the training slices, the selection (with the validation patients)
+    and steps per epoch."""
     patients = load_dataset(cfg.data)
     split = choose_split(cfg, patients, out / "split.json")
     train_slices = _slices(select(patients, split.train))
-    val_patients = select(patients, split.val)
+    selection = make_selection(cfg, select(patients, split.val))
     steps = steps_per_epoch(epoch_length(train_slices, cfg.data), batch_size)
-    if steps == 0 or not val_patients:
-        raise DataError(
-            cfg.data.root,
-            f"{len(train_slices)} training slices and {len(val_patients)} validation patients are too "
-            f"few for batch size {batch_size}"
-        )
+    if steps == 0:
+        raise DataError(cfg.data.root, f"{len(train_slices)} training slices are too few for batch size {batch_size}")
     # Multi-host: each process loads only its block of rows of every global batch (the pipeline's sharding).
     _, shard_count = sharding.process_shard(mesh, batch_size)
     if jax.process_index() == 0:
         print(
             f"data: {len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test patients"
-            + (f" (fold {cfg.data.fold} (0-based) of {cfg.data.folds})" if cfg.data.fold is not None else "")
+            + _fold_note(cfg)
             + f", {len(train_slices)} training slices, {steps} steps of {batch_size} per epoch"
             + (f" (tumour sampling, u={cfg.data.sampling_uniform_share:g})" if cfg.data.sampling == "tumour" else "")
             + (f" ({batch_size // shard_count} rows loaded per process)" if shard_count > 1 else "")
         )
-    return split, train_slices, val_patients, steps
+    return split, train_slices, selection, steps
 
 
 def _build_model(cfg: Config, mesh: Mesh, split: Split) -> tuple[nnx.Module, dict[str, Any] | None]:
@@ -336,9 +347,9 @@ def set_up(cfg: Config) -> Run:
     if leader:
         print(sharding.describe(mesh))
     batch_size = sharding.fit_batch_size(tcfg.batch_size, mesh)
-    split, train_slices, val_patients, steps = _set_up_data(cfg, out, batch_size, mesh)
+    split, train_slices, selection, steps = _set_up_data(cfg, out, batch_size, mesh)
 
-    checkpoints = TrainCheckpoints(out / "orbax", SELECTION_METRIC[tcfg.task])
+    checkpoints = TrainCheckpoints(out / "orbax", selection.metric)  # its "best" step is the selection's epoch
     latest = checkpoints.latest_step()
     if latest is not None and not tcfg.resume:
         raise RunExists(
@@ -354,7 +365,7 @@ def set_up(cfg: Config) -> Run:
     dtype = compute_dtype(tcfg.precision)
     model, backbone = _build_model(cfg, mesh, split)
     return Run(
-        cfg, out, mesh, batch_size, dtype, split, train_slices, val_patients, steps, checkpoints, latest, progress,
+        cfg, out, mesh, batch_size, dtype, split, train_slices, selection, steps, checkpoints, latest, progress,
         model, make_loss(tcfg), make_eval_step(dtype), plan_phases(tcfg), backbone,
     )
 
@@ -446,18 +457,18 @@ class EpochEnd:
     """The bookkeeping of one finished epoch (see `end_of_epoch`)."""
 
     progress: Progress  # history appended; counters at the next epoch, or at the next phase's start when phase_over
-    score: float  # the selection metric (nan ranked as worst)
+    score: float | None  # the selection metric (nan ranked as worst); None when the run does not validate
     improved: bool
     stop: bool  # early stop: `patience` epochs in a row without a better score
     phase_over: bool  # early stop or the phase's last epoch
 
 
 def end_of_epoch(
-    progress: Progress, val: dict[str, float], task: str, phase: Phase, phase_index: int, steps: int, patience: int
+    progress: Progress, val: dict[str, float], selection: Selection, phase: Phase, phase_index: int, steps: int
 ) -> EpochEnd:
-    """Pure: the progress after an epoch of `steps` steps that scored `val` (the input is left as it was)."""
-    score = selection_score(val, task)
-    improved = score > progress.best
+    """Pure: the progress after an epoch of `steps` steps that scored `val` ({} when the run does not validate), as
+    `selection` judges it (the input is left as it was)."""
+    judged = selection.judge(val, progress.best, progress.bad_epochs)
     entry = {
         "phase": phase.number, "epoch": progress.epoch + 1, "global_epoch": progress.data_epoch + 1,
         "step": progress.global_step, "train_loss": progress.loss_sum / steps,
@@ -466,40 +477,39 @@ def end_of_epoch(
     after = dataclasses.replace(
         progress,
         history=[*progress.history, entry],
-        best=score if improved else progress.best,
-        bad_epochs=0 if improved else progress.bad_epochs + 1,
+        best=judged.best,
+        bad_epochs=judged.bad_epochs,
         epoch=progress.epoch + 1,
         data_epoch=progress.data_epoch + 1,
         step_in_epoch=0,
         loss_sum=0.0,
     )
-    stop = after.bad_epochs >= patience
-    phase_over = stop or after.epoch == phase.epochs
+    phase_over = judged.stop or after.epoch == phase.epochs
     if phase_over:  # the checkpoint records the next phase's start
         after = dataclasses.replace(after, phase_index=phase_index + 1, epoch=0, best=-math.inf, bad_epochs=0)
-    return EpochEnd(after, score, improved, stop, phase_over)
+    return EpochEnd(after, judged.score, judged.improved, judged.stop, phase_over)
 
 
 def _finish_epoch(run: Run, phase: Phase, index: int, optimizer: nnx.Optimizer) -> bool:
-    """Validates, does the bookkeeping, checkpoints and logs; True when the phase is over."""
+    """Validates (if the run does), does the bookkeeping, checkpoints and logs; True when the phase is over."""
     tcfg = run.cfg.train
     run.model.eval()
-    val = evaluate(run.model, run.eval_step, run.val_patients, run.cfg, run.batch_size, run.mesh)
+    val = run.selection.validate(run.model, run.eval_step, run.cfg, run.batch_size, run.mesh)
     run.train_mode(phase)
-    done = end_of_epoch(run.progress, val, tcfg.task, phase, index, run.steps, tcfg.patience)
+    done = end_of_epoch(run.progress, val, run.selection, phase, index, run.steps)
     label = f"phase {phase.number} " if run.pretrained else ""
-    epoch = done.progress.history[-1]["epoch"]
-    run.say(f"{label}epoch {epoch}/{phase.epochs} val {format_metrics(val)}{' *' if done.improved else ''}")
+    entry = done.progress.history[-1]
+    run.say(f"{label}epoch {entry['epoch']}/{phase.epochs} {run.selection.epoch_line(entry, done.improved)}")
     run.progress = done.progress
     run.checkpoints.save(
         run.progress.global_step, run.model, optimizer, {"progress": run.progress.to_dict()},
-        metrics={**val, run.checkpoints.metric: done.score},
+        metrics=run.selection.checkpoint_metrics(entry, done.score),
     )
     run.latest = run.progress.global_step
     if run.leader:
         _write_logs(run.out, run.progress.history, tcfg.plot)
     if done.stop:
-        run.say(f"{label}early stop: no better {SELECTION_METRIC[tcfg.task]} for {tcfg.patience} epochs")
+        run.say(f"{label}early stop: no better {run.selection.metric} for {tcfg.patience} epochs")
     return done.phase_over
 
 
@@ -511,8 +521,8 @@ def run_phase(run: Run, index: int, phase: Phase) -> None:
     nnx.update(optimizer, sharding.replicate(nnx.state(optimizer), run.mesh))
     if run.progress.epoch or run.progress.step_in_epoch:  # resuming inside this phase
         run.checkpoints.restore(run.latest, run.model, optimizer)
-    elif index > 0:
-        run.checkpoints.restore(run.checkpoints.best_step(), run.model)  # each phase fine-tunes the best model so far
+    elif index > 0:  # each phase fine-tunes the selection's model so far: the best, or (--fold all) the last
+        run.checkpoints.restore(run.checkpoints.best_step(), run.model)
     train_step = make_train_step(run.loss_fn, wrt, run.dtype)
     if run.pretrained:
         what = {1: "backbone frozen", 2: "last stage unfrozen", 3: "whole backbone unfrozen"}[phase.number]
@@ -524,13 +534,14 @@ def run_phase(run: Run, index: int, phase: Phase) -> None:
 
 
 def export(run: Run) -> dict[str, Any]:
-    """Restores the best checkpoint, writes the inference checkpoint with its metadata, and returns the summary."""
+    """Restores the selection's epoch (the best, or the last), writes the inference checkpoint with its metadata, and
+    returns the summary."""
     cfg, tcfg, checkpoints, history = run.cfg, run.cfg.train, run.checkpoints, run.progress.history
     checkpoints.manager.wait_until_finished()
-    best_step = checkpoints.best_step()
-    checkpoints.restore(best_step, run.model)
+    step = checkpoints.best_step()  # ranked by the selection's metric (see flaxtumor/train/selection.py)
+    checkpoints.restore(step, run.model)
     run.model.eval()
-    best = next(h for h in history if h["step"] == best_step)
+    entry = next(h for h in history if h["step"] == step)
     trained = _trained_patients(run)
     metadata = {
         "config": cfg.to_dict(),
@@ -544,46 +555,37 @@ def export(run: Run) -> dict[str, Any]:
         "init_from": tcfg.init_from,
         "split": run.split.to_dict(),
         "trained_patients": trained,
-        "metrics": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
-        "best": {"phase": best["phase"], "epoch": best["epoch"], "step": best_step},
+        **run.selection.record(entry, step, len(trained)),  # "metrics", and "best" (or "exported" for the last epoch)
         "history": history,
         "versions": _versions(),
     }
     export_dir = Path(tcfg.export_dir or run.out) / EXPORT_NAME[tcfg.task]
     export_inference(export_dir, run.model, metadata, bf16=tcfg.save_bf16)
     checkpoints.close()
-    metric = SELECTION_METRIC[tcfg.task]
     summary = {
-        "best_phase": best["phase"],
-        "best_epoch": best["epoch"],
-        "best_step": best_step,
-        "metric": metric,
-        "best_metric": best[f"val_{metric}"],
+        **run.selection.summary(entry, step),
         "checkpoint": str(export_dir),
-        "train_checkpoint": str(checkpoints.path(best_step)),
+        "train_checkpoint": str(checkpoints.path(step)),
         "run_dir": str(run.out),
         "history": history,
         "trained_patients": trained,
     }
-    which = f"phase {best['phase']} " if run.pretrained else ""
-    run.say(
-        f"best: {which}epoch {best['epoch']} (step {best_step}) {metric}={summary['best_metric']:.4f}; "
-        f"inference checkpoint: {export_dir}; run folder: {run.out}"
-    )
+    label = f"phase {entry['phase']} " if run.pretrained else ""
+    run.say(f"{run.selection.describe(entry, step, label)}; inference checkpoint: {export_dir}; run folder: {run.out}")
     return summary
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Trains as `cfg` says (resuming exactly where a checkpoint left off) and exports the best model."""
+    """Trains as `cfg` says (resuming exactly where a checkpoint left off) and exports the chosen epoch's model."""
     state = set_up(cfg)
     if state.progress.phase_index >= len(state.phases):
-        state.say("this run had already finished (resume does not add epochs); exporting its best checkpoint again")
+        state.say("this run had already finished (resume does not add epochs); exporting its chosen checkpoint again")
     for index, phase in enumerate(state.phases):
         if index < state.progress.phase_index:
             continue
         if index == state.progress.phase_index and state.progress.epoch >= phase.epochs:
             # Resumed with fewer epochs than it has done (to stop a long run now): the phase is over, and so is an
-            # unfinished epoch; the best checkpoint so far is what continues or is exported.
+            # unfinished epoch; the chosen checkpoint so far (best or last epoch end) is what continues or is exported.
             state.say(f"{state.progress.epoch} epochs done ≥ the {phase.epochs} asked for: phase {phase.number} over")
             state.progress = dataclasses.replace(state.progress, phase_index=index + 1, epoch=0, step_in_epoch=0,
                                                  loss_sum=0.0, best=-math.inf, bad_epochs=0)

@@ -1,4 +1,5 @@
-"""The end-of-epoch bookkeeping (`loop.end_of_epoch`) is pure: history, best score, early stopping, phase changes."""
+"""The end-of-epoch bookkeeping (`loop.end_of_epoch`) is pure: history, best score, early stopping, phase changes, as
+the run's selection judges them (the best on validation, or, with --fold all, the last epoch)."""
 
 import copy
 import math
@@ -7,12 +8,13 @@ import pytest
 
 from flaxtumor.config import TrainConfig
 from flaxtumor.train.loop import Phase, Progress, end_of_epoch, plan_phases
+from flaxtumor.train.selection import BestOnValidation, LastEpoch
 
 PHASE = Phase(number=1, epochs=3, lr=1e-3)
 
 
 def _end(progress, dice, **kw):
-    args = dict(task="seg", phase=PHASE, phase_index=0, steps=4, patience=2) | kw
+    args = dict(selection=BestOnValidation([], "seg", patience=2), phase=PHASE, phase_index=0, steps=4) | kw
     return end_of_epoch(progress, {"volumetric_dice": dice, "dice": 0.5}, **args)
 
 
@@ -48,9 +50,21 @@ def test_the_last_epoch_ends_the_phase_without_an_early_stop():
 
 
 def test_nan_metric_ranks_worst():
-    done = end_of_epoch(Progress(), {"auc": float("nan")}, "cls", PHASE, 0, 4, 2)
+    done = end_of_epoch(Progress(), {"auc": float("nan")}, BestOnValidation([], "cls", 2), PHASE, 0, 4)
     assert done.score == -1.0 and done.improved  # better than nothing yet, worse than any real score
     assert not _end(Progress(best=0.0), float("nan")).improved
+
+
+def test_without_validation_nothing_stops_early_and_the_phase_ends_at_its_last_epoch():
+    progress = Progress(loss_sum=2.0)
+    for epoch in range(1, PHASE.epochs + 1):
+        done = end_of_epoch(progress, {}, LastEpoch(), PHASE, 0, 4)
+        assert done.score is None and not done.improved and not done.stop  # however long it has gone "unimproved"
+        assert done.phase_over == (epoch == PHASE.epochs)
+        progress = done.progress
+    assert [h["epoch"] for h in progress.history] == [1, 2, 3]
+    assert not any(k.startswith("val_") for h in progress.history for k in h)  # no pretend validation metrics
+    assert (progress.phase_index, progress.bad_epochs) == (1, 0)
 
 
 @pytest.mark.parametrize(("task", "weights", "phase2", "expected"), [

@@ -86,3 +86,10 @@ def test_fold_and_sampling_flags_set_the_config(capsys):
                          "exclude each other"), (["--folds", "1"], "at least 2")):
         assert main(["--task", "seg", "--data", "synthetic", *bad]) == 2
         assert message in capsys.readouterr().err
+    assert make_config(build_parser().parse_args(["--task", "seg", "--data", "synthetic", "--fold", "all"])).data.fold \
+        == "all"  # nnU-Net's all fold: every patient trains (tests/train/test_selection.py)
+    assert main(["--task", "seg", "--data", "synthetic", "--fold", "all", "--split", "s.json"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--task", "seg", "--data", "synthetic", "--fold", "every"])
+    assert "a fold number or 'all'" in capsys.readouterr().err
