@@ -1,13 +1,14 @@
 """`python -m flaxtumor.tune --data PATH [--checkpoints DIR]`: choose the pipeline's operating point on the
-validation patients recorded in the checkpoints, and write it to DIR/pipeline.json.
+validation patients recorded in the checkpoints (or on `--patients`), and write it to DIR/pipeline.json.
 
 What is chosen: the classifier threshold, the fused gate's minimum segmented area (0 = classifier alone), the
 post-processing rule (among `SAFE_POSTPROCESS_RULES`: never the largest component, which can erase a real tumour),
-and flip test-time augmentation. The criterion is the headline metric,
-mean per-patient volumetric Dice of the whole pipeline. Only validation patients are ever read: never test patients,
-and never the patients that will judge the shipped models. The file also records an ablation (what each choice bought
-on validation), so the model card can report it. Numbers chosen and reported on the same patients are optimistic;
-the model card says so.
+and flip test-time augmentation. The criterion is the headline metric, mean per-patient volumetric Dice of the whole
+pipeline; points whose Dice ties (equal to 4 decimals) are told apart by the slice calls' Youden's J (sensitivity +
+specificity - 1), then by simplicity (no TTA, then no post-processing, then no fused gate). Only validation patients
+are ever read: never test patients, never a patient either model trained on, and never the patients that will judge
+the shipped models. The file also records an ablation (what each choice bought on validation), so the model card can
+report it. Numbers chosen and reported on the same patients are optimistic; the model card says so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,9 +32,9 @@ from flaxtumor.operating_point import (
     OPERATING_POINT_FILE, SAFE_POSTPROCESS_RULES, OperatingPoint, gate_and_postprocess, write_operating_point,
 )
 
-# The chosen 0.05 is this grid's lower edge. Below it per-patient Dice is flat on the shipped models (0.8443 at 0.01 too)
-# while specificity falls (0.81 → 0.68), and ties go to sensitivity, so a wider grid would pick 0.01 for no Dice gain;
-# the model card says so. Threshold 0 (no classifier gate) is the "segmenter alone" ablation row.
+# Ties in Dice used to go to sensitivity, which pushed the shipped threshold to this grid's lower edge (0.05, slice-call
+# specificity 0.74; the model card says so); Youden's J weighs both kinds of slice-call error instead.
+# Threshold 0 (no classifier gate) is the "segmenter alone" ablation row.
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 CLASSIFIER_OFF = float("inf")  # a threshold no probability reaches: slice calls come from the segmenter's area alone
 MIN_AREAS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)  # fraction of the slice; 0.001 ≈ 65 px at 256²
@@ -78,13 +80,23 @@ def raw_outputs(pipeline: Pipeline, patients: Sequence[Patient]) -> dict[bool, l
     return {tta: _raw_outputs(pipeline, volumes, tta) for tta in (False, True)}
 
 
-def tune(pipeline: Pipeline, patients: Sequence[Patient], thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+VAL_PATIENTS = "val patients recorded in the segmenter checkpoint"
+
+
+def tune(pipeline: Pipeline, patients: Sequence[Patient], thresholds: Sequence[float] = THRESHOLDS,
+         source: str = VAL_PATIENTS) -> dict[str, Any]:
     return choose(raw_outputs(pipeline, patients), pipeline.point.mask_threshold, [p.patient_id for p in patients],
-                  thresholds)
+                  thresholds, source)
+
+
+def youden_j(scores: dict[str, float]) -> float:
+    """Sensitivity + specificity - 1 of the slice calls; -inf when either is undefined (one class only)."""
+    j = scores["detection_sensitivity"] + scores["detection_specificity"] - 1.0
+    return -math.inf if math.isnan(j) else j
 
 
 def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float, patient_ids: Sequence[str],
-           thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+           thresholds: Sequence[float] = THRESHOLDS, source: str = VAL_PATIENTS) -> dict[str, Any]:
     """The operating point (best per-patient Dice over the grid), its validation scores and the ablation."""
     def point_of(p: dict[str, Any], gate: bool = True) -> OperatingPoint:
         return OperatingPoint(threshold=p["threshold"], min_tumour_area=p["min_tumour_area"],
@@ -94,12 +106,13 @@ def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float
     for tta, threshold, area, rule in itertools.product((False, True), thresholds, MIN_AREAS, SAFE_POSTPROCESS_RULES):
         p = {"tta": tta, "threshold": threshold, "min_tumour_area": area, "postprocess": rule}
         grid.append((p, score(raws[tta], point_of(p))))
-    # Best mean per-patient Dice; ties go to the simpler setting (no TTA, no post-processing, no fusion), then to
-    # sensitivity.
+    # Best mean per-patient Dice (a tie: equal to 4 decimals); ties go to the better slice calls by Youden's J, so
+    # neither sensitivity nor specificity is bought with the other for no Dice, then to the simpler setting (no TTA,
+    # no post-processing, no fusion).
     def key(item):
         point, s = item
-        return (round(s["per_patient_dice_mean"], 4), -point["tta"], -(point["postprocess"] != "none"),
-                -(point["min_tumour_area"] > 0), s["detection_sensitivity"])
+        return (round(s["per_patient_dice_mean"], 4), youden_j(s), -point["tta"], -(point["postprocess"] != "none"),
+                -(point["min_tumour_area"] > 0))
     best, best_scores = max(grid, key=key)
 
     def row(name: str, point: dict[str, Any], gate: bool = True) -> dict[str, Any]:
@@ -128,8 +141,10 @@ def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float
         **best, "gate": True, "mask_threshold": mask_threshold,
         "tuned_on": {
             "patients": list(patient_ids),
-            "split": "val patients recorded in the segmenter checkpoint",
-            "criterion": "mean per-patient volumetric Dice of the whole pipeline (empty-vs-empty patients excluded)",
+            "split": source,
+            "criterion": "mean per-patient volumetric Dice of the whole pipeline (empty-vs-empty patients excluded); "
+                         "ties (equal to 4 decimals) to the higher Youden's J of the slice calls, then to the simpler "
+                         "setting",
             "grid": {"threshold": list(thresholds), "min_tumour_area": list(MIN_AREAS),
                      "postprocess": list(SAFE_POSTPROCESS_RULES), "tta": [False, True]},
             "note": "chosen and scored on the same validation patients: optimistic for unseen patients",
@@ -139,11 +154,34 @@ def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float
     }
 
 
+def tuning_patients(checkpoints: Path, pipeline: Pipeline, given: Sequence[str] | None) -> tuple[list[str], str]:
+    """(patient ids, where they come from): `given` (--patients), none of which either model trained on, else the
+    segmenter's recorded validation patients. A checkpoint with none (e.g. `train.py --fold all`) is an error."""
+    if given:
+        trained = set()
+        for meta in pipeline.metadata.values():  # the leakage guard's record, else the split's training patients
+            trained |= set(meta.get("trained_patients") or (meta.split or {}).get("train") or [])
+        if seen := sorted(set(given) & trained):
+            raise ValueError(f"--patients: {len(seen)} of them trained the checkpoints in {checkpoints} (e.g. "
+                             f"{seen[0]}); tune on patients neither model trained on")
+        return list(dict.fromkeys(given)), "--patients (given on the command line)"
+    val = list((pipeline.metadata["segmenter"].split or {}).get("val") or [])
+    if not val:
+        raise ValueError(
+            f"{checkpoints / 'segmenter'}: its metadata records no validation patients (it trained on every patient, "
+            "e.g. train.py --fold all): pass --patients ID ... (patients neither model trained on), or use the "
+            "operating point cross-validation chose (OUT/pipeline.json of python -m flaxtumor.crossval)")
+    return val, VAL_PATIENTS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flaxtumor.tune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="kaggle_3m folder (or its parent), or 'synthetic'")
     ap.add_argument("--checkpoints", default="checkpoints", type=Path, help="folder with classifier/ and segmenter/")
     ap.add_argument("--out", type=Path, default=None, help=f"where to write (default: CHECKPOINTS/{OPERATING_POINT_FILE})")
+    ap.add_argument("--patients", nargs="+", metavar="ID",
+                    help="tune on these patients (none either model trained on) instead of the segmenter's recorded "
+                         "validation patients; needed for a model trained on every patient (train.py --fold all)")
     ap.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS), metavar="T",
                     help="the classifier thresholds to search (default: 0.05, 0.10, ..., 0.95)")
     args = ap.parse_args(argv)
@@ -157,22 +195,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Raw outputs depend only on the mask threshold and TTA (set per call); the rest is searched, so a previous
         # pipeline.json's threshold, area and post-processing play no part.
         pipeline = Pipeline.from_checkpoints(args.checkpoints)
-        seg_meta = pipeline.metadata["segmenter"]
-        val = (seg_meta.split or {}).get("val") or []
-        if not val:
-            raise ValueError(f"{args.checkpoints}/segmenter: its metadata records no validation patients")
-        data_cfg = dataclasses.replace(seg_meta.config.data, root=str(args.data), split_file=None)
-        patients = select(load_dataset(data_cfg), val)
+        ids, source = tuning_patients(args.checkpoints, pipeline, args.patients)
+        data_cfg = dataclasses.replace(pipeline.metadata["segmenter"].config.data, root=str(args.data), split_file=None)
+        patients = select(load_dataset(data_cfg), ids)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    point = tune(pipeline, patients, sorted(set(args.thresholds)))
+    point = tune(pipeline, patients, sorted(set(args.thresholds)), source)
     out = args.out or args.checkpoints / OPERATING_POINT_FILE
     chosen = OperatingPoint.from_dict(point)
     fields = set(chosen.to_dict()) | {"lcc", "postprocess"}  # the point itself, however to_dict spells the rule
     write_operating_point(out, chosen, **{k: v for k, v in point.items() if k not in fields})
     v = point["validation"]
-    print(f"chosen on {len(patients)} validation patients: threshold {point['threshold']}, min_tumour_area "
+    print(f"chosen on {len(patients)} patients ({source}): threshold {point['threshold']}, min_tumour_area "
           f"{point['min_tumour_area']}, post-processing {point['postprocess']}, tta {point['tta']} → per-patient Dice mean "
           f"{v['per_patient_dice_mean']:.4f} → {out}")
     for r in point["ablation"]:

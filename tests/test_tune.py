@@ -60,7 +60,20 @@ def test_cli_refuses_checkpoints_without_validation_patients(tiny, tmp_path, cap
     meta["split"]["val"] = []
     meta_file.write_text(json.dumps(meta))
     assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints)]) == 2
-    assert "no validation patients" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(checkpoints / "segmenter") in err  # one line, naming the checkpoint
+    assert "no validation patients" in err and "--patients" in err
+
+
+def test_cli_tunes_on_given_patients_but_never_on_trained_ones(tiny, tmp_path, capsys):  # noqa: F811
+    trained = json.loads((tiny.checkpoints / "segmenter" / "metadata.json").read_text())["split"]["train"]
+    out = tmp_path / "pipeline.json"
+    base = ["--data", str(tiny.data), "--checkpoints", str(tiny.checkpoints), "--out", str(out), "--thresholds", "0.5"]
+    assert main(base + ["--patients", tiny.val[0]]) == 0
+    tuned_on = json.loads(out.read_text())["tuned_on"]
+    assert tuned_on["patients"] == [tiny.val[0]] and "--patients" in tuned_on["split"]
+    assert main(base + ["--patients", tiny.val[0], trained[0]]) == 2
+    assert "trained the checkpoints" in capsys.readouterr().err
 
 
 def test_ablation_shows_the_segmenter_alone_the_rules_and_the_classifier_off():
@@ -84,6 +97,24 @@ def test_ablation_shows_the_segmenter_alone_the_rules_and_the_classifier_off():
     legacy = rows["chosen, with the largest component instead"]
     assert legacy["postprocess"] == "largest_component" and legacy["per_patient_dice_mean"] == 1.0
     assert json.loads(json.dumps(jsonable(point)))["ablation"][-1]["threshold"] is None  # strict JSON: off = null
+
+
+def test_dice_ties_go_to_youden_j_not_to_sensitivity():
+    truth = np.zeros((4, 64, 64), bool)
+    truth[:2, 10:26, 10:26] = True  # tumour on slices 0 and 1
+    masks = np.zeros_like(truth)
+    masks[0] = truth[0]  # the segmenter outlines it on slice 0 only, so gating slice 1 changes no Dice
+    # the classifier is sure of slice 0 and lukewarm (0.3) on the other tumour slice and on both empty slices
+    raw = [_patient([0.9, 0.3, 0.3, 0.3], masks, truth)]
+    low, high = (score(raw, OperatingPoint(threshold=t)) for t in (0.2, 0.5))
+    assert low["per_patient_dice_mean"] == high["per_patient_dice_mean"]  # a Dice tie
+    assert (low["detection_sensitivity"], low["detection_specificity"]) == (1.0, 0.0)  # what sensitivity chose: J 0
+    assert (high["detection_sensitivity"], high["detection_specificity"]) == (0.5, 1.0)  # J 0.5
+    point = choose({False: raw, True: raw}, 0.5, ["p"], thresholds=(0.2, 0.5))
+    assert point["threshold"] == 0.5 and point["validation"]["detection_specificity"] == 1.0
+    # then the simpler setting: the fused gate adds no call here, and no rule changes the Dice
+    assert (point["min_tumour_area"], point["postprocess"], point["tta"]) == (0.0, "none", False)
+    assert "Youden" in point["tuned_on"]["criterion"]
 
 
 def test_the_grid_never_offers_the_largest_component():
