@@ -5,7 +5,12 @@ stratified by tumour share) are its validation set and every other patient train
 the one fold model that never trained on it, and the results go to
 - OUT/oof/<patient_id>.npz: the probability volume (seg: (D, S, S) float16 at the model's input size S; cls: (D,)),
   the slice numbers and the fold;
-- OUT/crossval.json: per-patient scores and the headline metrics with bootstrap 95% intervals over patients.
+- OUT/crossval.json: per-patient scores and the headline metrics with bootstrap 95% intervals over patients; for seg
+  the post-processing chosen on the out-of-fold predictions (`postprocessing`); and `recommended_epochs`, the median
+  over folds of each fold's best epoch, for the model trained on every patient (`train.py --fold all`), whose command
+  is printed at the end;
+- OUT/pipeline.json (seg): the chosen post-processing as the pipeline's operating point, in the format
+  `flaxtumor.operating_point.read_operating_point` reads, with its provenance (`tuned_on`).
 
 Note: each fold also picks its best epoch (and stops early) on its held-out patients, so out-of-fold scores carry that
 small selection optimism (as nnU-Net's do).
@@ -17,6 +22,8 @@ latest checkpoint, and the out-of-fold step is redone. Single process: train fol
 from __future__ import annotations
 
 import json
+import math
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +36,7 @@ from flaxtumor.config import Config
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Patient, load_split
 from flaxtumor.data.preprocess import preprocess, resize_mask
-from flaxtumor.operating_point import gate_and_postprocess
+from flaxtumor.operating_point import OPERATING_POINT_FILE, gate_and_postprocess, write_operating_point
 
 CV_FILE = "crossval.json"
 OOF_DIR = "oof"
@@ -180,22 +187,24 @@ def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], thresh
     }
 
 
-def postprocessing_candidates() -> list[Any]:
+def postprocessing_candidates(mask_threshold: float = 0.5) -> list[Any]:
     """The operating points cross-validation chooses among, without the classifier (no out-of-fold classifier
     probabilities exist, and fewer knobs overfit less): the segmenter alone, or slice calls from its area alone (the
-    fused gate's areas), each with every safe post-processing rule."""
+    fused gate's areas), each with every safe post-processing rule. The classifier is off (threshold inf: it flags no
+    slice), so `gate_and_postprocess` gives the same masks and calls whatever a pipeline's classifier says."""
     from flaxtumor.operating_point import SAFE_POSTPROCESS_RULES, OperatingPoint
     from flaxtumor.tune import CLASSIFIER_OFF, MIN_AREAS
 
-    return [OperatingPoint(threshold=CLASSIFIER_OFF, min_tumour_area=area, postprocess=rule, gate=area > 0)
+    return [OperatingPoint(threshold=CLASSIFIER_OFF, min_tumour_area=area, mask_threshold=mask_threshold,
+                           postprocess=rule, gate=area > 0)
             for area in MIN_AREAS for rule in SAFE_POSTPROCESS_RULES]
 
 
 def choose_postprocessing(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float) -> dict:
     """nnU-Net's way: every candidate scored on the out-of-fold predictions; the best mean per-patient Dice wins, ties
     going to the simpler point (no gate, then no rule). Returns the candidates' scores and the chosen point."""
-    rows = []
-    for point in postprocessing_candidates():
+    rows, candidates = [], postprocessing_candidates(threshold)
+    for point in candidates:
         per_patient = {}
         for r in results:
             preds, truth = _oof_masks(r, patients[r.patient_id], threshold)
@@ -206,7 +215,61 @@ def choose_postprocessing(results: Sequence[OutOfFold], patients: dict[str, Pati
                      "mean": summary["mean"], "median": summary["median"], "worst": summary["min"]})
     best = max(range(len(rows)), key=lambda i: (round(rows[i]["mean"], 4), -rows[i]["gate"],
                                                   -(rows[i]["postprocess"] != "none")))
-    return {"candidates": rows, "chosen": rows[best], "point": postprocessing_candidates()[best]}
+    return {"candidates": rows, "chosen": rows[best], "point": candidates[best]}
+
+
+def write_pipeline(out: Path, choice: dict, scores: dict, folds: int) -> Path:
+    """OUT/pipeline.json: the chosen candidate as the pipeline's operating point, with how it was chosen."""
+    patients = sorted(scores["per_patient_dice"])
+    v = scores["volumetric_dice"]
+    tuned_on = {
+        "patients": patients,
+        "split": f"out-of-fold predictions of {folds}-fold cross-validation over {len(patients)} patients: each "
+                 f"patient predicted once, by the fold model that did not train on it ({CV_FILE})",
+        "criterion": "mean per-patient volumetric Dice (empty-vs-empty patients excluded); ties (equal to 4 decimals) "
+                     "to the simpler point: no area gate, then no post-processing",
+        "candidates": [{k: c[k] for k in ("min_tumour_area", "gate", "postprocess")} for c in choice["candidates"]],
+        "classifier": "not searched: no out-of-fold classifier probabilities exist, so the classifier is off "
+                      "(threshold null: it flags no slice); slices are called by the segmenter's area alone (gate on) "
+                      "or every mask is kept (gate off: the segmenter alone)",
+        "scores": {"volumetric_dice": v, "tumour_slice_dice": scores["tumour_slice_dice"]},
+        "note": "chosen and scored on the same out-of-fold predictions: slightly optimistic (as nnU-Net's choice of "
+                "post-processing); each fold also chose its best epoch on its held-out patients",
+    }
+    validation = {"per_patient_dice_mean": v["mean"], "per_patient_dice_median": v["median"],
+                  "per_patient_dice_min": v["worst"], "tumour_slice_dice": scores["tumour_slice_dice"]["value"]}
+    return write_operating_point(Path(out) / OPERATING_POINT_FILE, choice["point"], tuned_on=tuned_on,
+                                 validation=validation)
+
+
+def recommended_epochs(out: Path, folds: int, task: str) -> dict[str, Any]:
+    """The epochs for the model trained on every patient: the median over folds of each fold's best epoch (its
+    export's `best`, chosen on its held-out patients), rounded half up. None for multi-phase runs (cls from pretrained
+    weights), whose best epoch does not map onto one --epochs."""
+    per_fold = []
+    for fold in range(folds):
+        meta = json.loads((export_path(out, fold, task) / "metadata.json").read_text())
+        best = meta["best"]
+        per_fold.append({"fold": fold, "phase": best["phase"], "best_epoch": best["epoch"],
+                         "epochs_trained": len(meta.get("history") or [])})
+    epochs = [f["best_epoch"] for f in per_fold]
+    single_phase = all(f["phase"] == 0 for f in per_fold)
+    return {
+        "epochs": int(math.floor(float(np.median(epochs)) + 0.5)) if single_phase else None,
+        "rule": "median over folds of each fold's best epoch (chosen on its held-out patients), rounded half up"
+                + ("" if single_phase else "; not given for multi-phase runs: set each phase's epochs from per_fold"),
+        "per_fold": per_fold,
+        "note": "--epochs also sets the length of the learning-rate schedule, so the all-patient run anneals over "
+                "these epochs, not the folds' own; an epoch is the same number of steps only with a fixed "
+                "--samples-per-epoch (tumour sampling), otherwise it grows with the number of training patients",
+    }
+
+
+def all_fold_command(out: Path, epochs: int) -> str:
+    """The train.py command for the model trained on every patient with this cross-validation's own recipe."""
+    out = Path(out)
+    return shlex.join(["python", "train.py", "--config", str(out / "config.json"), "--fold", "all",
+                       "--epochs", str(epochs), "--out", str(out / "fold_all")])
 
 
 def score_cls(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, seed: int = 0) -> dict:
@@ -247,12 +310,14 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> 
     chosen = {}
     if base.train.task == "seg":
         choice = choose_postprocessing(results, patients, threshold)
+        scored = score_seg(results, patients, threshold, point=choice["point"])
         chosen = {"postprocessing": {
             "protocol": "chosen on these out-of-fold predictions among the candidates below (best mean per-patient "
-            "Dice); scored on the same predictions, so slightly optimistic (as nnU-Net's)",
-            "chosen": choice["chosen"], "candidates": choice["candidates"],
-            **score_seg(results, patients, threshold, point=choice["point"]),
+            f"Dice); scored on the same predictions, so slightly optimistic (as nnU-Net's); as an operating point in "
+            f"{OPERATING_POINT_FILE}",
+            "chosen": choice["chosen"], "candidates": choice["candidates"], **scored,
         }}
+        write_pipeline(out, choice, scored, base.data.folds)
     report = {
         "task": base.train.task,
         "folds": base.data.folds,
@@ -264,6 +329,7 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> 
         "bootstrap over patients (2000 resamples); empty-vs-empty patients and slices are not scored",
         **score(results, patients, threshold),
         **chosen,
+        "recommended_epochs": recommended_epochs(out, base.data.folds, base.train.task),
     }
     (Path(out) / CV_FILE).write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     return report
@@ -291,6 +357,15 @@ def _headline(report: dict[str, Any]) -> str:
         return line
     lo, hi = report["auc_ci95"]
     return f"AUC {report['auc']:.4f} [{lo:.4f}, {hi:.4f}], accuracy {report['accuracy']:.4f}"
+
+
+def _next_step(report: dict[str, Any], out: Path) -> str:
+    epochs = report["recommended_epochs"]["epochs"]
+    if epochs is None:
+        return f"no single --epochs for the all-patient model (multi-phase runs): see recommended_epochs in {CV_FILE}"
+    where = f"; its operating point: {out / OPERATING_POINT_FILE}" if report["task"] == "seg" else ""
+    return (f"next, the model to ship: every patient, this recipe, the folds' median best epoch ({epochs}){where}\n"
+            f"  {all_fold_command(out, epochs)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,7 +406,9 @@ def _run(args: Any, out: Path) -> int:
         out.mkdir(parents=True, exist_ok=True)
         base.to_json(out / "config.json")  # what --resume reads back
         train_folds(base, out)
-        print(_headline(out_of_fold(base, out)) + f"; details: {out / CV_FILE}")
+        report = out_of_fold(base, out)
+        print(_headline(report) + f"; details: {out / CV_FILE}")
+        print(_next_step(report, out))
     except (DataError, WeightsError, CheckpointError, loop.RunExists, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

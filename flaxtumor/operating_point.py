@@ -4,7 +4,7 @@ An `OperatingPoint` says how the classifier's probabilities and the segmenter's 
 final mask:
 
 - `threshold`: a slice is flagged by the classifier when its tumour probability is ≥ this (`math.inf`: the classifier
-  is off, no slice is flagged by it);
+  is off, no slice is flagged by it; `null` in pipeline.json, which is strict JSON);
 - `min_tumour_area`: the fused gate; > 0 also flags a slice whose segmenter mask covers at least this fraction of it;
 - `mask_threshold`: the segmenter's per-pixel probability;
 - `postprocess`: the rule applied to a patient's gated masks, by name (`POSTPROCESS_RULES`): "none",
@@ -144,10 +144,13 @@ class OperatingPoint:
     @classmethod
     def from_dict(cls, d: dict[str, Any], defaults: "OperatingPoint | None" = None) -> "OperatingPoint":
         """The operating-point keys of `d` over `defaults`; other keys (provenance such as `tuned_on`) are ignored.
-        A file written before `postprocess` existed says `"lcc": true/false`."""
+        A file written before `postprocess` existed says `"lcc": true/false`; `"threshold": null` is the classifier
+        off (inf)."""
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         changes = {k: d[k] for k in _FIELDS if k in d}
+        if "threshold" in changes and changes["threshold"] is None:
+            changes["threshold"] = math.inf  # strict JSON has no infinity: the writer stores "classifier off" as null
         if "lcc" in d:
             if not isinstance(d["lcc"], bool):
                 raise ValueError(f"'lcc' must be a bool, got {d['lcc']!r}")

@@ -1,8 +1,11 @@
 """A tiny cross-validation end to end (synthetic data, tiny ResUNet, 2 folds, 1 epoch, 32²): folds disjoint by patient,
-out-of-fold predictions cover every patient exactly once, the report's numbers follow from them, and --resume skips
-finished folds."""
+out-of-fold predictions cover every patient exactly once, the report's numbers follow from them, the chosen
+post-processing is written as an operating point that reproduces them, the all-patient model's epochs come from the
+folds, and --resume skips finished folds."""
 
 import json
+import math
+import shlex
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from flaxtumor import metrics as M
 from flaxtumor.data.io import read_mask
 from flaxtumor.data.lgg import load_dataset, load_split
 from flaxtumor.data.preprocess import resize_mask
+from flaxtumor.operating_point import gate_and_postprocess, read_operating_point
 from tests.train.helpers import tiny_config
 
 FOLDS = 2
@@ -81,6 +85,7 @@ def test_resume_skips_finished_folds_and_a_fresh_start_is_refused(cv, capsys):
     assert crossval.main(["--config", str(config), "--out", str(out), "--resume"]) == 0
     printed = capsys.readouterr().out
     assert all(f"fold {k}: finished, skipped" in printed for k in range(FOLDS))
+    assert crossval.all_fold_command(out, 1) in printed  # what to train next: every patient, the folds' 1 epoch
     assert (out / crossval.CV_FILE).read_text() == before  # same models, same predictions, same report
     # A fold whose run ended before its export is resumed (it exports its best checkpoint), not retrained.
     import shutil
@@ -133,3 +138,74 @@ def test_post_processing_is_chosen_on_the_out_of_fold_predictions(cv):
     assert pp["chosen"]["mean"] == pytest.approx(best, abs=5e-5)
     assert pp["volumetric_dice"]["mean"] == pytest.approx(pp["chosen"]["mean"])
     assert sorted(pp["per_patient_dice"]) == sorted(report["per_patient_dice"])
+
+
+def _oof_dice(out, patients, point, classifier):
+    """Mean per-patient Dice of the saved out-of-fold volumes through `gate_and_postprocess` at `point`, with a
+    classifier that gives every slice the probability `classifier`."""
+    per_patient = {}
+    for f in (out / crossval.OOF_DIR).glob("*.npz"):
+        truth = np.stack([read_mask(s.mask_path) for s in patients[f.stem].slices])
+        masks = np.stack([resize_mask(x >= point.mask_threshold, t.shape)
+                          for x, t in zip(np.load(f)["probabilities"], truth)])
+        per_patient[f.stem] = M.dice(gate_and_postprocess(np.full(len(masks), classifier), masks, point)[1], truth)
+    return M.summarise_patient_dice(per_patient)["mean"]
+
+
+def test_the_chosen_post_processing_is_written_as_an_operating_point_that_reproduces_its_dice(cv):
+    _, out = cv
+    report = json.loads((out / crossval.CV_FILE).read_text())
+    pp, patients = report["postprocessing"], {p.patient_id: p for p in load_dataset(tiny_config(out).data)}
+    point, record = read_operating_point(out)  # the format predict, evaluate and the app read
+    chosen = pp["chosen"]
+    assert (point.min_tumour_area, point.gate, point.postprocess) == (
+        chosen["min_tumour_area"], chosen["gate"], chosen["postprocess"])
+    assert point.threshold == math.inf and not point.tta and point.mask_threshold == report["threshold"]
+    assert json.loads((out / "pipeline.json").read_text())["threshold"] is None  # strict JSON: off = null
+    for classifier in (0.0, 1.0):  # the classifier is off: what it says changes nothing
+        assert _oof_dice(out, patients, point, classifier) == pytest.approx(pp["volumetric_dice"]["mean"], abs=1e-12)
+    # every candidate maps onto an operating point the same way: its reported Dice, with a classifier flagging all
+    for row, candidate in zip(pp["candidates"], crossval.postprocessing_candidates(report["threshold"])):
+        assert _oof_dice(out, patients, candidate, 1.0) == pytest.approx(row["mean"], abs=1e-12, nan_ok=True)
+    tuned_on = record["tuned_on"]
+    assert tuned_on["patients"] == sorted(patients) and f"{FOLDS}-fold" in tuned_on["split"]
+    assert "out-of-fold" in tuned_on["split"] and "not searched" in tuned_on["classifier"]
+    assert len(tuned_on["candidates"]) == len(pp["candidates"]) and "Dice" in tuned_on["criterion"]
+    assert tuned_on["scores"]["volumetric_dice"]["mean_ci95"] == pp["volumetric_dice"]["mean_ci95"]
+    assert record["validation"]["per_patient_dice_mean"] == pp["volumetric_dice"]["mean"]
+
+
+def test_recommended_epochs_is_the_median_of_the_folds_best_epochs(cv, tmp_path):
+    _, out = cv
+    rec = json.loads((out / crossval.CV_FILE).read_text())["recommended_epochs"]
+    assert rec["epochs"] == 1 and [f["best_epoch"] for f in rec["per_fold"]] == [1] * FOLDS  # 1-epoch folds
+    for bests, expected in (([3, 7, 5], 5), ([3, 6], 5), ([2, 2, 9, 4], 3)):  # even counts: half up
+        for fold, best in enumerate(bests):
+            folder = crossval.export_path(tmp_path, fold, "seg")
+            folder.mkdir(parents=True, exist_ok=True)
+            history = [{"epoch": e} for e in range(1, best + 3)]
+            (folder / "metadata.json").write_text(json.dumps({"best": {"phase": 0, "epoch": best, "step": 1},
+                                                               "history": history}))
+        rec = crossval.recommended_epochs(tmp_path, len(bests), "seg")
+        assert rec["epochs"] == expected and [f["best_epoch"] for f in rec["per_fold"]] == bests
+    # The printed command trains on every patient with the cross-validation's own config.
+    from flaxtumor.train.cli import build_parser, make_config
+
+    argv = shlex.split(crossval.all_fold_command(out, 4))[2:]  # after "python train.py"
+    cfg = make_config(build_parser().parse_args(argv))
+    assert (cfg.data.fold, cfg.train.epochs, cfg.train.out_dir) == ("all", 4, str(out / "fold_all"))
+    assert cfg.model.resunet_widths == tiny_config(out).model.resunet_widths
+
+
+def test_the_candidates_call_slices_by_area_alone_whatever_a_classifier_says():
+    masks = np.zeros((3, 64, 64), bool)
+    masks[0, :10, :10] = True  # 100 px: 2.4 % of the slice
+    masks[1, 0, 0] = True  # 1 px: below every fused-gate area
+    outcomes = set()
+    for point in crossval.postprocessing_candidates(0.5):
+        calls, final = gate_and_postprocess(np.zeros(3), masks, point)
+        flagged = gate_and_postprocess(np.ones(3), masks, point)  # a classifier that flags every slice
+        assert np.array_equal(calls, flagged[0]) and np.array_equal(final, flagged[1])
+        assert calls.tolist() == ([True, False, False] if point.gate else [False] * 3)
+        outcomes.add(int(final.sum()))
+    assert outcomes == {101, 100}  # the 1-px mask survives only without the gate and without a component floor
