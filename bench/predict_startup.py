@@ -4,8 +4,9 @@ script that does the same work (both models, masks written) in the same run.
     python bench/predict_startup.py                 # a real 40-slice patient when ../shared/lgg is here, else synthetic
     python bench/predict_startup.py --runs 5
 
-flaxtumor runs on the bundled checkpoints: once with an empty compilation cache (cold: what the very first run on a
-machine costs) and `--runs` times with the cache filled (warm: every later run). The PyTorch reference
+flaxtumor runs on the bundled checkpoints: once with empty caches (cold: what the very first run on a machine costs)
+and `--runs` times with the caches filled (warm: every later run); see runtime.py for the compilation and serving
+caches. The PyTorch reference
 (bench/torch_predict.py) builds the same two architectures, loads their weights from .pt files, reads the slices,
 resizes them to the checkpoints' size, classifies and segments every slice and writes the masks. Runs alternate between
 the two programs; each row gives min and median wall seconds. flaxtumor's own `--verbose` breakdown of its last warm
@@ -57,7 +58,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="flaxtumor-bench-"))
     try:
         patient, kind = patient_folder(work)
-        env = {**os.environ, "FLAXTUMOR_CACHE_DIR": str(work / "jax-cache"), "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "FLAXTUMOR_CACHE_DIR": str(work / "cache"), "PYTHONWARNINGS": "ignore"}
         ours = [sys.executable, "-m", "flaxtumor.predict", str(patient), "--out", str(work / "ours"),
                 "--checkpoints", str(args.checkpoints), "--verbose"]
         torch_cmd = [sys.executable, str(REPO / "bench" / "torch_predict.py"), str(patient), "--out",

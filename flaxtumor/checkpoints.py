@@ -6,7 +6,8 @@ An inference checkpoint is a folder `<dir>/<name>/` holding `state/` (Orbax: par
 that later loads; `load_inference` rebuilds the model from the recorded architecture; `init_from` copies one into a
 live model (training's `--init-from`).
 
-Serving (inference, predict, evaluate, tune, the app) imports this module, never `flaxtumor.train`.
+Serving (inference, predict, evaluate, tune, the app) imports this module, never `flaxtumor.train`. The metadata type
+lives in `flaxtumor.checkpoint_metadata` (light: no flax, no Orbax) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,66 +26,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from flaxtumor.config import Config
-from flaxtumor.data.preprocess import Preprocessing
+from flaxtumor.checkpoint_metadata import CheckpointError, InferenceMetadata, first_line, read_metadata
 from flaxtumor.models import build_model
 
+__all__ = ["CheckpointError", "InferenceMetadata", "INFERENCE_STATE", "export_inference", "load_inference",
+           "init_from", "read_metadata"]
+
 INFERENCE_STATE = (nnx.Param, nnx.BatchStat)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message is one line starting with the path."""
-
-
-@dataclass(frozen=True)
-class InferenceMetadata:
-    """`metadata.json` of an inference checkpoint, typed. `threshold` is the task's own: a classifier's tumour
-    probability, a segmenter's mask probability. Keys this type does not name (history, versions, best epoch,
-    trained patients, provenance) are kept in `extra` and written back unchanged."""
-
-    config: Config
-    task: str
-    preprocessing: Preprocessing
-    threshold: float = 0.5
-    backbone_init: str | None = None
-    dtype: str = "float32"
-    split: dict[str, Any] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    _NAMED = ("config", "task", "preprocessing", "threshold", "backbone_init", "dtype", "split", "metrics")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InferenceMetadata":
-        """Raises KeyError/TypeError/ValueError for metadata that is not usable (CheckpointError wraps them)."""
-        if not isinstance(d, dict):
-            raise TypeError(f"expected a JSON object, got {type(d).__name__}")
-        config = Config.from_dict(d["config"])
-        preprocessing = (Preprocessing.from_dict(d["preprocessing"]) if "preprocessing" in d
-                         else Preprocessing(config.data.image_size, config.data.normalisation))
-        threshold = d.get("threshold", 0.5)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"'threshold' must be a number, got {threshold!r}")
-        return cls(
-            config=config, task=str(d.get("task", config.train.task)), preprocessing=preprocessing,
-            threshold=float(threshold), backbone_init=d.get("backbone_init"), dtype=str(d.get("dtype", "float32")),
-            split=d.get("split"), metrics=dict(d.get("metrics") or {}),
-            extra={k: v for k, v in d.items() if k not in cls._NAMED},
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config.to_dict(), "task": self.task, "preprocessing": self.preprocessing.to_dict(),
-            "threshold": self.threshold, "backbone_init": self.backbone_init, "dtype": self.dtype,
-            "split": self.split, "metrics": self.metrics, **self.extra,
-        }
-
-    # A read-only view as the JSON dict, for code written against metadata.json (`meta["split"]["val"]`).
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
 
 
 def _abstract(tree: Any, dtype: Any = None) -> Any:
@@ -134,11 +81,6 @@ def export_inference(path: Path, model: nnx.Module, metadata: InferenceMetadata 
     return path
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 def _shape_mismatches(saved: Any, expected: dict) -> list[str]:
     """Differences between the saved tree (Orbax metadata, string keys) and the model's state."""
     def flat(tree: Any) -> dict[str, Any]:
@@ -162,19 +104,12 @@ def load_inference(path: str | Path) -> tuple[nnx.Module, InferenceMetadata]:
     truncated/corrupt file.
     """
     path = Path(path).absolute()
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{path}: no such checkpoint folder. The shipped checkpoints are in the repository's checkpoints/: run from "
-            "the repository root, or pass --checkpoints /path/to/flaxtumor/checkpoints (or train your own with "
-            "`python train.py`)"
-        )
-    meta_file = path / "metadata.json"
+    metadata = read_metadata(path)
+    config = metadata.config
     try:
-        metadata = InferenceMetadata.from_dict(json.loads(meta_file.read_text()))
-        config = metadata.config
         saved_dtype = jnp.dtype(metadata.dtype)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{meta_file}: missing or corrupt metadata ({_first_line(e)})") from None
+    except TypeError as e:
+        raise CheckpointError(f"{path / 'metadata.json'}: missing or corrupt metadata ({first_line(e)})") from None
 
     # Abstract build: a real random init of ResNet50 costs seconds of start-up only to be overwritten.
     graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))), INFERENCE_STATE, ...)
@@ -186,7 +121,7 @@ def load_inference(path: str | Path) -> tuple[nnx.Module, InferenceMetadata]:
         try:
             saved = checkpointer.metadata(path / "state").item_metadata.tree
         except Exception as e:  # noqa: BLE001 — Orbax raises many types for unreadable metadata; all mean "corrupt"
-            raise CheckpointError(f"{path}: checkpoint is truncated or corrupt ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: checkpoint is truncated or corrupt ({first_line(e)})") from None
         problems = _shape_mismatches(saved, live)
         if problems:
             raise CheckpointError(
@@ -196,7 +131,7 @@ def load_inference(path: str | Path) -> tuple[nnx.Module, InferenceMetadata]:
         try:
             restored = checkpointer.restore(path / "state", _abstract(live, saved_dtype))
         except Exception as e:  # noqa: BLE001 — tensorstore/zarr errors on damaged files come in many types
-            raise CheckpointError(f"{path}: checkpoint is truncated or corrupt ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: checkpoint is truncated or corrupt ({first_line(e)})") from None
     restored = jax.tree.map(lambda x, ref: x.astype(ref.dtype), restored, live)
     if not all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(restored)):
         raise CheckpointError(f"{path}: checkpoint holds NaN/Inf weights (corrupt)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import sys
 import time
@@ -453,5 +454,14 @@ def _predict_case(pipeline, item: NiftiInput, failures: list[str], args: argpars
     timer.lap("write")
 
 
+def cli() -> None:
+    """The command's entry point: `main()`, then exit without the interpreter's teardown (about 0.4 s of freeing JAX's
+    buffers and modules) once every output file is closed and both streams are flushed."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -80,7 +80,7 @@ def test_padding_the_last_batch_changes_nothing_and_compiles_once(tiny):  # noqa
     together = [x.tumour_probability for x in p.predict_slices(images)]
     alone = [p.predict_slices([im])[0].tumour_probability for im in images]
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
-    assert p._classify._forward._cache_size() == 1  # batches of 4, 3 (padded) and 1 (padded): one shape
+    assert list(p._classify._executables) == ["forward_b4_tta0"]  # batches of 4, 3 (padded) and 1 (padded): one shape
 
 
 def test_flip_tta_averages_the_image_and_its_mirror(tiny):  # noqa: F811

@@ -67,7 +67,7 @@ def test_cache_can_be_turned_off(monkeypatch) -> None:
     assert runtime.cache_dir() is None
     monkeypatch.delenv("FLAXTUMOR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
-    assert runtime.cache_dir() == Path("/somewhere/flaxtumor/jax")
+    assert runtime.cache_dir() == Path("/somewhere/flaxtumor")
 
 
 def test_process_seconds_counts_from_process_start() -> None:

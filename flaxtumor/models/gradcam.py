@@ -13,8 +13,7 @@ from flax import nnx
 from flaxtumor.models.classifier import TumourClassifier
 
 
-@nnx.jit(static_argnames="stage")
-def _gradcam(model: TumourClassifier, images: jax.Array, stage: int) -> jax.Array:
+def _gradcam_map(model: TumourClassifier, images: jax.Array, stage: int) -> jax.Array:
     backbone = model.backbone
     stage = stage % len(backbone.stages)
     fmap = backbone.pyramid(images)[stage + 1]  # (N, h, w, C); level 0 is the stem
@@ -34,14 +33,26 @@ def _gradcam(model: TumourClassifier, images: jax.Array, stage: int) -> jax.Arra
     return jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0).clip(0.0, 1.0).astype(jnp.float32)
 
 
+_gradcam = nnx.jit(_gradcam_map, static_argnames="stage")
+
+
+def _eval_view(model: TumourClassifier, stage: int) -> TumourClassifier:
+    if not -len(model.backbone.stages) <= stage < len(model.backbone.stages):
+        raise ValueError(f"stage {stage} out of range for a {len(model.backbone.stages)}-stage backbone")
+    # raise_if_not_found=False: a head with no hidden layers has no Dropout to switch.
+    return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+
+
 def gradcam(model: TumourClassifier, images: jax.Array, stage: int = -1) -> jax.Array:
     """Heatmaps (N, H, W) float32 in [0, 1] at input resolution for NHWC images normalised as for the classifier,
     from backbone stage `stage` (Python indexing: -1 the last, -2 the one before).
 
     Runs the model in eval mode (a view: the caller's train/eval mode is untouched).
     """
-    # raise_if_not_found=False: a head with no hidden layers has no Dropout to switch.
-    eval_view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-    if not -len(model.backbone.stages) <= stage < len(model.backbone.stages):
-        raise ValueError(f"stage {stage} out of range for a {len(model.backbone.stages)}-stage backbone")
-    return _gradcam(eval_view, jnp.asarray(images, jnp.float32), stage)
+    return _gradcam(_eval_view(model, stage), jnp.asarray(images, jnp.float32), stage)
+
+
+def gradcam_traced(model: TumourClassifier, images: jax.Array, stage: int = -1) -> jax.Array:
+    """`gradcam` for use inside a function being traced (the serving cache compiles it ahead of time), where a model
+    merged inside the trace cannot pass through `nnx.jit`."""
+    return _gradcam_map(_eval_view(model, stage), images, stage)
