@@ -24,6 +24,9 @@ class DataConfig:
     root: str = "synthetic"  # a kaggle_3m folder (or its parent), or "synthetic"
     image_size: int = 128  # models see image_size x image_size; masks are resized back with nearest-neighbour
     normalisation: Normalisation = "image_zscore"
+    # "brain": crop each patient volume (a loose slice alone) to the square around the head before resizing, so
+    # image_size pixels go to the head, not the black background (flaxtumor.data.preprocess.crop_box). Issue 11 lever.
+    crop: Literal["none", "brain"] = "none"
     split_file: str | None = None  # JSON of patient ids; made from the seed and fractions when absent
     split_seed: int = 0
     test_fraction: float = 0.15  # Buda et al.: 85/15 train/test by patient
@@ -63,6 +66,9 @@ class ModelConfig:
     # layout), whose encoder exports as in-domain backbone weights; "resnet_tiny_unet" is its one-block test twin.
     segmenter: Literal["resunet", "resnet50_unet", "resnet_tiny_unet"] = "resunet"
     resunet_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    # ResUNet only: 1x1 heads on the decoder's coarser levels, trained with nnU-Net's weighted deep-supervision loss;
+    # inference uses the full-resolution output alone. Issue 11 lever.
+    deep_supervision: bool = False
 
 
 @dataclass

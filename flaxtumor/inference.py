@@ -8,6 +8,8 @@ Input conventions (the same as `flaxtumor.data.io.read_image`, for arrays alread
 - uint8 arrays of any height and width; (H, W) and (H, W, 1) gray is replicated to 3 channels, (H, W, 4) RGBA drops
   alpha. Read files with `read_image`, which also rescales uint16.
 - Every slice is resized (bilinear) to each model's size; masks come back at the INPUT size with nearest-neighbour.
+  A checkpoint whose preprocessing crops ("brain") sees its crop box resized instead; its masks go back into that box
+  (`uncrop_mask`) and are empty outside it. A volume has one box, a loose slice its own.
 
 Normalisation `volume_zscore` needs a patient volume: `predict_volume` uses the stats of the whole stack, as training
 did. `predict_slices` treats each slice as a volume of one (per-slice stats), the documented fallback for loose slices.
@@ -28,7 +30,7 @@ from PIL import Image
 
 from flaxtumor.checkpoint_metadata import CheckpointError, InferenceMetadata, read_metadata
 from flaxtumor.compiled_model import CompiledModel, cache_entry
-from flaxtumor.data.preprocess import Preprocessing, preprocess, resize_mask
+from flaxtumor.data.preprocess import Box, Preprocessing, crop_box, preprocess, uncrop, uncrop_mask
 from flaxtumor.operating_point import (
     OPERATING_POINT_FILE, OperatingPoint, gate_and_postprocess, largest_connected_component, read_operating_point,
     slice_calls, verdicts,
@@ -117,6 +119,20 @@ def _compiled(model: nnx.Module | CompiledModel, batch_size: int, spec: Preproce
     if isinstance(model, CompiledModel):
         return model
     return CompiledModel(lambda: model, batch_size, spec.image_size)
+
+
+def _check_volume(images: list[np.ndarray]) -> None:
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"a volume needs slices of one size, got {sorted(shapes)}")
+
+
+def _boxes(images: list[np.ndarray], spec: Preprocessing, volume: bool) -> list[Box]:
+    """Each slice's crop box as `spec` says: a volume's one box (slices stay aligned), or per loose slice."""
+    if volume:
+        _check_volume(images)
+        return [crop_box(images, spec.crop)] * len(images)
+    return [crop_box([im], spec.crop) for im in images]
 
 
 def _check_task(path: Path, metadata: InferenceMetadata, task: str, role: str) -> None:
@@ -239,19 +255,21 @@ class Pipeline:
         """Ungated segmenter masks, bool (H, W) at each input size, at the point's mask threshold (and TTA)."""
         point = point or self.point
         images = [as_rgb(im) for im in images]
-        probs = self._segment(self._prepare(images, self.segmenter_spec, volume), point.tta)
-        return [resize_mask(p[..., 0] >= point.mask_threshold, im.shape[:2]) for p, im in zip(probs, images)]
+        boxes = _boxes(images, self.segmenter_spec, volume) if images else []
+        probs = self._segment(self._prepare(images, self.segmenter_spec, volume, boxes), point.tta)
+        return [uncrop_mask(p[..., 0] >= point.mask_threshold, box, im.shape[:2])
+                for p, box, im in zip(probs, boxes, images)]
 
-    def _prepare(self, images: Sequence[np.ndarray], spec: Preprocessing, volume: bool) -> np.ndarray:
+    def _prepare(self, images: Sequence[np.ndarray], spec: Preprocessing, volume: bool,
+                 boxes: list[Box] | None = None) -> np.ndarray:
+        """Model inputs; `boxes` (from `_boxes`, which computes them when not given) are the crops to map back to."""
         images = [as_rgb(im) for im in images]
         if not images:
             return np.zeros((0, spec.image_size, spec.image_size, 3), np.float32)
+        boxes = boxes or _boxes(images, spec, volume)
         if volume:
-            shapes = {im.shape for im in images}
-            if len(shapes) != 1:
-                raise ValueError(f"a volume needs slices of one size, got {sorted(shapes)}")
-            return preprocess(np.stack(images), spec)
-        return np.concatenate([preprocess(im[None], spec) for im in images])
+            return preprocess(np.stack(images), spec, box=boxes[0])
+        return np.concatenate([preprocess(im[None], spec, box=box) for im, box in zip(images, boxes)])
 
     # -- the pipeline ----------------------------------------------------------------------------------------------
     def predict_slices(self, images: Sequence[np.ndarray], point: OperatingPoint | None = None
@@ -295,10 +313,11 @@ class Pipeline:
         masks = [np.zeros(im.shape[:2], bool) for im in images]
         if not selected.size:
             return masks
-        if volume:  # normalise with the whole volume's stats, then keep the selected slices
-            x = self._prepare(images, self.segmenter_spec, volume=True)[selected]
+        if volume:  # normalise with the whole volume's stats (and crop to its box), then keep the selected slices
+            boxes = _boxes(images, self.segmenter_spec, volume=True)
+            x = self._prepare(images, self.segmenter_spec, True, boxes)[selected]
             for i, p in zip(selected, self._segment(x, point.tta)):
-                masks[i] = resize_mask(p[..., 0] >= point.mask_threshold, images[i].shape[:2])
+                masks[i] = uncrop_mask(p[..., 0] >= point.mask_threshold, boxes[i], images[i].shape[:2])
         else:
             for i, m in zip(selected, self.segment([images[i] for i in selected], point=point)):
                 masks[i] = m
@@ -307,10 +326,10 @@ class Pipeline:
     # -- explanation -----------------------------------------------------------------------------------------------
     def gradcam(self, image: np.ndarray, stage: int = GRADCAM_STAGE) -> np.ndarray:
         """Grad-CAM of the classifier's tumour logit from backbone stage `stage`, float32 (H, W) in [0, 1] at the
-        input size (bilinear)."""
+        input size (bilinear; zero outside the crop box of a classifier that crops)."""
         image = as_rgb(image)
-        x = self._prepare([image], self.classifier_spec, False)
+        [box] = _boxes([image], self.classifier_spec, volume=False)
+        x = self._prepare([image], self.classifier_spec, False, [box])
         heat = self._classify.gradcam(x, stage)[0]
-        h, w = image.shape[:2]
-        resized = np.asarray(Image.fromarray(heat.astype(np.float32)).resize((w, h), Image.BILINEAR))
-        return np.clip(resized, 0.0, 1.0).astype(np.float32)
+        resized = np.asarray(Image.fromarray(heat.astype(np.float32)).resize((box.width, box.height), Image.BILINEAR))
+        return np.clip(uncrop(resized, box, image.shape[:2]), 0.0, 1.0).astype(np.float32)

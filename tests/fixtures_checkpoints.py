@@ -32,7 +32,8 @@ class TinySetup:
 _cache: dict[str, TinySetup] = {}
 
 
-def _export(out: Path, task: str, normalisation: str, threshold: float, split: dict) -> None:
+def export_tiny(out: Path, task: str, normalisation: str, threshold: float, split: dict, crop: str = "none") -> None:
+    """An untrained tiny classifier or segmenter exported as an inference checkpoint."""
     cfg = Config().override(**{
         "train.task": task,
         "model.backbone": "resnet_tiny",
@@ -41,12 +42,13 @@ def _export(out: Path, task: str, normalisation: str, threshold: float, split: d
         "model.resunet_widths": (4, 8),
         "data.image_size": IMAGE_SIZE,
         "data.normalisation": normalisation,
+        "data.crop": crop,
     })
     model = build_model(cfg, nnx.Rngs(1))
     metadata = {
         "config": cfg.to_dict(),
         "task": task,
-        "preprocessing": Preprocessing(IMAGE_SIZE, normalisation).to_dict(),
+        "preprocessing": Preprocessing(IMAGE_SIZE, normalisation, crop).to_dict(),
         "threshold": threshold,
         "backbone_init": "none",
         "split": split,
@@ -62,8 +64,8 @@ def build_tiny_setup(root: Path) -> TinySetup:
     ids = [p.patient_id for p in discover(data)]
     split = {"train": ids[:1], "val": ids[1:], "test": [], "seed": 0}
     checkpoints = root / "checkpoints"
-    _export(checkpoints / "classifier", "cls", "image_zscore", 0.5, split)
-    _export(checkpoints / "segmenter", "seg", "volume_zscore", 0.0, split)
+    export_tiny(checkpoints / "classifier", "cls", "image_zscore", 0.5, split)
+    export_tiny(checkpoints / "segmenter", "seg", "volume_zscore", 0.0, split)
     return TinySetup(checkpoints, data, tuple(ids[1:]))
 
 

@@ -1,7 +1,8 @@
 """Grain input pipeline: Slice records -> fixed-shape numpy batches for training (shuffled, augmented) and evaluation.
 
-Per slice: decode -> resize to image_size (uint8) -> [augment, train only] -> normalise. Resize and normalise are the
-two halves of `preprocess`, so an evaluation batch equals `preprocess(patient volume)` exactly.
+Per slice: decode -> [crop to its patient's box, `DataConfig.crop` "brain"] -> resize to image_size (uint8) ->
+[augment, train only] -> normalise. Crop, resize and normalise are `preprocess`'s steps, with the box `crop_box` gives
+the patient's whole volume, so an evaluation batch equals `preprocess(patient volume)` exactly.
 Batch: {"image": f32 (B,S,S,3), "mask": f32 (B,S,S,1) in {0,1}, "label": f32 (B,), "valid": bool (B,),
 "index": int32 (B,)}: `index` is each row's position in the given slice list (-1 on padding), so a consumer can tell
 which slices (and patients) reached it.
@@ -30,10 +31,12 @@ from flaxtumor.config import DataConfig
 from flaxtumor.data.augment import augment
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Slice
-from flaxtumor.data.preprocess import Preprocessing, Stats, normalise, resize_images, resize_mask, volume_stats
+from flaxtumor.data.preprocess import (
+    Box, Preprocessing, Stats, crop, crop_box, normalise, resize_images, resize_mask, volume_stats,
+)
 
 _READ_THREADS = 2  # 2-core machine: more threads only contend for the GIL
-_MEMO_ENTRIES = 8  # decoded slices and patient stats of the train, val and test sets of one run, plus spares
+_MEMO_ENTRIES = 8  # decoded slices, stats and crop boxes of the train, val and test sets of one run, plus spares
 _memo: dict[tuple, object] = {}
 T = TypeVar("T")
 
@@ -46,33 +49,59 @@ class Decoded:
     masks: np.ndarray
 
 
-def _load(s: Slice, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded, resized image and mask of one slice; a slice without a mask (unlabelled data) gets an empty one."""
-    image = resize_images(read_image(s.image_path)[None], size)[0]
+Boxes = tuple[Box, ...] | None  # per slice, its patient's crop box; None: no crop
+
+
+def _load(s: Slice, size: int, box: Box | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded, cropped (to `box`, when given), resized image and mask of one slice; a slice without a mask
+    (unlabelled data) gets an empty one. Image and mask are cut by the same box."""
+    image = read_image(s.image_path)[None]
+    image = resize_images(crop(image, box) if box else image, size)[0]
     if s.mask_path is None:
         return image, np.zeros((size, size), bool)
-    return image, resize_mask(read_mask(s.mask_path), (size, size))
+    mask = read_mask(s.mask_path)
+    return image, resize_mask(mask[box.rows, box.cols] if box else mask, (size, size))
 
 
-def _load_many(slices: Sequence[Slice], size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Decodes slices on threads (TIFF inflate and PIL resize release the GIL)."""
+def _load_many(slices: Sequence[Slice], size: int, boxes: Boxes = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Decodes slices on threads (TIFF inflate and PIL resize release the GIL); `boxes[i]` crops `slices[i]`."""
     with ThreadPoolExecutor(_READ_THREADS) as pool:
-        return list(pool.map(lambda s: _load(s, size), slices))
+        return list(pool.map(lambda i: _load(slices[i], size, boxes[i] if boxes else None), range(len(slices))))
 
 
-def decode_all(slices: Sequence[Slice], size: int) -> Decoded:
+def decode_all(slices: Sequence[Slice], size: int, boxes: Boxes = None) -> Decoded:
     """Decodes every slice once."""
-    pairs = _load_many(slices, size)
+    pairs = _load_many(slices, size, boxes)
     return Decoded(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+
+
+def patient_boxes(slices: Sequence[Slice]) -> tuple[Box, ...]:
+    """The brain crop box of each slice: its patient's (`crop_box` over the patient's given slices, so pass whole
+    patients), one box per volume so a patient's slices stay aligned. Reads each image once per slice list."""
+
+    def build() -> tuple[Box, ...]:
+        rows: dict[str, list[int]] = {}
+        for i, s in enumerate(slices):
+            rows.setdefault(s.patient_id, []).append(i)
+        boxes: list[Box | None] = [None] * len(slices)
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            for indices in rows.values():
+                box = crop_box(list(pool.map(lambda i: read_image(slices[i].image_path), indices)), "brain")
+                for i in indices:
+                    boxes[i] = box
+        return tuple(boxes)
+
+    return _memoised("boxes", slices, 0, build)
 
 
 class _DecodedCache:
     """Decoded, resized slices kept for the run, filled on demand: a process decodes only the slices its shard of the
     batches reads (arrays from np.zeros take memory only where written)."""
 
-    def __init__(self, slices: Sequence[Slice], size: int):
+    def __init__(self, slices: Sequence[Slice], size: int, boxes: Boxes = None):
         self.slices = tuple(slices)
         self.size = size
+        self.boxes = boxes
         self.images = np.zeros((len(self.slices), size, size, 3), np.uint8)
         self.masks = np.zeros((len(self.slices), size, size), bool)
         self.filled = np.zeros(len(self.slices), bool)
@@ -80,7 +109,8 @@ class _DecodedCache:
     def fill(self, indices: Iterable[int]) -> None:
         """Decodes the given slices that are not cached yet."""
         missing = [i for i in dict.fromkeys(int(i) for i in indices) if not self.filled[i]]
-        for i, (image, mask) in zip(missing, _load_many([self.slices[i] for i in missing], self.size)):
+        boxes = [self.boxes[i] for i in missing] if self.boxes else None
+        for i, (image, mask) in zip(missing, _load_many([self.slices[i] for i in missing], self.size, boxes)):
             self.images[i], self.masks[i] = image, mask
             self.filled[i] = True
 
@@ -112,6 +142,7 @@ class _SliceSource:
     slices: tuple[Slice, ...]
     size: int
     decoded: _DecodedCache | None
+    boxes: Boxes = None
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -119,7 +150,7 @@ class _SliceSource:
     def __getitem__(self, i: int) -> tuple[int, Slice, np.ndarray, np.ndarray]:
         s = self.slices[i]
         if self.decoded is None:
-            return (i, s, *_load(s, self.size))
+            return (i, s, *_load(s, self.size, self.boxes[i] if self.boxes else None))
         if not self.decoded.filled[i]:  # the pipelines pre-fill what they read; this is only a fallback
             self.decoded.fill([i])
         return i, s, self.decoded.images[i], self.decoded.masks[i]
@@ -142,7 +173,7 @@ class _ToExample:
         if self.train and self.cfg.augment:
             rng = np.random.default_rng([self.seed, self.epoch, position])
             image, mask = augment(image, mask, rng, self.cfg)
-        spec = Preprocessing(self.cfg.image_size, self.cfg.normalisation)
+        spec = Preprocessing(self.cfg.image_size, self.cfg.normalisation, self.cfg.crop)
         stats = self.stats[s.patient_id] if self.stats is not None else None
         return {
             "image": normalise(image[None], spec, stats)[0],
@@ -158,13 +189,15 @@ def _source(slices: Sequence[Slice], cfg: DataConfig) -> tuple[_SliceSource, dic
     if not slices:
         raise ValueError("no slices to batch")
     size = cfg.image_size
-    cache = _memoised("decoded", slices, size, lambda: _DecodedCache(slices, size)) if cfg.cache_decoded else None
+    boxes = patient_boxes(slices) if cfg.crop == "brain" else None
+    kind = "" if boxes is None else f"-{cfg.crop}"  # cropped and uncropped decodings never share an entry
+    cache = (_memoised(f"decoded{kind}", slices, size, lambda: _DecodedCache(slices, size, boxes))
+             if cfg.cache_decoded else None)
     stats = None
     if cfg.normalisation == "volume_zscore":  # whole patient volumes, so every slice (once per run, memoised)
-        stats = _memoised(
-            "stats", slices, size, lambda: patient_stats(slices, cache.all() if cache else decode_all(slices, size))
-        )
-    return _SliceSource(slices, size, cache), stats
+        stats = _memoised(f"stats{kind}", slices, size,
+                          lambda: patient_stats(slices, cache.all() if cache else decode_all(slices, size, boxes)))
+    return _SliceSource(slices, size, cache, boxes), stats
 
 
 def _check_shard(batch_size: int, shard_index: int, shard_count: int) -> int:

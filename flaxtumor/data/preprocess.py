@@ -2,18 +2,27 @@
 `resize_images` then `normalise`, which the pipeline calls separately so augmentation can sit between them).
 
 The `Preprocessing` spec is stored in every checkpoint's metadata, so inference repeats exactly what training did.
+
+Crop (`Preprocessing.crop`): "none" resizes the whole slice; "brain" first crops to `crop_box`, the square around
+every pixel brighter than `BRAIN_THRESHOLD` (any channel, any slice of the volume) plus `CROP_MARGIN`, so the model's
+pixels go to the head rather than the black background. `crop_box` is the one place a box is computed, and
+`uncrop_mask` the one place a model-size mask goes back to the input size; training and serving both use them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
 
 NORMALISATIONS = ("image_zscore", "volume_zscore", "imagenet", "caffe")
+CROPS = ("none", "brain")
+# kaggle_3m's background reads 0-7 in uint8, tissue well above; the margin keeps the skull edge off the border.
+BRAIN_THRESHOLD = 10
+CROP_MARGIN = 8
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
@@ -26,19 +35,96 @@ Stats = tuple[np.ndarray, np.ndarray]  # per-channel mean and std, each (3,)
 class Preprocessing:
     image_size: int
     normalisation: str
+    crop: str = "none"
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation {self.normalisation!r} is not one of {NORMALISATIONS}")
         if self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop {self.crop!r} is not one of {CROPS}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.crop == "none":  # written as before the crop existed, so such metadata stays byte-identical
+            del d["crop"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(image_size=int(d["image_size"]), normalisation=str(d["normalisation"]))
+        """Metadata written before the crop existed has no "crop": it resized the whole slice ("none")."""
+        return cls(image_size=int(d["image_size"]), normalisation=str(d["normalisation"]),
+                   crop=str(d.get("crop", "none")))
+
+
+class Box(NamedTuple):
+    """A crop in input pixels: rows [top, top + height), columns [left, left + width)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.top, self.top + self.height)
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.left, self.left + self.width)
+
+
+def _span(lo: int, hi: int, side: int, extent: int) -> tuple[int, int]:
+    """(start, length) of a `side`-long span centred on [lo, hi), shifted (not cut) to lie in [0, extent)."""
+    length = min(side, extent)
+    start = min(max((lo + hi - length) // 2, 0), extent - length)
+    return start, length
+
+
+def crop_box(slices: np.ndarray | Sequence[np.ndarray], mode: str) -> Box:
+    """THE crop box of one volume: uint8 slices (H, W, 3), stacked (N, H, W, 3) or listed (a loose slice: `[image]`).
+
+    "none": the whole slice. "brain": the bounding box of the pixels above `BRAIN_THRESHOLD` in any channel of any
+    slice, grown by `CROP_MARGIN` on each side and to a square (so resizing keeps the aspect ratio), then shifted into
+    the image; a square larger than the image is cut to it. No such pixel (all background): the whole slice."""
+    h, w = slices[0].shape[:2]
+    if mode == "none":
+        return Box(0, 0, h, w)
+    if mode != "brain":
+        raise ValueError(f"crop {mode!r} is not one of {CROPS}")
+    brain = np.zeros((h, w), bool)
+    for image in slices:  # one slice at a time: no (N, H, W, 3) boolean temporary
+        brain |= (np.asarray(image) > BRAIN_THRESHOLD).any(axis=-1)
+    rows, cols = np.flatnonzero(brain.any(axis=1)), np.flatnonzero(brain.any(axis=0))
+    if not rows.size:
+        return Box(0, 0, h, w)
+    side = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 + 2 * CROP_MARGIN
+    top, height = _span(int(rows[0]), int(rows[-1]) + 1, int(side), h)
+    left, width = _span(int(cols[0]), int(cols[-1]) + 1, int(side), w)
+    return Box(top, left, height, width)
+
+
+def crop(images: np.ndarray, box: Box) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, box.height, box.width, 3), contiguous (PIL reads it row by row)."""
+    if box == (0, 0, *images.shape[1:3]):
+        return images
+    return np.ascontiguousarray(images[:, box.rows, box.cols])
+
+
+def uncrop(resized: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
+    """An array already at the box's size placed at the box in zeros of `shape` (H, W)."""
+    if box == (0, 0, *shape):
+        return resized
+    out = np.zeros(tuple(shape) + resized.shape[2:], resized.dtype)
+    out[box.rows, box.cols] = resized
+    return out
+
+
+def uncrop_mask(mask: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
+    """THE way back: a bool (S, S) mask at the model's size -> bool `shape` (the input's H, W): resized to the box
+    (nearest-neighbour) and pasted into an empty mask. With the whole-slice box this is `resize_mask(mask, shape)`."""
+    return uncrop(resize_mask(mask, (box.height, box.width)), box, shape)
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -86,9 +172,13 @@ def normalise(images: np.ndarray, spec: Preprocessing, stats: Stats | None = Non
     return x[..., ::-1] - _CAFFE_MEAN_BGR
 
 
-def preprocess(images: np.ndarray, spec: Preprocessing, stats: Stats | None = None) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, S, S, 3): bilinear resize to spec.image_size, then normalise.
+def preprocess(images: np.ndarray, spec: Preprocessing, stats: Stats | None = None, box: Box | None = None
+               ) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, S, S, 3): crop to `box` (default: `crop_box` of the stack as spec.crop says),
+    bilinear resize to spec.image_size, then normalise.
 
-    volume_zscore uses the statistics of the whole N stack, so pass a patient's full volume (or its `stats`).
+    volume_zscore uses the statistics of the whole N stack, and the brain crop its one box, so pass a patient's full
+    volume (or its `stats` and `box`). Map masks back with `uncrop_mask` and the same box.
     """
-    return normalise(resize_images(images, spec.image_size), spec, stats)
+    box = crop_box(images, spec.crop) if box is None else box
+    return normalise(resize_images(crop(images, box), spec.image_size), spec, stats)

@@ -32,7 +32,9 @@ def build_classifier(model_cfg: ModelConfig, rngs: nnx.Rngs) -> TumourClassifier
 
 def build_segmenter(model_cfg: ModelConfig, rngs: nnx.Rngs) -> ResUNet | ResNetUNet:
     if model_cfg.segmenter == "resunet":
-        return ResUNet(model_cfg.resunet_widths, rngs=rngs)
+        return ResUNet(model_cfg.resunet_widths, rngs=rngs, deep_supervision=model_cfg.deep_supervision)
+    if model_cfg.deep_supervision:
+        raise ValueError(f"deep supervision is built for the 'resunet' segmenter only, not {model_cfg.segmenter!r}")
     if model_cfg.segmenter == "resnet50_unet":
         return ResNet50UNet(rngs=rngs)
     if model_cfg.segmenter == "resnet_tiny_unet":

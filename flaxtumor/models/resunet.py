@@ -3,6 +3,11 @@
 ``widths`` gives the channels per level; ``len(widths) - 1`` poolings, so H and W must divide by ``2**(len(widths)-1)``.
 `CLASSIC_WIDTHS` (16..256, ~2 M params) is the default; `WIDE_WIDTHS` (32..512, ~8 M) the wider variant.
 The decoder upsamples with nearest resize + 3x3 conv: transposed convs are very slow on XLA:CPU (jax#23783).
+
+Deep supervision (`deep_supervision=True`, off by default): a 1x1 head on each coarser decoder level, whose logits
+`deep_logits` returns beside the full-resolution ones for the training loss (`flaxtumor.train.losses.deep_supervised`).
+`__call__` is the same either way (full resolution only), so validation, export and serving never see the heads; and
+without the option the module has no head at all, so its parameters are exactly those of checkpoints made before it.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ class Upsample(nnx.Module):
 
 
 class ResUNet(nnx.Module):
-    def __init__(self, widths: Sequence[int] = CLASSIC_WIDTHS, in_channels: int = 3, *, rngs: nnx.Rngs):
+    def __init__(self, widths: Sequence[int] = CLASSIC_WIDTHS, in_channels: int = 3, *, rngs: nnx.Rngs,
+                 deep_supervision: bool = False):
         if len(widths) < 2:
             raise ValueError(f"ResUNet needs at least two widths (one pooling), got {tuple(widths)}")
         self.widths = tuple(widths)
@@ -78,6 +84,8 @@ class ResUNet(nnx.Module):
         self.upsamples = nnx.List([Upsample(a, b, rngs=rngs) for a, b in zip(ups, levels[::-1])])
         self.decoder = nnx.List([ResidualBlock(2 * b, b, rngs=rngs) for b in levels[::-1]])
         self.out = Conv(levels[0], 1, (1, 1), rngs=rngs)
+        if deep_supervision:  # coarsest first, as the decoder runs; set only when on (old checkpoints have none)
+            self.aux_heads = nnx.List([Conv(b, 1, (1, 1), rngs=rngs) for b in levels[:0:-1]])
 
     @property
     def divisor(self) -> int:
@@ -85,6 +93,19 @@ class ResUNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Images (N, H, W, in_channels) -> mask logits (N, H, W, 1)."""
+        return self.out(self._decode(x)[-1])
+
+    def deep_logits(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Training with deep supervision: the full-resolution logits (as `__call__`), then each coarser decoder level's
+        from its head, finest first: (N, H, W, 1), (N, H/2, W/2, 1), ... down to 1/2**(len(widths)-2)."""
+        if not hasattr(self, "aux_heads"):
+            raise ValueError("this ResUNet was built without deep_supervision: it has no auxiliary heads")
+        levels = self._decode(x)
+        aux = [head(f) for head, f in zip(self.aux_heads, levels[:-1])]
+        return (self.out(levels[-1]), *aux[::-1])
+
+    def _decode(self, x: jax.Array) -> list[jax.Array]:
+        """The decoder's output at every level, coarsest (H/2**(len(widths)-2)) first, full resolution last."""
         n, h, w, c = x.shape
         if h % self.divisor or w % self.divisor:
             raise ValueError(
@@ -99,6 +120,8 @@ class ResUNet(nnx.Module):
             skips.append(x)
             x = nnx.max_pool(x, (2, 2), strides=(2, 2))
         x = self.bottleneck(x)
+        levels = []
         for up, block, skip in zip(self.upsamples, self.decoder, reversed(skips)):
             x = block(jnp.concatenate([up(x), skip], axis=-1))
-        return self.out(x)
+            levels.append(x)
+        return levels

@@ -70,6 +70,8 @@ FIELDS = {
     "backbone": "model.backbone",
     "widths": "model.resunet_widths",
     "segmenter": "model.segmenter",
+    "deep_supervision": "model.deep_supervision",
+    "crop": "data.crop",
     "sampling": "data.sampling",
     "uniform_share": "data.sampling_uniform_share",
     "samples_per_epoch": "data.samples_per_epoch",
@@ -165,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbone", choices=["resnet50", "resnet_tiny"], help="cls backbone (resnet_tiny: tests only)")
     a("--widths", type=_widths, metavar="W1,W2,...",
       help=f"seg ResUNet widths per level (default {','.join(map(str, d.model.resunet_widths))})")
+    a("--deep-supervision", action="store_true", default=None,
+      help="seg ResUNet: 1x1 output heads on the coarser decoder levels, trained with nnU-Net's deep-supervision loss "
+      "(weights halving per level, masks max-pooled); inference uses the full-resolution output only. A lever of "
+      "issue 11, not yet measured (default off)")
+    a("--crop", choices=["none", "brain"],
+      help="none: resize the whole slice to --image-size; brain: first crop each patient volume to the square around "
+      "the head (pixels above a small intensity, plus a margin), recorded in the checkpoint so inference crops and "
+      "maps masks back the same way. A lever of issue 11, not yet measured (default none)")
     a("--normalisation", choices=["image_zscore", "volume_zscore", "imagenet", "caffe"],
       help=f"intensity normalisation (default {d.data.normalisation}; with --backbone-weights, the weights' own)")
     a("--no-augment", dest="augment", action="store_false", default=None, help="turn training augmentation off")

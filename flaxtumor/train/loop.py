@@ -42,7 +42,7 @@ from flaxtumor.models.classifier import load_backbone, set_phase
 from flaxtumor.train import sharding
 from flaxtumor.checkpoints import export_inference, init_from
 from flaxtumor.train.checkpoint import TrainCheckpoints
-from flaxtumor.train.losses import LossFn, make_loss
+from flaxtumor.train.losses import LossFn, make_loss, uses_deep_supervision
 from flaxtumor.train.selection import Selection, make_selection
 from flaxtumor.train.validation import evaluate  # noqa: F401 (loop.evaluate: the tests score exports with it)
 
@@ -120,13 +120,16 @@ def choose_split(cfg: Config, patients: Sequence[Patient], saved: Path) -> Split
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def forward(model: nnx.Module, images: jax.Array, compute_dtype: Any) -> jax.Array:
-    """float32 logits; with bfloat16 compute the float32 master weights are cast for this call only."""
+def forward(model: nnx.Module, images: jax.Array, compute_dtype: Any, deep: bool = False) -> Any:
+    """float32 logits (`deep`: the tuple of `model.deep_logits`, for deep supervision); with bfloat16 compute the
+    float32 master weights are cast for this call only."""
+    call = (lambda m, x: m.deep_logits(x)) if deep else (lambda m, x: m(x))
+    as_f32 = lambda out: jax.tree.map(lambda a: a.astype(jnp.float32), out)  # noqa: E731
     if compute_dtype == jnp.float32:
-        return model(images).astype(jnp.float32)
+        return as_f32(call(model, images))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     low = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params), rest)
-    logits = low(images.astype(compute_dtype)).astype(jnp.float32)
+    logits = as_f32(call(low, images.astype(compute_dtype)))
     # BatchNorm statistics and RNG counters moved in the low-precision copy: keep them, in their own dtypes.
     moved = nnx.state(low, nnx.Not(nnx.Param))
     nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), moved, nnx.state(model, nnx.Not(nnx.Param))))
@@ -162,13 +165,14 @@ def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int, steps_per_epoc
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def make_train_step(loss_fn: LossFn, wrt: Any, dtype: Any) -> Callable[..., dict[str, jax.Array]]:
-    """One optimizer step on a global batch; model and optimizer are donated and updated in place."""
+def make_train_step(loss_fn: LossFn, wrt: Any, dtype: Any, deep: bool = False) -> Callable[..., dict[str, jax.Array]]:
+    """One optimizer step on a global batch; model and optimizer are donated and updated in place. `deep`: the loss
+    takes the model's deep-supervision outputs."""
 
     @nnx.jit(donate_argnums=(0, 1))
     def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         def loss_of(model: nnx.Module) -> jax.Array:
-            return loss_fn(forward(model, batch["image"], dtype), batch)
+            return loss_fn(forward(model, batch["image"], dtype, deep), batch)
 
         loss, grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt))(model)
         grad_norm = optax.tree.norm(grads)
@@ -366,7 +370,7 @@ def set_up(cfg: Config) -> Run:
     model, backbone = _build_model(cfg, mesh, split)
     return Run(
         cfg, out, mesh, batch_size, dtype, split, train_slices, selection, steps, checkpoints, latest, progress,
-        model, make_loss(tcfg), make_eval_step(dtype), plan_phases(tcfg), backbone,
+        model, make_loss(tcfg, uses_deep_supervision(cfg)), make_eval_step(dtype), plan_phases(tcfg), backbone,
     )
 
 
@@ -523,7 +527,7 @@ def run_phase(run: Run, index: int, phase: Phase) -> None:
         run.checkpoints.restore(run.latest, run.model, optimizer)
     elif index > 0:  # each phase fine-tunes the selection's model so far: the best, or (--fold all) the last
         run.checkpoints.restore(run.checkpoints.best_step(), run.model)
-    train_step = make_train_step(run.loss_fn, wrt, run.dtype)
+    train_step = make_train_step(run.loss_fn, wrt, run.dtype, uses_deep_supervision(run.cfg))
     if run.pretrained:
         what = {1: "backbone frozen", 2: "last stage unfrozen", 3: "whole backbone unfrozen"}[phase.number]
         run.say(f"phase {phase.number}: {what}, lr {phase.lr:g}")
@@ -546,7 +550,7 @@ def export(run: Run) -> dict[str, Any]:
     metadata = {
         "config": cfg.to_dict(),
         "task": tcfg.task,
-        "preprocessing": Preprocessing(cfg.data.image_size, cfg.data.normalisation).to_dict(),
+        "preprocessing": Preprocessing(cfg.data.image_size, cfg.data.normalisation, cfg.data.crop).to_dict(),
         # the task's own threshold: a classifier's tumour probability, a segmenter's mask probability
         "threshold": tcfg.cls_threshold if tcfg.task == "cls" else tcfg.mask_threshold,
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",

@@ -1,5 +1,5 @@
-"""Grain pipeline: batch shapes/dtypes, padding, determinism, exact resume, workers, per-process sharding, and parity
-with `preprocess`."""
+"""Grain pipeline: batch shapes/dtypes, padding, determinism, exact resume, workers, per-process sharding, parity
+with `preprocess`, and the brain crop (one box per patient, image and mask cut alike)."""
 
 from pathlib import Path
 
@@ -11,7 +11,8 @@ from flaxtumor.data.io import DataError, read_image
 from flaxtumor.data.lgg import Patient, discover
 from flaxtumor.data import pipeline
 from flaxtumor.data.pipeline import eval_batches, steps_per_epoch, train_batches
-from flaxtumor.data.preprocess import Preprocessing, preprocess
+from flaxtumor.data.io import read_mask
+from flaxtumor.data.preprocess import Preprocessing, crop_box, preprocess, resize_mask
 from flaxtumor.data.synthetic import write_synthetic_dataset
 
 SIZE = 32
@@ -80,6 +81,31 @@ def test_eval_equals_preprocess_of_the_volume(synthetic_patients: list[Patient],
     np.testing.assert_allclose(images, preprocess(volume, Preprocessing(SIZE, normalisation)), atol=1e-5)
 
 
+@pytest.mark.parametrize("normalisation", ["image_zscore", "volume_zscore"])
+def test_brain_crop_cuts_image_and_mask_with_the_patients_one_box(synthetic_patients, normalisation) -> None:
+    cfg = _cfg(normalisation=normalisation, crop="brain")
+    volumes = [np.stack([read_image(s.image_path) for s in p.slices]) for p in synthetic_patients[:2]]
+    boxes = [crop_box(v, "brain") for v in volumes]
+    assert boxes[0] != (0, 0, 256, 256)  # this patient's head leaves a border to crop
+    slices = [s for p in synthetic_patients[:2] for s in p.slices]
+    assert pipeline.patient_boxes(slices) == tuple(b for b, p in zip(boxes, synthetic_patients) for _ in p.slices)
+    batches = list(eval_batches(slices, cfg, 8))
+    images = np.concatenate([b["image"] for b in batches])[: len(slices)]
+    masks = np.concatenate([b["mask"] for b in batches])[: len(slices), ..., 0] > 0.5
+    spec = Preprocessing(SIZE, normalisation, crop="brain")
+    expected = np.concatenate([preprocess(v, spec) for v in volumes])
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    truth = [resize_mask(read_mask(s.mask_path)[b.rows, b.cols], (SIZE, SIZE))
+             for p, b in zip(synthetic_patients[:2], boxes) for s in p.slices]
+    assert any(t.any() for t in truth) and np.array_equal(masks, np.stack(truth))
+    # Training batches read the same cropped slices (augmentation off: exactly the eval rows, shuffled).
+    train = list(train_batches(slices, _cfg(normalisation=normalisation, crop="brain", augment=False), 8, 0, 0))
+    for b in train:
+        for row, i in enumerate(b["index"]):
+            np.testing.assert_allclose(b["image"][row], images[i], atol=1e-5)
+            assert np.array_equal(b["mask"][row, ..., 0] > 0.5, masks[i])
+
+
 def test_too_few_slices(slices: list) -> None:
     with pytest.raises(ValueError, match="cannot fill one batch"):
         train_batches(slices[:3], _cfg(), 8, seed=0, epoch=0)
@@ -99,9 +125,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list:
     seen: list = []
     load = pipeline._load
 
-    def counting(s, size):
+    def counting(s, size, box=None):
         seen.append(s.image_path)
-        return load(s, size)
+        return load(s, size, box)
 
     monkeypatch.setattr(pipeline, "_load", counting)
     monkeypatch.setattr(pipeline, "_memo", {})

@@ -1,9 +1,12 @@
-"""The one preprocessing function: sizes, dtypes and each normalisation's definition."""
+"""The one preprocessing function: sizes, dtypes, each normalisation's definition, and the brain crop's box and its
+way back."""
 
 import numpy as np
 import pytest
 
-from flaxtumor.data.preprocess import Preprocessing, preprocess, resize_mask
+from flaxtumor.data.preprocess import (
+    BRAIN_THRESHOLD, CROP_MARGIN, Box, Preprocessing, crop_box, preprocess, resize_mask, uncrop_mask,
+)
 
 
 @pytest.fixture
@@ -42,3 +45,76 @@ def test_resize_mask_is_nearest() -> None:
     mask[10:30, 10:20] = True
     small = resize_mask(mask, (20, 20))
     assert small.dtype == bool and small.sum() == 50
+
+
+# -- the brain crop ---------------------------------------------------------------------------------------------------
+
+
+def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: int) -> np.ndarray:
+    """uint8 (H, W, 3): a bright disc on black; its bounding box is centre +- radius."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = np.zeros((*shape, 3), np.uint8)
+    image[(yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2] = 180
+    return image
+
+
+def test_crop_box_of_a_volume_is_the_union_box_plus_margin_made_square() -> None:
+    m = CROP_MARGIN
+    # Two slices: the volume's box covers both discs, rows 30..70 and columns 40..60, so it is 41 tall, 21 wide.
+    volume = np.stack([_disc((128, 128), (40, 50), 10), _disc((128, 128), (60, 50), 10)])
+    box = crop_box(volume, "brain")
+    assert box.height == box.width == 41 + 2 * m
+    assert (box.top, box.left) == (30 - m, 50 - (41 + 2 * m) // 2)
+    assert crop_box(list(volume), "brain") == box  # a list of slices is the same volume
+    assert crop_box(volume[:1], "brain") == Box(30 - m, 40 - m, 21 + 2 * m, 21 + 2 * m)  # one slice: its own
+    assert crop_box(volume, "none") == Box(0, 0, 128, 128)
+
+
+def test_crop_box_is_clamped_into_the_image_and_empty_slices_give_the_whole_image() -> None:
+    corner = crop_box(_disc((100, 120), (5, 115), 4)[None], "brain")  # disc at the top-right corner
+    side = 9 + 2 * CROP_MARGIN
+    assert corner == Box(0, 120 - side, side, side)  # shifted inside, still square
+    wide = crop_box(_disc((40, 200), (20, 100), 18)[None], "brain")  # a square would be taller than the image
+    assert wide.top == 0 and wide.height == 40 and wide.width == 37 + 2 * CROP_MARGIN
+    black = np.zeros((3, 64, 80, 3), np.uint8)
+    black[:, 10, 10] = BRAIN_THRESHOLD  # at the threshold is still background
+    assert crop_box(black, "brain") == Box(0, 0, 64, 80)
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_a_mask_inside_the_box_survives_crop_and_uncrop(scale: int) -> None:
+    image = _disc((96, 96), (40, 44), 20)
+    box = crop_box(image[None], "brain")
+    assert box.height == box.width == 41 + 2 * CROP_MARGIN and box.height % 2 == 1
+    box = Box(box.top, box.left, box.height + 1, box.width + 1)  # an even side, so scale 2 is an integer scale
+    size = box.height // scale
+    # A mask that is constant on scale x scale blocks of the box, so nearest down- and up-sampling are exact.
+    coarse = np.zeros((size, size), bool)
+    coarse[size // 4 : size // 2, size // 3 : size - 3] = True
+    mask = np.zeros((96, 96), bool)
+    mask[box.rows, box.cols] = np.kron(coarse, np.ones((scale, scale), bool))
+    small = resize_mask(mask[box.rows, box.cols], (size, size))
+    assert np.array_equal(small, coarse)
+    assert np.array_equal(uncrop_mask(small, box, (96, 96)), mask)
+
+
+def test_cropped_preprocess_resizes_the_box_and_uncrop_of_the_whole_slice_is_resize_mask() -> None:
+    image = _disc((90, 90), (45, 45), 20)[None]
+    spec = Preprocessing(16, "image_zscore", crop="brain")
+    box = crop_box(image, "brain")
+    expected = preprocess(np.ascontiguousarray(image[:, box.rows, box.cols]), Preprocessing(16, "image_zscore"))
+    np.testing.assert_array_equal(preprocess(image, spec), expected)
+    mask = np.random.default_rng(0).random((16, 16)) > 0.5
+    assert np.array_equal(uncrop_mask(mask, Box(0, 0, 37, 53), (37, 53)), resize_mask(mask, (37, 53)))
+    pasted = uncrop_mask(np.ones((16, 16), bool), box, (90, 90))
+    assert pasted.sum() == box.height * box.width and pasted[box.rows, box.cols].all()
+
+
+def test_crop_in_the_spec_round_trips_and_old_specs_mean_none() -> None:
+    spec = Preprocessing(64, "image_zscore", crop="brain")
+    assert spec.to_dict()["crop"] == "brain" and Preprocessing.from_dict(spec.to_dict()) == spec
+    old = {"image_size": 64, "normalisation": "image_zscore"}  # metadata written before the crop existed
+    assert Preprocessing.from_dict(old).crop == "none"
+    assert Preprocessing.from_dict(old).to_dict() == old  # and it is written back exactly as it was
+    with pytest.raises(ValueError, match="crop"):
+        Preprocessing(64, "image_zscore", crop="skull")

@@ -93,3 +93,15 @@ def test_fold_and_sampling_flags_set_the_config(capsys):
     with pytest.raises(SystemExit):
         main(["--task", "seg", "--data", "synthetic", "--fold", "every"])
     assert "a fold number or 'all'" in capsys.readouterr().err
+
+
+def test_deep_supervision_and_crop_flags_set_the_config_and_default_off():
+    def parse(*argv):
+        return make_config(build_parser().parse_args(["--task", "seg", "--data", "synthetic", *argv]))
+
+    plain = parse()
+    assert plain.model.deep_supervision is False and plain.data.crop == "none"
+    on = parse("--deep-supervision", "--crop", "brain")
+    assert on.model.deep_supervision is True and on.data.crop == "brain"
+    with pytest.raises(SystemExit):
+        parse("--crop", "skull")

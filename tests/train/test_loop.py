@@ -145,3 +145,49 @@ def test_resume_with_fewer_epochs_stops_the_run_and_exports_its_best(tmp_path, m
     assert summary["best_step"] == best["step"]
     model, metadata = load_inference(summary["checkpoint"])
     assert metadata["best"]["step"] == best["step"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deep_supervision_train_step_trains_the_heads_too(tmp_path, precision):
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from flaxtumor.models import build_model
+    from flaxtumor.train.losses import make_loss
+
+    cfg = tiny_config(tmp_path, "seg", **{"model.resunet_widths": (4, 8, 16), "model.deep_supervision": True})
+    model = build_model(cfg, nnx.Rngs(0))
+    model.train()
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    step = loop.make_train_step(make_loss(cfg.train, deep_supervision=True), nnx.Param,
+                                loop.compute_dtype(precision), deep=True)
+    head = np.asarray(model.aux_heads[0].kernel[...]).copy()
+    mask = np.zeros((4, 16, 16, 1), np.float32)
+    mask[:, 5:9, 6:10] = 1.0
+    batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32),
+             "mask": jnp.asarray(mask), "label": jnp.ones((4,))}
+    result = step(model, optimizer, batch)
+    assert np.isfinite(float(result["loss"])) and float(result["grad_norm"]) > 0
+    assert not np.array_equal(np.asarray(model.aux_heads[0].kernel[...]), head)  # the auxiliary loss reached its head
+
+
+def test_deep_supervision_and_brain_crop_run_export_and_serve(tmp_path):
+    from flaxtumor.data.io import read_image
+    from flaxtumor.data.preprocess import crop_box
+    from flaxtumor.inference import Pipeline
+
+    cfg = tiny_config(tmp_path, "seg", **{"train.epochs": 1, "model.resunet_widths": (4, 8, 16),
+                                          "model.deep_supervision": True, "data.crop": "brain"})
+    summary = loop.run(cfg)
+    assert np.isfinite(summary["history"][0]["train_loss"])
+    model, metadata = load_inference(summary["checkpoint"])
+    assert metadata["preprocessing"]["crop"] == "brain" and metadata["config"]["model"]["deep_supervision"]
+    assert len(model.aux_heads) == 1  # restored with its head; serving calls the full-resolution output only
+    pipeline = Pipeline(model, model, metadata, metadata)  # the segmenter as both: only `segment` is used
+    val = select(load_dataset(cfg.data), metadata["split"]["val"])[0]
+    images = [read_image(s.image_path) for s in val.slices]
+    box = crop_box(images, "brain")
+    masks = pipeline.segment(images, volume=True, point=pipeline.point.override(mask_threshold=0.0))
+    assert all(m.shape == images[0].shape[:2] and m[box.rows, box.cols].all() and m.sum() == box.height * box.width
+               for m in masks)  # threshold 0: the whole box, nothing outside it
