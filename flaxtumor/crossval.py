@@ -4,7 +4,8 @@ Fold k (0-based) is `train.py --fold k --folds K` run in OUT/fold_<k>/: the fold
 stratified by tumour share) are its validation set and every other patient trains. Then every patient is predicted by
 the one fold model that never trained on it, and the results go to
 - OUT/oof/<patient_id>.npz: the probability volume (seg: (D, S, S) float16 at the model's input size S; cls: (D,)),
-  the slice numbers and the fold;
+  the slice numbers, the fold and the crop box the model saw (top, left, height, width in input pixels; masks go back
+  to the slices' size through it, as in the pipeline);
 - OUT/crossval.json: per-patient scores and the headline metrics with bootstrap 95% intervals over patients; for seg
   the post-processing chosen on the out-of-fold predictions (`postprocessing`); and `recommended_epochs`, the median
   over folds of each fold's best epoch, for the model trained on every patient (`train.py --fold all`), whose command
@@ -35,7 +36,7 @@ from flaxtumor import metrics as M
 from flaxtumor.config import Config
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Patient, load_split
-from flaxtumor.data.preprocess import preprocess, resize_mask
+from flaxtumor.data.preprocess import Box, crop_box, preprocess, uncrop_mask
 from flaxtumor.operating_point import OPERATING_POINT_FILE, gate_and_postprocess, write_operating_point
 
 CV_FILE = "crossval.json"
@@ -51,6 +52,7 @@ class OutOfFold:
     fold: int
     probabilities: np.ndarray  # seg: float16 (D, S, S) at the model's input size; cls: float32 (D,)
     slice_index: np.ndarray  # (D,) slice numbers, in order
+    box: Box | None = None  # the crop the model saw, in input pixels (None: the whole slice)
 
 
 def fold_dir(out: Path, fold: int) -> Path:
@@ -128,16 +130,19 @@ def predict_fold(
     results = []
     for p in patients:
         volume = np.stack([read_image(s.image_path) for s in p.slices])
-        probs = predict(preprocess(volume, spec))
+        box = crop_box(volume, spec.crop)  # kept, so masks go back through the crop the model saw
+        probs = predict(preprocess(volume, spec, box=box))
         # Volumes are stored (and so scored) in float16: a probability needs 3 digits, and the files stay small.
         probs = probs[..., 0].astype(np.float16) if probs.ndim == 4 else probs
-        results.append(OutOfFold(p.patient_id, fold, probs, np.array([s.slice_index for s in p.slices])))
+        results.append(OutOfFold(p.patient_id, fold, probs, np.array([s.slice_index for s in p.slices]), box))
     return results, metadata
 
 
 def save_oof(result: OutOfFold, folder: Path) -> Path:
     path = Path(folder) / f"{result.patient_id}.npz"
-    np.savez_compressed(path, probabilities=result.probabilities, slice_index=result.slice_index, fold=result.fold)
+    box = () if result.box is None else tuple(result.box)
+    np.savez_compressed(path, probabilities=result.probabilities, slice_index=result.slice_index, fold=result.fold,
+                        box=np.array(box, np.int64))
     return path
 
 
@@ -149,7 +154,8 @@ def _oof_masks(r: OutOfFold, patient: Patient, threshold: float) -> tuple[np.nda
     """(predicted masks, truth) of one patient at the slices' own size, as the pipeline returns them."""
     truth = _truth(patient)
     truth = np.stack([t if t is not None else np.zeros(r.probabilities.shape[1:], bool) for t in truth])
-    preds = np.stack([resize_mask(p >= threshold, t.shape) for p, t in zip(r.probabilities, truth)])
+    box = r.box or Box(0, 0, *truth.shape[1:])
+    preds = np.stack([uncrop_mask(p >= threshold, box, t.shape) for p, t in zip(r.probabilities, truth)])
     return preds, truth
 
 

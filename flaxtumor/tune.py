@@ -121,7 +121,7 @@ def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float
     base = {"tta": False, "threshold": 0.5, "min_tumour_area": 0.0, "postprocess": "none"}
     classifier_gate_only = [(p, s) for p, s in grid
                             if p["min_tumour_area"] == 0 and p["postprocess"] == "none" and not p["tta"]]
-    best_threshold = max(classifier_gate_only, key=lambda item: item[1]["per_patient_dice_mean"])[0]
+    best_threshold = max(classifier_gate_only, key=key)[0]  # the same rule as the chosen point, ties included
     area = best["min_tumour_area"] or MIN_AREAS[1]  # the classifier-off row needs an area for its calls
     ablation = [
         row("segmenter alone (no gate)", base, gate=False),

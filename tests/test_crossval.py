@@ -209,3 +209,22 @@ def test_the_candidates_call_slices_by_area_alone_whatever_a_classifier_says():
         assert calls.tolist() == ([True, False, False] if point.gate else [False] * 3)
         outcomes.add(int(final.sum()))
     assert outcomes == {101, 100}  # the 1-px mask survives only without the gate and without a component floor
+
+
+def test_out_of_fold_masks_go_back_through_the_crop_the_model_saw(tmp_path):
+    """A brain-cropped fold model predicts in the crop's frame: its masks land inside the box at the slices' size."""
+    from types import SimpleNamespace
+
+    from flaxtumor.data.preprocess import Box
+
+    patient = SimpleNamespace(slices=[SimpleNamespace(mask_path=None)] * 2)  # no truth: empty 40x40 masks
+    probs = np.ones((2, 4, 4), np.float16)
+    result = crossval.OutOfFold("p", 0, probs, np.arange(2), Box(8, 4, 20, 20))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(crossval, "_truth", lambda p: [np.zeros((40, 40), bool)] * 2)
+        preds, _ = crossval._oof_masks(result, patient, 0.5)
+    expected = np.zeros((40, 40), bool)
+    expected[8:28, 4:24] = True
+    assert preds.shape == (2, 40, 40) and (preds == expected).all()
+    saved = np.load(crossval.save_oof(result, tmp_path))
+    assert tuple(saved["box"]) == (8, 4, 20, 20)
