@@ -37,7 +37,7 @@ from flaxtumor.config import Config
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Patient, load_split
 from flaxtumor.data.preprocess import Box, crop_box, preprocess, uncrop_mask
-from flaxtumor.operating_point import OPERATING_POINT_FILE, gate_and_postprocess, write_operating_point
+from flaxtumor.operating_point import OPERATING_POINT_FILE, choice_key, gate_and_postprocess, write_operating_point
 
 CV_FILE = "crossval.json"
 OOF_DIR = "oof"
@@ -207,20 +207,27 @@ def postprocessing_candidates(mask_threshold: float = 0.5) -> list[Any]:
 
 
 def choose_postprocessing(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float) -> dict:
-    """nnU-Net's way: every candidate scored on the out-of-fold predictions; the best mean per-patient Dice wins, ties
-    going to the simpler point (no gate, then no rule). Returns the candidates' scores and the chosen point."""
+    """nnU-Net's way: every candidate scored on the out-of-fold predictions and chosen by the rule `tune` uses
+    (`operating_point.choice_key`: Dice, then the slice calls' Youden's J, then the simpler point). With the classifier
+    off a slice is called tumour exactly when its final mask is drawn. Returns the candidates' scores and the choice."""
     rows, candidates = [], postprocessing_candidates(threshold)
+    masks = {r.patient_id: _oof_masks(r, patients[r.patient_id], threshold) for r in results}
     for point in candidates:
-        per_patient = {}
-        for r in results:
-            preds, truth = _oof_masks(r, patients[r.patient_id], threshold)
+        per_patient, calls, labels = {}, [], []
+        for pid, (preds, truth) in masks.items():
             _, final = gate_and_postprocess(np.zeros(len(preds)), preds, point)
-            per_patient[r.patient_id] = M.dice(final, truth)
+            per_patient[pid] = M.dice(final, truth)
+            calls.append(final.any(axis=(1, 2)))
+            labels.append(truth.any(axis=(1, 2)))
         summary = M.summarise_patient_dice(per_patient)
+        calls, labels = np.concatenate(calls), np.concatenate(labels)
         rows.append({"min_tumour_area": point.min_tumour_area, "gate": point.gate, "postprocess": point.postprocess,
-                     "mean": summary["mean"], "median": summary["median"], "worst": summary["min"]})
-    best = max(range(len(rows)), key=lambda i: (round(rows[i]["mean"], 4), -rows[i]["gate"],
-                                                  -(rows[i]["postprocess"] != "none")))
+                     "mean": summary["mean"], "median": summary["median"], "worst": summary["min"],
+                     "sensitivity": float(calls[labels].mean()) if labels.any() else float("nan"),
+                     "specificity": float((~calls[~labels]).mean()) if (~labels).any() else float("nan")})
+    best = max(range(len(rows)), key=lambda i: choice_key(rows[i]["mean"], rows[i]["sensitivity"],
+                                                            rows[i]["specificity"], False, rows[i]["postprocess"],
+                                                            rows[i]["min_tumour_area"]))
     return {"candidates": rows, "chosen": rows[best], "point": candidates[best]}
 
 
@@ -233,7 +240,8 @@ def write_pipeline(out: Path, choice: dict, scores: dict, folds: int) -> Path:
         "split": f"out-of-fold predictions of {folds}-fold cross-validation over {len(patients)} patients: each "
                  f"patient predicted once, by the fold model that did not train on it ({CV_FILE})",
         "criterion": "mean per-patient volumetric Dice (empty-vs-empty patients excluded); ties (equal to 4 decimals) "
-                     "to the simpler point: no area gate, then no post-processing",
+                     "to the higher Youden's J of the slice calls (a slice is called when its mask is drawn), then to "
+                     "the simpler point: no post-processing, then no area gate",
         "candidates": [{k: c[k] for k in ("min_tumour_area", "gate", "postprocess")} for c in choice["candidates"]],
         "classifier": "not searched: no out-of-fold classifier probabilities exist, so the classifier is off "
                       "(threshold null: it flags no slice); slices are called by the segmenter's area alone (gate on) "

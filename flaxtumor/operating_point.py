@@ -162,6 +162,22 @@ class OperatingPoint:
         return dataclasses.replace(base, **changes)
 
 
+def youden_j(sensitivity: float, specificity: float) -> float:
+    """Sensitivity + specificity - 1 of the slice calls; -inf when either is undefined (one class only)."""
+    j = sensitivity + specificity - 1.0
+    return -math.inf if math.isnan(j) else j
+
+
+def choice_key(dice_mean: float, sensitivity: float, specificity: float, tta: bool, postprocess: str,
+               min_tumour_area: float) -> tuple:
+    """THE rule that picks an operating point (`tune` on validation patients, `crossval` on out-of-fold predictions):
+    the best mean per-patient Dice, where a tie is equal to 4 decimals; ties go to the slice calls' Youden's J, so
+    neither sensitivity nor specificity is bought with the other for no Dice; then to the simpler setting (no TTA,
+    then no post-processing, then no fused area gate). Larger is better."""
+    return (round(dice_mean, 4), youden_j(sensitivity, specificity), -tta, -(postprocess != "none"),
+            -(min_tumour_area > 0))
+
+
 def read_operating_point(dir: str | Path, defaults: OperatingPoint | None = None) -> tuple[OperatingPoint, dict]:
     """(the point in DIR/pipeline.json over `defaults`, the file's whole content for the record: provenance,
     validation scores, ablation). No file: (`defaults`, {}). A malformed file is an error naming it."""

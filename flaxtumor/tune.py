@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +28,8 @@ from flaxtumor.data.lgg import Patient, load_dataset, select
 from flaxtumor.evaluate import load_volume, missing_checkpoints
 from flaxtumor.inference import Pipeline
 from flaxtumor.operating_point import (
-    OPERATING_POINT_FILE, SAFE_POSTPROCESS_RULES, OperatingPoint, gate_and_postprocess, write_operating_point,
+    OPERATING_POINT_FILE, SAFE_POSTPROCESS_RULES, OperatingPoint, choice_key, gate_and_postprocess,
+    write_operating_point,
 )
 
 # Ties in Dice used to go to sensitivity, which pushed the shipped threshold to this grid's lower edge (0.05, slice-call
@@ -89,12 +89,6 @@ def tune(pipeline: Pipeline, patients: Sequence[Patient], thresholds: Sequence[f
                   thresholds, source)
 
 
-def youden_j(scores: dict[str, float]) -> float:
-    """Sensitivity + specificity - 1 of the slice calls; -inf when either is undefined (one class only)."""
-    j = scores["detection_sensitivity"] + scores["detection_specificity"] - 1.0
-    return -math.inf if math.isnan(j) else j
-
-
 def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float, patient_ids: Sequence[str],
            thresholds: Sequence[float] = THRESHOLDS, source: str = VAL_PATIENTS) -> dict[str, Any]:
     """The operating point (best per-patient Dice over the grid), its validation scores and the ablation."""
@@ -106,13 +100,10 @@ def choose(raws: dict[bool, list[tuple[np.ndarray, ...]]], mask_threshold: float
     for tta, threshold, area, rule in itertools.product((False, True), thresholds, MIN_AREAS, SAFE_POSTPROCESS_RULES):
         p = {"tta": tta, "threshold": threshold, "min_tumour_area": area, "postprocess": rule}
         grid.append((p, score(raws[tta], point_of(p))))
-    # Best mean per-patient Dice (a tie: equal to 4 decimals); ties go to the better slice calls by Youden's J, so
-    # neither sensitivity nor specificity is bought with the other for no Dice, then to the simpler setting (no TTA,
-    # no post-processing, no fusion).
-    def key(item):
-        point, s = item
-        return (round(s["per_patient_dice_mean"], 4), youden_j(s), -point["tta"], -(point["postprocess"] != "none"),
-                -(point["min_tumour_area"] > 0))
+    def key(item):  # operating_point.choice_key: Dice, then Youden's J, then the simpler setting
+        p, s = item
+        return choice_key(s["per_patient_dice_mean"], s["detection_sensitivity"], s["detection_specificity"],
+                          p["tta"], p["postprocess"], p["min_tumour_area"])
     best, best_scores = max(grid, key=key)
 
     def row(name: str, point: dict[str, Any], gate: bool = True) -> dict[str, Any]:
