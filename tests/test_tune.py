@@ -139,3 +139,15 @@ def test_cli_searches_the_thresholds_it_is_given(tiny, tmp_path, capsys):  # noq
     assert point["tuned_on"]["grid"]["threshold"] == [0.02, 0.6] and point["threshold"] in (0.02, 0.6)
     assert main(base + ["--thresholds", "1.5"]) == 2
     assert "--thresholds must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_choice_key_orders_dice_then_youden_j_then_simplicity():
+    from flaxtumor.operating_point import choice_key
+
+    base = dict(tta=False, postprocess="none", min_tumour_area=0.0)
+    assert choice_key(0.85, 0.5, 0.5, **base) > choice_key(0.84, 1.0, 1.0, **base)  # Dice first
+    assert choice_key(0.84001, 0.9, 0.9, **base) > choice_key(0.83996, 1.0, 0.7, **base)  # a Dice tie goes to J
+    simpler = choice_key(0.84, 0.9, 0.9, **base)
+    assert simpler > choice_key(0.84, 0.9, 0.9, tta=False, postprocess="drop_small_0.002", min_tumour_area=0.0)
+    assert simpler > choice_key(0.84, 0.9, 0.9, tta=False, postprocess="none", min_tumour_area=0.001)
+    assert choice_key(0.84, float("nan"), 0.9, **base) < choice_key(0.84, 0.1, 0.1, **base)  # undefined J is worst
