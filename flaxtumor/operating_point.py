@@ -117,6 +117,11 @@ class OperatingPoint:
             raise ValueError(f"'postprocess' must be one of {sorted(POSTPROCESS_RULES)}, got {self.postprocess!r}")
 
     @property
+    def threshold_label(self) -> str:
+        """How reports name the classifier threshold: "threshold 0.15", or "classifier off" (inf)."""
+        return "classifier off" if self.threshold == math.inf else f"threshold {self.threshold:.2f}"
+
+    @property
     def lcc(self) -> bool:
         """Whether the post-processing keeps the largest 3D component."""
         return self.postprocess == "largest_component"

@@ -70,3 +70,12 @@ def test_the_shipped_operating_point_uses_a_safe_rule():
 
     point, _ = read_operating_point(Path(__file__).resolve().parents[1] / "checkpoints")
     assert point.postprocess in SAFE_POSTPROCESS_RULES, point.postprocess
+
+
+def test_reports_name_the_threshold_or_say_the_classifier_is_off():
+    import math
+
+    from flaxtumor.operating_point import OperatingPoint
+
+    assert OperatingPoint(threshold=0.15).threshold_label == "threshold 0.15"
+    assert OperatingPoint(threshold=math.inf).threshold_label == "classifier off"

@@ -146,7 +146,7 @@ def _dice_text(report: PatientReport) -> str:
 def summary_markdown(reports: Sequence[PatientReport], point: OperatingPoint, spacing: float | None,
                      thickness: float | None) -> str:
     n = sum(len(r.rows) for r in reports)
-    head = (f"**{plural(len(reports), 'patient')}, {plural(n, 'slice')}**; threshold {point.threshold:.2f}, "
+    head = (f"**{plural(len(reports), 'patient')}, {plural(n, 'slice')}**; {point.threshold_label}, "
             f"post-processing {md_code(point.postprocess)} (per patient).")
     parts = [head, *(patient_summary(r, spacing, thickness) for r in reports)]
     if any(r.volume.truth is not None for r in reports):

@@ -222,7 +222,7 @@ class App:
         h, w = mask.shape
         warning = f"⚠️ **Warning: {volume.warnings[0]}.**\n\n" if volume.warnings[0] else ""
         details = (f"{warning}**{verdict}**: {VERDICT_MEANINGS[verdict]}.\n\n{md_code(volume.patient)}: {w}x{h} px, "
-                   f"brain area {int(brain.sum())} px; threshold {point.threshold:.2f}, post-processing "
+                   f"brain area {int(brain.sum())} px; {point.threshold_label}, post-processing "
                    f"{md_code(point.postprocess)}.")
         thumb = analysis.thumbnail(0, 0)
         caption = legend_html(f"Predicted tumour: {report.short_name(volume.patient)}", mask, None, display)
