@@ -6,6 +6,11 @@
   on a complete file.
 - `no_stray_temp_files(component)`: `gr.File` creates an empty `NamedTemporaryFile` in its cache for every file it
   hands to a function, and never deletes it; the path it returns is the upload itself. Same result without the file.
+- `function_defaults(blocks)`: Gradio gives an API parameter its component's initial value as the default (the value
+  `gradio_client` and `/call/v2` send when a client omits it), not the endpoint function's. The classifier-gate
+  checkbox starts unticked when the shipped point has the classifier off, so a client that knows nothing of the gate
+  and passes a threshold would have it silently ignored; with the function's default (None: "as the threshold says")
+  it applies, as it did before the gate existed.
 
 `tests/ui/test_gradio_patches.py` fails when Gradio is upgraded past `TARGET_VERSION` or when upstream's code no
 longer has the bug a patch works around: then re-check, and delete the patch that is no longer needed.
@@ -13,6 +18,8 @@ longer has the bug a patch works around: then re-check, and delete the patch tha
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +32,7 @@ TARGET_VERSION = "6.31.0"  # the gradio pin these patches were written and teste
 UPSTREAM_BUGS = {
     "atomic_image_cache": ("gradio.processing_utils.save_pil_to_cache", ".write_bytes(bytes_data)"),
     "no_stray_temp_files": ("gradio.File._process_single_file", "tempfile.NamedTemporaryFile(delete=False"),
+    "function_defaults": ("gradio.Blocks.get_api_info", 'parameter_default = component["props"]["value"]'),
 }
 
 
@@ -58,3 +66,29 @@ def no_stray_temp_files(component: gr.File) -> gr.File:
     assert component.type == "filepath" and not component.file_types  # the only case this replaces
     component._process_single_file = lambda f: NamedString(f.path)  # type: ignore[method-assign]
     return component
+
+
+def function_defaults(blocks: gr.Blocks) -> gr.Blocks:
+    """`blocks`' named endpoints default each parameter to its function's declared default, where there is one; the
+    others keep Gradio's (the component's initial value). Idempotent; patches this instance only."""
+    original = blocks.get_api_info
+    if getattr(original, "flaxtumor_function_defaults", False):
+        return blocks
+
+    @functools.wraps(original)  # keeps the signature: Gradio inspects it for `page`
+    def get_api_info(*args: object, **kwargs: object) -> object:
+        info = original(*args, **kwargs)
+        for fn in blocks.fns.values():
+            endpoint = info["named_endpoints"].get(f"/{fn.api_name}") if fn.fn and fn.api_name else None
+            if endpoint is None:
+                continue
+            declared = inspect.signature(fn.fn).parameters  # through functools.wraps to the endpoint function
+            for parameter in endpoint["parameters"]:
+                own = declared.get(parameter.get("parameter_name", ""))
+                if own is not None and own.default is not inspect.Parameter.empty:
+                    parameter["parameter_has_default"], parameter["parameter_default"] = True, own.default
+        return info
+
+    get_api_info.flaxtumor_function_defaults = True  # type: ignore[attr-defined]
+    blocks.get_api_info = get_api_info  # type: ignore[method-assign]
+    return blocks

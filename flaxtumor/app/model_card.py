@@ -1,4 +1,5 @@
-"""The model-card panel as Markdown tables, and the threshold slider's help, from `Pipeline.summary()`.
+"""The model-card panel as Markdown tables, and the threshold slider's and classifier gate's help, from
+`Pipeline.summary()` and the operating point.
 
 Everything is read generically from the summary (the checkpoints' metadata and `pipeline.json` as recorded), so a
 retrained model or a re-tuned `pipeline.json` shows up without code changes: the operating point, how it was chosen
@@ -42,12 +43,33 @@ _METRIC_NOTES = {
 _LIST_SHOWN = 8  # longer lists are abbreviated: first three, last, and the count
 
 
-def threshold_info(min_tumour_area: float) -> str:
-    """The slider's help: with a fused gate the classifier threshold is not the only way a slice is called tumour."""
+def classifier_off_rule(min_tumour_area: float, gate: bool = True) -> str:
+    """What calls a slice tumour when the classifier is off (it flags no slice), in words."""
+    if not gate:
+        return "no gate empties a mask, so a slice is called tumour wherever the segmenter outlines a region"
+    if min_tumour_area > 0:
+        return (f"a slice is called tumour only when the segmenter outlines at least {min_tumour_area:.2%} of it "
+                "(the fused gate)")
+    return "without a fused gate every mask is emptied, so no slice is called tumour"
+
+
+def threshold_info(min_tumour_area: float, classifier_on: bool = True, gate: bool = True) -> str:
+    """The slider's help: with a fused gate the classifier threshold is not the only way a slice is called tumour;
+    when the checkpoints' point has the classifier off, it says so and what calls a slice tumour instead."""
+    if not classifier_on:
+        return (f"The checkpoints' operating point has the classifier off: it flags no slice, and "
+                f"{classifier_off_rule(min_tumour_area, gate)}. Tick “Classifier gate” to also call a slice tumour "
+                "when its tumour probability is at least this.")
     text = "A slice is called tumour when its tumour probability is at least this"
     if min_tumour_area > 0:
         text += f", or when the segmenter outlines at least {min_tumour_area:.2%} of it (the fused gate)"
     return text + "; the default is the checkpoints' operating point."
+
+
+def classifier_info(min_tumour_area: float, gate: bool = True) -> str:
+    """The classifier gate's help: what each state does."""
+    return (f"Ticked: the threshold below applies. Unticked: the classifier flags no slice, and "
+            f"{classifier_off_rule(min_tumour_area, gate)}.")
 
 
 def model_card_markdown(summary: dict[str, Any]) -> str:
@@ -78,8 +100,15 @@ def _point_section(point: dict[str, Any], record: dict[str, Any]) -> str:
     source = ("from `pipeline.json`" if record else
               "no `pipeline.json`: the checkpoints' own thresholds, no post-processing")
     rows = [f"| `{k}` | {_setting(k, v)} | {_POINT_MEANINGS.get(k, '')} |" for k, v in point.items()]
-    return (f"**Operating point** (the app's defaults; {source})\n\n| setting | value | what it does |\n|---|---|---|\n"
+    text = (f"**Operating point** (the app's defaults; {source})\n\n| setting | value | what it does |\n|---|---|---|\n"
             + "\n".join(rows))
+    if "threshold" in point and _is_off(point["threshold"]):
+        area = point.get("min_tumour_area")
+        area = float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else 0.0
+        text += (f"\n\n**The classifier is off** at this operating point: it flags no slice, and "
+                 f"{classifier_off_rule(area, point.get('gate') is not False)}. Its tumour probabilities are still "
+                 "shown; tick “Classifier gate” to apply a threshold to them.")
+    return text
 
 
 def _validation_section(validation: dict[str, Any], tuned_on: Any) -> str:
@@ -162,9 +191,14 @@ def _flat(d: dict[str, Any], prefix: str = "", keep_lists: bool = False) -> list
     return out
 
 
+def _is_off(threshold: Any) -> bool:
+    """A threshold that means the classifier is off: inf, or null as `pipeline.json` stores it."""
+    return threshold is None or (isinstance(threshold, float) and math.isinf(threshold))
+
+
 def _setting(key: str, value: Any) -> str:
     """An operating-point value exactly as stored; a missing threshold (stored as null) is the classifier off."""
-    if key == "threshold" and (value is None or (isinstance(value, float) and math.isinf(value))):
+    if key == "threshold" and _is_off(value):
         return "∞ (classifier off)"
     return _cell(value)
 

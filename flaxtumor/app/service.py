@@ -5,13 +5,14 @@ Two kinds of request:
 - **analyse** (`analyse_slice`, `run_example`, `analyse_patient`): the only ones that run the models. Per patient,
   the classifier's probabilities and the segmenter's ungated masks (`Pipeline.tumour_probabilities` and
   `Pipeline.segment` on the stack as one volume, as `evaluate` runs them) go into the `AnalysisStore` behind a token;
-- **render** (`render_slice`, `render_patient`, `view`): threshold and post-processing re-run
+- **render** (`render_slice`, `render_patient`, `view`): threshold, classifier gate and post-processing re-run
   `operating_point.gate_and_postprocess` on the stored raw outputs (`FinalMasks`); opacity and toggles re-draw.
 An analysis renders itself once at the request's point, so both give the same results.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -37,6 +38,10 @@ from flaxtumor.truth import slice_dice
 # Names other modules and tests have imported from here.
 from flaxtumor.app.report import PATIENT_COLUMNS  # noqa: F401
 
+CLASSIFIER_FIELD = "Classifier gate"  # the checkbox's label, which names it in errors
+# The threshold a classifier turned back on gets when the request gives none and the pipeline's point has the
+# classifier off (no tuned threshold exists then); the slider starts there too.
+CLASSIFIER_ON_THRESHOLD = 0.5
 MAX_SPACING_MM, MAX_THICKNESS_MM = 10.0, 50.0  # MRI: ~0.2-2 mm pixels, 1-10 mm slices; larger is a typo
 UPLOADED = "uploaded"  # the patient of loose files without a kaggle-style patient prefix
 EXPIRED = "This result has expired (results are kept for an hour, for a limited number of users): analyse it again."
@@ -140,11 +145,22 @@ class App:
         self._gradcam_lock = threading.Lock()
 
     # -- request fields ------------------------------------------------------------------------------------------------
-    def point(self, threshold: Any, postprocess: Any) -> OperatingPoint:
-        """The request's operating point: the pipeline's, with the request's threshold and post-processing rule. A
-        value per call, so concurrent requests never see each other's settings."""
+    def point(self, threshold: Any, postprocess: Any, classifier: Any = None) -> OperatingPoint:
+        """The request's operating point: the pipeline's, with the request's threshold, post-processing rule and
+        classifier gate. A value per call, so concurrent requests never see each other's settings.
+
+        `classifier` False turns the classifier off (threshold inf; a given threshold is still checked, then kept
+        aside); True applies the threshold (given, else the pipeline's, else `CLASSIFIER_ON_THRESHOLD` when the
+        pipeline's classifier is off); None (clients older than the gate) applies a given threshold and otherwise
+        keeps the pipeline's, which may be off."""
         threshold = number_field(threshold, "Classification threshold", 0.0, 1.0, include_low=True)
-        return self.pipeline.point.override(threshold=threshold, postprocess=postprocess_field(postprocess))
+        on = None if classifier is None else bool_field(classifier, CLASSIFIER_FIELD)
+        base = self.pipeline.point
+        if on is False:
+            threshold = math.inf
+        elif on and threshold is None and base.threshold == math.inf:
+            threshold = CLASSIFIER_ON_THRESHOLD
+        return base.override(threshold=threshold, postprocess=postprocess_field(postprocess))
 
     @staticmethod
     def display(opacity: Any, prediction: Any = True, truth: Any = True) -> Display:
@@ -184,8 +200,8 @@ class App:
 
     # -- single slice --------------------------------------------------------------------------------------------------
     def analyse_slice(self, path: str | Path | None, threshold: Any, postprocess: Any,
-                      display: Display = Display()) -> SliceResult:
-        point = self.point(threshold, postprocess)
+                      display: Display = Display(), classifier: Any = None) -> SliceResult:
+        point = self.point(threshold, postprocess, classifier)
         upload = self._load([path], lambda: self._read_slice(path))
         # A slice is a volume of one: the largest component is then the largest 2D blob.
         probabilities, raw = self._raw([upload.image])
@@ -198,13 +214,14 @@ class App:
         return self._render_slice(self._analysis(self.store.put("slice", [new])), point, display)
 
     def run_example(self, name: str | None, threshold: Any, postprocess: Any,
-                    display: Display = Display()) -> SliceResult:
+                    display: Display = Display(), classifier: Any = None) -> SliceResult:
         if name not in self.examples.slices:
             raise UploadError(f"Unknown example {name!r}; choose one of {', '.join(self.examples.slices) or 'none'}.")
-        return self.analyse_slice(self.examples.slices[name], threshold, postprocess, display)
+        return self.analyse_slice(self.examples.slices[name], threshold, postprocess, display, classifier)
 
-    def render_slice(self, token: Any, threshold: Any, postprocess: Any, display: Display) -> SliceResult:
-        return self._render_slice(self._analysis(token), self.point(threshold, postprocess), display)
+    def render_slice(self, token: Any, threshold: Any, postprocess: Any, display: Display,
+                     classifier: Any = None) -> SliceResult:
+        return self._render_slice(self._analysis(token), self.point(threshold, postprocess, classifier), display)
 
     def _render_slice(self, analysis: Analysis, point: OperatingPoint, display: Display) -> SliceResult:
         volume = analysis.volumes[0]
@@ -237,20 +254,20 @@ class App:
     # -- whole patients ------------------------------------------------------------------------------------------------
     def analyse_patient(self, paths: Sequence[str | Path] | None, threshold: Any, postprocess: Any,
                         spacing_mm: Any = None, thickness_mm: Any = None,
-                        display: Display = Display()) -> PatientResult:
+                        display: Display = Display(), classifier: Any = None) -> PatientResult:
         # Fields first: a typo there should not cost the upload.
         spacing, thickness = self._lengths(spacing_mm, thickness_mm)
-        point = self.point(threshold, postprocess)
+        point = self.point(threshold, postprocess, classifier)
         volumes = self._load(list(paths or []), lambda: self._read_patient(paths))
         token = self.store.put("patient", volumes)
         return self._render_patient(self._analysis(token), point, spacing, thickness, display, None)
 
     def render_patient(self, token: Any, threshold: Any, postprocess: Any, spacing_mm: Any, thickness_mm: Any,
-                       display: Display, index: Any) -> PatientResult:
+                       display: Display, index: Any, classifier: Any = None) -> PatientResult:
         """Every patient output at another point; `index`: the slider's slice (1-based), kept in view."""
         spacing, thickness = self._lengths(spacing_mm, thickness_mm)
-        return self._render_patient(self._analysis(token), self.point(threshold, postprocess), spacing, thickness,
-                                    display, _index(index))
+        return self._render_patient(self._analysis(token), self.point(threshold, postprocess, classifier), spacing,
+                                    thickness, display, _index(index))
 
     @staticmethod
     def _lengths(spacing_mm: Any, thickness_mm: Any) -> tuple[float | None, float | None]:
@@ -285,9 +302,11 @@ class App:
         return PatientResult(report.summary_markdown(reports, point, spacing, thickness), frame, masks_zip,
                              analysis.token, analysis.count, index, self._view(analysis, point, display, index))
 
-    def view(self, token: Any, threshold: Any, postprocess: Any, display: Display, index: Any) -> View:
+    def view(self, token: Any, threshold: Any, postprocess: Any, display: Display, index: Any,
+             classifier: Any = None) -> View:
         """The patient viewer at the slider's `index` (1-based, over all patients of the analysis)."""
-        return self._view(self._analysis(token), self.point(threshold, postprocess), display, _index(index) or 0)
+        return self._view(self._analysis(token), self.point(threshold, postprocess, classifier), display,
+                          _index(index) or 0)
 
     def _view(self, analysis: Analysis, point: OperatingPoint, display: Display, index: int) -> View:
         k, i = analysis.locate(index)
@@ -361,5 +380,5 @@ def _index(value: Any) -> int | None:
         return None
 
 
-__all__ = ["App", "PatientResult", "SliceResult", "View", "Predictor", "group_patients", "postprocess_field",
-           "PATIENT_COLUMNS"]
+__all__ = ["App", "CLASSIFIER_FIELD", "CLASSIFIER_ON_THRESHOLD", "PatientResult", "SliceResult", "View", "Predictor",
+           "group_patients", "postprocess_field", "PATIENT_COLUMNS"]

@@ -4,9 +4,10 @@ truth when the user has it); verdicts, overlays, tumour burden, Dice against the
 `build_demo(pipeline)` wires the UI around an already loaded `flaxtumor.inference.Pipeline`; `main()` (in
 `flaxtumor.app.server`, also importable from here) is what `app.py` runs: load the checkpoints once, warm up, launch.
 
-Live controls: only **Analyse** (or an example) runs the models (`App.analyse_*`). The threshold and post-processing
-controls re-render every output from the analysis cached for the session (`App.render_*`), and opacity and the
-show/hide toggles re-draw the viewers (`App.view`), all without a model call; their events are private (not API).
+Live controls: only **Analyse** (or an example) runs the models (`App.analyse_*`). The threshold, classifier gate and
+post-processing controls re-render every output from the analysis cached for the session (`App.render_*`), and
+opacity and the show/hide toggles re-draw the viewers (`App.view`), all without a model call; their events are private
+(not API). An operating point with the classifier off (threshold inf) starts with the gate unticked.
 
 Files come in through `gr.File` (browsers cannot display TIFF) and are checked and decoded on the server by
 `flaxtumor.app.uploads`; every bad upload becomes a `gr.Error` naming the file, and the server stays up. Files and
@@ -16,6 +17,7 @@ state are private and bounded (`flaxtumor.app.state`, `flaxtumor.app.cache`); wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,10 @@ import gradio as gr
 
 from flaxtumor.app.errors import user_errors
 from flaxtumor.app.examples import default_examples_dir, find_examples
-from flaxtumor.app.gradio_patches import atomic_image_cache, no_stray_temp_files
-from flaxtumor.app.model_card import model_card_markdown, threshold_info
+from flaxtumor.app.gradio_patches import atomic_image_cache, function_defaults, no_stray_temp_files
+from flaxtumor.app.model_card import classifier_info, model_card_markdown, threshold_info
 from flaxtumor.app.render import DEFAULT_OPACITY
-from flaxtumor.app.service import App, PatientResult, Predictor, SliceResult
+from flaxtumor.app.service import CLASSIFIER_FIELD, CLASSIFIER_ON_THRESHOLD, App, PatientResult, Predictor, SliceResult
 from flaxtumor.app.state import private_root
 from flaxtumor.app.uploads import UploadLimits
 from flaxtumor.operating_point import POSTPROCESS_RULES
@@ -45,8 +47,8 @@ NOTICE = (
 HOW_TO = (
     "**How to use.** 1. Pick a tab: **Single slice** for one image, **Whole patient** for a patient's slices (image "
     "files, or a .zip of the patient's folder; add the `*_mask.*` files to compare with the ground truth) or NIfTI "
-    "volumes. 2. Upload, then press **Analyse**: this runs the models. 3. Move the threshold, post-processing, opacity "
-    "and show/hide controls: the results update at once, without running the models again."
+    "volumes. 2. Upload, then press **Analyse**: this runs the models. 3. Move the threshold, classifier gate, "
+    "post-processing, opacity and show/hide controls: the results update at once, without running the models again."
 )
 MAX_FILE_SIZE = "100mb"  # per uploaded file, enforced by Gradio before our checks run
 QUEUE_MAX_SIZE = 64  # waiting requests; more are refused with "queue full" rather than piling up memory
@@ -67,17 +69,20 @@ CSS = """
 
 @dataclass(frozen=True)
 class Controls:
-    """The shared controls: the operating point (threshold, post-processing) and the overlay display."""
+    """The shared controls: the operating point (threshold, post-processing, classifier gate) and the overlay
+    display."""
 
     threshold: gr.Slider
     rule: gr.Dropdown
     opacity: gr.Slider
     show_prediction: gr.Checkbox
     show_truth: gr.Checkbox
+    classifier: gr.Checkbox
 
     @property
     def point(self) -> list[gr.components.Component]:
-        return [self.threshold, self.rule]
+        """The render functions' operating-point inputs, in their order."""
+        return [self.threshold, self.rule, self.classifier]
 
     @property
     def display(self) -> list[gr.components.Component]:
@@ -116,18 +121,25 @@ def build_demo(
         _patient_tab(app, controls)
         gr.Markdown(f"Upload limits: {limits.describe()}; at most {MAX_FILE_SIZE} per file.")
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_MAX_SIZE)
+    function_defaults(demo)  # an omitted API parameter gets the endpoint's default, not the control's start value
     app.janitor.blocks = demo
     return Demo(demo, app)
 
 
 def _controls(app: App) -> Controls:
     point = app.pipeline.point
+    # Classifier off (threshold inf): the slider cannot show inf (Gradio's config would carry null), so it holds the
+    # threshold the classifier gets when the user turns it back on, and waits, not interactive.
+    on = math.isfinite(point.threshold)
     # Each control in its own column: a row of bare form controls is one block that squeezes instead of wrapping
     # on a phone.
     with gr.Row():
         with gr.Column(min_width=300):
-            threshold = gr.Slider(0.0, 1.0, value=point.threshold, step=0.01, label="Classification threshold",
-                                  info=threshold_info(point.min_tumour_area), elem_id="threshold")
+            classifier = gr.Checkbox(value=on, label=CLASSIFIER_FIELD, elem_id="classifier-gate",
+                                     info=classifier_info(point.min_tumour_area, point.gate))
+            threshold = gr.Slider(0.0, 1.0, value=point.threshold if on else CLASSIFIER_ON_THRESHOLD, step=0.01,
+                                  label="Classification threshold", interactive=on, elem_id="threshold",
+                                  info=threshold_info(point.min_tumour_area, on, point.gate))
         with gr.Column(min_width=300):
             rule = gr.Dropdown(list(POSTPROCESS_RULES), value=point.postprocess, label="Post-processing",
                                info="The rule run over each patient's masks (a single slice is a patient of one "
@@ -142,7 +154,17 @@ def _controls(app: App) -> Controls:
     # Checked by App (messages that name the field; the old true/false post-processing switch still works).
     for component in (threshold, rule, opacity):
         component.preprocess = lambda payload: payload  # type: ignore[method-assign]
-    return Controls(threshold, rule, opacity, show_prediction, show_truth)
+    # The slider follows the gate (the re-render itself is one of the live events).
+    classifier.change(lambda enabled: gr.Slider(interactive=enabled is True), classifier, threshold,
+                      api_visibility="private", show_progress="hidden", concurrency_limit=None)
+    return Controls(threshold, rule, opacity, show_prediction, show_truth, classifier)
+
+
+def _threshold_default(app: App) -> float | None:
+    """The API's default threshold (`function_defaults`): the pipeline's, or None (its point) when its classifier is
+    off, since inf is no JSON number and the slider's waiting value would turn the classifier on."""
+    threshold = app.pipeline.point.threshold
+    return threshold if math.isfinite(threshold) else None
 
 
 def _token_state(app: App) -> gr.State:
@@ -180,7 +202,7 @@ def _slice_outputs(r: SliceResult) -> tuple:
 
 def _slice_tab(app: App, controls: Controls, concurrency_limit: int) -> None:
     """The "Single slice" tab: upload or example in, verdict with its meaning, overlay, area and Grad-CAM out."""
-    point, examples = app.pipeline.point, app.examples
+    point, examples, default_threshold = app.pipeline.point, app.examples, _threshold_default(app)
     with gr.Tab("Single slice"):
         with gr.Row():
             with gr.Column(scale=1):
@@ -213,32 +235,34 @@ def _slice_tab(app: App, controls: Controls, concurrency_limit: int) -> None:
         token = _token_state(app)
     outputs = [verdict, probability, overlay, area_px, area_pct, heatmap, mask_file, details]
 
-    def predict_slice(image: Any, threshold: float | None = point.threshold,
-                      postprocess: str | None = point.postprocess) -> tuple:
-        r = app.analyse_slice(image, threshold, postprocess)
+    # The API's parameters, in order: new ones go at the end, so positional clients keep working.
+    def predict_slice(image: Any, threshold: float | None = default_threshold,
+                      postprocess: str | None = point.postprocess, use_classifier: bool | None = None) -> tuple:
+        r = app.analyse_slice(image, threshold, postprocess, classifier=use_classifier)
         return (*_slice_outputs(r), r.token)
 
-    def example_fn(example: str | None, threshold: float | None = point.threshold,
-                   postprocess: str | None = point.postprocess) -> tuple:
-        r = app.run_example(example, threshold, postprocess)
+    def example_fn(example: str | None, threshold: float | None = default_threshold,
+                   postprocess: str | None = point.postprocess, use_classifier: bool | None = None) -> tuple:
+        r = app.run_example(example, threshold, postprocess, classifier=use_classifier)
         return (*_slice_outputs(r), r.token)
 
-    def render(token: Any, threshold: Any, rule: Any, *display: Any) -> tuple:
+    def render(token: Any, threshold: Any, rule: Any, classifier: Any, *display: Any) -> tuple:
         if not token:
             return _skip(len(outputs) + 2)
-        r = app.render_slice(token, threshold, rule, app.display(*display))
+        r = app.render_slice(token, threshold, rule, app.display(*display), classifier)
         return (*_slice_outputs(r), r.caption, figures_markdown(r.probability, r.area_px, r.area_pct))
 
-    def redraw(token: Any, threshold: Any, rule: Any, *display: Any) -> tuple:
+    def redraw(token: Any, threshold: Any, rule: Any, classifier: Any, *display: Any) -> tuple:
         if not token:
             return _skip(3)
-        r = app.render_slice(token, threshold, rule, app.display(*display))
+        r = app.render_slice(token, threshold, rule, app.display(*display), classifier)
         return r.overlay, r.caption, figures_markdown(r.probability, r.area_px, r.area_pct)
 
     state_in = [token, *controls.point, *controls.display]
     for button, fn, first, api_name in ((slice_button, predict_slice, slice_file, "predict_slice"),
                                         (example_button, example_fn, example, "example")):
-        button.click(user_errors(fn), [first, *controls.point], [*outputs, token], api_name=api_name,
+        button.click(user_errors(fn), [first, controls.threshold, controls.rule, controls.classifier],
+                     [*outputs, token], api_name=api_name,
                      concurrency_id="slice", concurrency_limit=concurrency_limit,
                      ).success(user_errors(redraw), state_in, [overlay, caption, figures], api_visibility="private",
                                show_progress="hidden")
@@ -266,7 +290,7 @@ def _patient_outputs(r: PatientResult) -> tuple:
 def _patient_tab(app: App, controls: Controls) -> None:
     """The "Whole patient" tab: slices, zips or NIfTI volumes in (one or several patients, with their ground truth when
     uploaded), per-patient summaries, a slice viewer, per-slice charts and table, and a zip of the masks."""
-    point, examples = app.pipeline.point, app.examples
+    point, examples, default_threshold = app.pipeline.point, app.examples, _threshold_default(app)
     with gr.Tab("Whole patient"):
         with gr.Row():
             with gr.Column(scale=1):
@@ -301,29 +325,32 @@ def _patient_tab(app: App, controls: Controls) -> None:
         token = _token_state(app)
     outputs = [summary, table, prob_plot, area_plot, browser_slider, viewer, masks_zip]
 
-    def predict_patient(files: Any, threshold: float | None = point.threshold,
+    def predict_patient(files: Any, threshold: float | None = default_threshold,
                         postprocess: str | None = point.postprocess, pixel_spacing_mm: float | None = None,
-                        slice_thickness_mm: float | None = None) -> tuple:
-        r = app.analyse_patient(files, threshold, postprocess, pixel_spacing_mm, slice_thickness_mm)
+                        slice_thickness_mm: float | None = None, use_classifier: bool | None = None) -> tuple:
+        r = app.analyse_patient(files, threshold, postprocess, pixel_spacing_mm, slice_thickness_mm,
+                                classifier=use_classifier)
         return (*_patient_outputs(r), r.token)
 
-    def render(token: Any, threshold: Any, rule: Any, *rest: Any) -> tuple:
+    def render(token: Any, threshold: Any, rule: Any, classifier: Any, *rest: Any) -> tuple:
         if not token:
             return _skip(len(outputs) + 1)
         spacing_mm, thickness_mm, index, *display = rest
-        r = app.render_patient(token, threshold, rule, spacing_mm, thickness_mm, app.display(*display), index)
+        r = app.render_patient(token, threshold, rule, spacing_mm, thickness_mm, app.display(*display), index,
+                               classifier)
         return (*_patient_outputs(r), r.view.caption)
 
-    def redraw(token: Any, threshold: Any, rule: Any, *rest: Any) -> tuple:
+    def redraw(token: Any, threshold: Any, rule: Any, classifier: Any, *rest: Any) -> tuple:
         if not token:
             return _skip(2)
         _, _, index, *display = rest
-        view = app.view(token, threshold, rule, app.display(*display), index)
+        view = app.view(token, threshold, rule, app.display(*display), index, classifier)
         return view.image, view.caption
 
     state_in = [token, *controls.point, spacing, thickness, browser_slider, *controls.display]
+    patient_inputs = [patient_files, controls.threshold, controls.rule, spacing, thickness, controls.classifier]
     patient_button.click(
-        user_errors(predict_patient), [patient_files, *controls.point, spacing, thickness], [*outputs, token],
+        user_errors(predict_patient), patient_inputs, [*outputs, token],
         api_name="predict_patient", concurrency_id="patient", concurrency_limit=1,
     ).success(user_errors(redraw), state_in, [viewer, caption], api_visibility="private", show_progress="hidden")
     _live(controls, user_errors(render), state_in, [*outputs, caption], user_errors(redraw), [viewer, caption])

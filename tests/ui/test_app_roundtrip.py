@@ -156,6 +156,8 @@ def test_controls_start_at_the_shipped_operating_point(tiny, tmp_path: Path) -> 
     demo = build_demo(Pipeline.from_checkpoints(checkpoints, batch_size=1))
     values = {b.label: b.value for b in demo.blocks.blocks.values() if isinstance(b, gr.Slider)}
     assert values["Classification threshold"] == 0.3
+    gate = next(b for b in demo.blocks.blocks.values() if getattr(b, "elem_id", None) == "classifier-gate")
+    assert gate.value is True  # a finite threshold: the classifier is on
     rule = next(b for b in demo.blocks.blocks.values() if getattr(b, "elem_id", None) == "postprocess")
     assert rule.value == "largest_component" and [c[0] for c in rule.choices] == list(POSTPROCESS_RULES)
     card = next(b.value for b in demo.blocks.blocks.values() if getattr(b, "elem_id", None) == "model-card")
@@ -217,9 +219,10 @@ def test_api_takes_keywords_with_defaults_and_names_the_bad_field(client, files:
     path = F.good_png(files)
     info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     names = {e: [p["parameter_name"] for p in info[e]["parameters"]] for e in ("/predict_slice", "/predict_patient")}
-    assert names == {"/predict_slice": ["image", "threshold", "postprocess"],
+    # New parameters go at the end: positional clients keep working.
+    assert names == {"/predict_slice": ["image", "threshold", "postprocess", "use_classifier"],
                      "/predict_patient": ["files", "threshold", "postprocess", "pixel_spacing_mm",
-                                          "slice_thickness_mm"]}
+                                          "slice_thickness_mm", "use_classifier"]}
     assert all(p["parameter_has_default"] for e in info.values() for p in e["parameters"][1:])
     verdict, *_ = client.predict(image=handle_file(str(path)), api_name="/predict_slice")  # optionals omitted
     assert verdict["label"] in ("tumour", "suspicious", "no tumour")

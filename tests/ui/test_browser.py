@@ -297,6 +297,16 @@ def test_patient_with_masks_truth_dice_live_threshold_and_opacity(browser: WebDr
     _wait(lambda: "threshold 0.00" in browser.text("#patient-summary"), "the summary at threshold 0")
     assert sorted(calls) == ["segment", "tumour_probabilities"]  # no second model call
 
+    # The classifier gate: unticked, the classifier flags no slice and the slider waits; ticked, threshold 0 again.
+    range_disabled = "return document.querySelector('#threshold input[type=range]').disabled"
+    browser.command("POST", f"/element/{browser.find('#classifier-gate input')}/click", {})
+    _wait(lambda: "classifier off" in browser.text("#patient-summary"), "the summary with the classifier off")
+    _wait(lambda: browser.script(range_disabled), "the threshold slider to wait")
+    browser.command("POST", f"/element/{browser.find('#classifier-gate input')}/click", {})
+    _wait(lambda: "threshold 0.00" in browser.text("#patient-summary"), "the summary with the classifier back on")
+    _wait(lambda: not browser.script(range_disabled), "the threshold slider back")
+    assert sorted(calls) == ["segment", "tumour_probabilities"]
+
     # Opacity: 1 paints the prediction in its colour, 0 hides it; the truth toggle hides the outline.
     old = image_src(browser, "#viewer")
     set_slider(browser, "opacity", 1)

@@ -17,6 +17,8 @@ def _upstream(dotted: str):
         return getattr(fn, "flaxtumor_original", fn)  # the original, even once patched in this process
     if dotted == "gradio.File._process_single_file":
         return gr.File._process_single_file  # patched per instance, never on the class
+    if dotted == "gradio.Blocks.get_api_info":
+        return gr.Blocks.get_api_info  # patched per instance, never on the class
     raise AssertionError(f"unknown upstream function {dotted}")
 
 
@@ -42,3 +44,21 @@ def test_patches_apply_once_and_keep_the_contract(tmp_path):
     assert patched.flaxtumor_atomic and not getattr(patched.flaxtumor_original, "flaxtumor_atomic", False)
     path = patched(Image.new("RGB", (4, 4)), str(tmp_path), name="x", format="png")
     assert path.endswith("x.png") and not [p for p in tmp_path.rglob(".x.*")]  # no staging file left
+
+
+def test_function_defaults_give_an_omitted_parameter_the_functions_default():
+    def endpoint(text: str, flag: bool | None = None, size: float = 2.0):
+        return text
+
+    with gr.Blocks() as blocks:
+        text, flag, size = gr.Textbox(value="start"), gr.Checkbox(value=False), gr.Number(value=1.0)
+        gr.Button().click(endpoint, [text, flag, size], text, api_name="endpoint")
+
+    def defaults() -> list:
+        return [p["parameter_default"] for p in blocks.get_api_info()["named_endpoints"]["/endpoint"]["parameters"]]
+
+    assert defaults() == ["start", False, 1.0]  # Gradio's: the components' initial values
+    gradio_patches.function_defaults(blocks)
+    gradio_patches.function_defaults(blocks)  # idempotent
+    assert defaults() == ["start", None, 2.0]  # the function's, where it declares one
+    assert "page" in inspect.signature(blocks.get_api_info).parameters  # Gradio checks for it
