@@ -23,23 +23,33 @@ def pipeline(tiny):  # noqa: F811
     return Pipeline.from_checkpoints(tiny.checkpoints)
 
 
-@pytest.fixture(scope="session")
-def served(pipeline) -> Iterator[tuple[str, object]]:
-    """(url, demo) of the app, launched once for the whole session."""
+def serve(pipeline, warm: bool = True) -> Iterator[tuple[str, object]]:
+    """(url, demo) of the app on `pipeline` with the test limits, closed when the generator is."""
     from flaxtumor.ui import build_demo, launch, warm_up
 
-    warm_up(pipeline)
+    if warm:
+        warm_up(pipeline)
     demo = build_demo(pipeline, limits=TEST_LIMITS)
     url = launch(demo, host="127.0.0.1", prevent_thread_lock=True)
     yield url, demo
     demo.blocks.close()
 
 
-@pytest.fixture(scope="session")
-def client(served):
+def api_client(url: str):
     from gradio_client import Client
 
-    return Client(served[0], verbose=False)
+    return Client(url, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def served(pipeline) -> Iterator[tuple[str, object]]:
+    """(url, demo) of the app, launched once for the whole session."""
+    yield from serve(pipeline)
+
+
+@pytest.fixture(scope="session")
+def client(served):
+    return api_client(served[0])
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from flaxtumor.app.service import CLASSIFIER_ON_THRESHOLD, App
 from flaxtumor.operating_point import OperatingPoint, gate_and_postprocess
 from flaxtumor.uploads import UploadError
 from tests.ui import files as F
-from tests.ui.conftest import TEST_LIMITS
+from tests.ui.conftest import TEST_LIMITS, api_client, serve
 from tests.ui.test_live import Counting
 
 # What crossval writes when the area gate wins (its `tuned_on` record trimmed).
@@ -49,19 +49,12 @@ def off_pipeline(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def off_served(off_pipeline):
-    from flaxtumor.ui import build_demo, launch
-
-    demo = build_demo(off_pipeline, limits=TEST_LIMITS)
-    url = launch(demo, host="127.0.0.1", prevent_thread_lock=True)
-    yield url, demo
-    demo.blocks.close()
+    yield from serve(off_pipeline, warm=False)
 
 
 @pytest.fixture(scope="module")
 def off_client(off_served):
-    from gradio_client import Client
-
-    return Client(off_served[0], verbose=False)
+    return api_client(off_served[0])
 
 
 def _no_infinity(constant: str) -> None:
