@@ -104,6 +104,7 @@ def evaluate_patients(
     ungated_dice, ungated_counts, ungated_per_patient = [], metrics.PixelCounts(), {}
     slice_dice, slice_iou, pipe_counts = [], [], metrics.PixelCounts()
     per_patient: dict[str, float] = {}
+    loss_parts: dict[str, dict[str, float]] = {}  # where each patient's Dice goes (metrics.dice_loss_parts)
     heatmaps, heat_targets = [], []  # Grad-CAM pointing: tumour slices large enough to score
     ranked = _Ranked(gallery_size)
     for patient in tqdm(patients, unit="patient", desc="evaluate"):
@@ -132,6 +133,7 @@ def evaluate_patients(
 
         per_patient.update(metrics.volumetric_dice_per_patient({patient.patient_id: final},
                                                                {patient.patient_id: target_vol}))
+        loss_parts[patient.patient_id] = metrics.dice_loss_parts(final, target_vol)
         pipe_counts += metrics.PixelCounts.from_masks(final, target_vol)
         for s, image, pred, target, p in zip(patient.slices, images, final, target_vol, probs):
             d = metrics.dice(pred, target)
@@ -177,6 +179,7 @@ def evaluate_patients(
             "verdict": verdict,
             "per_patient_dice": metrics.summarise_patient_dice(per_patient),
             "per_patient": per_patient,
+            "dice_loss": {"mean": metrics.mean_dice_loss_parts(loss_parts), "per_patient": loss_parts},
             "tumour_slice_dice": metrics.mean_over_scored(slice_dice),
             "tumour_slice_iou": metrics.mean_over_scored(slice_iou),
             "n_scored_slices": int(np.sum(~np.isnan(slice_dice))),
@@ -336,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"classifier AUC {result['classifier']['auc']:.4f} accuracy {result['classifier']['accuracy']:.4f} "
         f"→ {args.out / 'metrics.json'}"
     )
+    print(f"  {metrics.describe_dice_loss(result['pipeline']['dice_loss']['mean'])} (mean over patients; with the "
+          f"Dice they sum to 1)")
     return 0
 
 

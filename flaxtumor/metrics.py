@@ -24,6 +24,10 @@ __all__ = [
     "tumour_slice_dice",
     "tumour_slice_iou",
     "mean_over_scored",
+    "DICE_LOSS_PARTS",
+    "dice_loss_parts",
+    "mean_dice_loss_parts",
+    "describe_dice_loss",
     "PixelCounts",
     "pooled_dice",
     "pooled_iou",
@@ -99,6 +103,47 @@ def mean_over_scored(scores: Sequence[float]) -> float:
     """Mean of per-slice scores with the nan ones (empty-vs-empty) left out; nan when none is left."""
     kept = [s for s in scores if not np.isnan(s)]
     return float(np.mean(kept)) if kept else float("nan")
+
+
+# What a patient's Dice loses to, by where the wrong voxels are (see `dice_loss_parts`).
+DICE_LOSS_PARTS = (
+    "false_regions",  # drawn on slices with no tumour in truth
+    "missed_slices",  # tumour on slices where nothing was drawn
+    "outside_outline",  # drawn beyond the outline on tumour slices (over-segmentation)
+    "inside_outline",  # tumour left out on slices where something was drawn (under-segmentation)
+)
+
+
+def dice_loss_parts(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """1 − Dice of a (D, H, W) patient volume, split by where its errors lie: (FP + FN) / (2TP + FP + FN) summed over
+    `DICE_LOSS_PARTS`, so the parts add up to exactly 1 − `dice(pred, target)`. False regions are what a gate or
+    post-processing can remove, missed slices are failed detections, and the two outline parts are boundary errors.
+    All nan for an empty-vs-empty patient (not scored, like its Dice)."""
+    pred, target = _bool(pred), _bool(target)
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(f"need two (D, H, W) volumes of one shape, got {pred.shape} and {target.shape}")
+    tumour_slice = target.any(axis=(1, 2))[:, None, None]
+    drawn_slice = pred.any(axis=(1, 2))[:, None, None]
+    fp, fn = pred & ~target, target & ~pred
+    errors = {
+        "false_regions": np.count_nonzero(fp & ~tumour_slice),
+        "missed_slices": np.count_nonzero(fn & ~drawn_slice),
+        "outside_outline": np.count_nonzero(fp & tumour_slice),
+        "inside_outline": np.count_nonzero(fn & drawn_slice),
+    }
+    denominator = 2 * int(np.count_nonzero(pred & target)) + int(np.count_nonzero(fp)) + int(np.count_nonzero(fn))
+    return {part: _ratio(int(errors[part]), denominator) for part in DICE_LOSS_PARTS}
+
+
+def mean_dice_loss_parts(per_patient: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Each part's mean over scored patients: they add up to 1 − the mean per-patient Dice over the same patients."""
+    scored = [parts for parts in per_patient.values() if not any(np.isnan(v) for v in parts.values())]
+    return {part: float(np.mean([p[part] for p in scored])) if scored else float("nan") for part in DICE_LOSS_PARTS}
+
+
+def describe_dice_loss(parts: Mapping[str, float]) -> str:
+    """One line for a report: "Dice lost to false regions 0.012, missed slices 0.061, …"."""
+    return "Dice lost to " + ", ".join(f"{part.replace('_', ' ')} {parts[part]:.3f}" for part in DICE_LOSS_PARTS)
 
 
 def _per_slice(fn, preds: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> float:

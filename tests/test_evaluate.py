@@ -52,6 +52,12 @@ def test_default_is_the_checkpoint_val_split_with_protocol_and_plots(tiny, tmp_p
     pipe = m["pipeline"]
     assert set(pipe["per_patient_dice"]) >= {"mean", "median", "min", "n_scored", "empty_both_patients"}
     assert set(pipe["per_patient"]) == set(tiny.val)
+    # where each patient's Dice went: the parts add up to 1 - its Dice (an empty-vs-empty patient: all null)
+    loss = pipe["dice_loss"]
+    assert set(loss["per_patient"]) == set(tiny.val) and set(loss["mean"]) == set(metrics.DICE_LOSS_PARTS)
+    for pid, parts in loss["per_patient"].items():
+        if pipe["per_patient"][pid] is not None:
+            assert sum(parts.values()) == pytest.approx(1 - pipe["per_patient"][pid])
     assert {"tumour_slice_dice", "pooled_dice", "pooled_iou", "pooled_pixel_accuracy"} <= set(pipe)
     verdict = pipe["verdict"]  # what a user is told, scored beside the raw classifier
     assert sum(verdict["counts"].values()) == 12 == verdict["tn"] + verdict["fp"] + verdict["fn"] + verdict["tp"]

@@ -215,3 +215,54 @@ def test_pixel_counts_accumulate_like_pooling_everything():
 def test_mean_over_scored_skips_nan():
     assert metrics.mean_over_scored([1.0, float("nan"), 0.0]) == 0.5
     assert math.isnan(metrics.mean_over_scored([float("nan")]))
+
+
+def _volume(*slices: list[tuple[int, int]]) -> np.ndarray:
+    """A (D, 4, 4) bool volume; each slice is given as its set (row, col) pixels."""
+    vol = np.zeros((len(slices), 4, 4), bool)
+    for d, pixels in enumerate(slices):
+        for r, c in pixels:
+            vol[d, r, c] = True
+    return vol
+
+
+def test_dice_loss_parts_known_answer_and_sum():
+    # slice 0: truth 2 px, drawn 3 px (2 right, 1 outside); slice 1: truth 2 px, nothing drawn;
+    # slice 2: no truth, 1 px drawn; slice 3: truth 2 px, 1 of them drawn
+    truth = _volume([(0, 0), (0, 1)], [(1, 1), (1, 2)], [], [(2, 2), (2, 3)])
+    pred = _volume([(0, 0), (0, 1), (3, 3)], [], [(0, 0)], [(2, 2)])
+    parts = metrics.dice_loss_parts(pred, truth)
+    # TP 3, FP 2 (1 outside the outline, 1 false region), FN 3 (2 on the missed slice, 1 inside the outline)
+    assert parts == {"false_regions": 1 / 11, "missed_slices": 2 / 11, "outside_outline": 1 / 11,
+                     "inside_outline": 1 / 11}
+    assert math.isclose(sum(parts.values()), 1 - metrics.dice(pred, truth))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dice_loss_parts_add_up_to_one_minus_dice(seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.random((6, 8, 8)) < 0.2
+    truth[2] = False  # a tumour-free slice
+    pred = rng.random((6, 8, 8)) < 0.2
+    pred[4] = False  # a missed slice
+    parts = metrics.dice_loss_parts(pred, truth)
+    assert all(v >= 0 for v in parts.values()) and parts["false_regions"] > 0 and parts["missed_slices"] > 0
+    assert math.isclose(sum(parts.values()), 1 - metrics.dice(pred, truth))
+
+
+def test_dice_loss_parts_perfect_empty_and_bad_shapes():
+    truth = _volume([(0, 0)], [])
+    assert set(metrics.dice_loss_parts(truth, truth).values()) == {0.0}
+    empty = np.zeros((2, 4, 4), bool)
+    assert all(math.isnan(v) for v in metrics.dice_loss_parts(empty, empty).values())
+    with pytest.raises(ValueError, match="volumes"):
+        metrics.dice_loss_parts(truth[0], truth[0])
+
+
+def test_mean_dice_loss_parts_adds_up_to_one_minus_mean_dice():
+    rng = np.random.default_rng(0)
+    volumes = {f"p{i}": (rng.random((5, 8, 8)) < 0.3, rng.random((5, 8, 8)) < 0.3) for i in range(4)}
+    volumes["empty"] = (np.zeros((5, 8, 8), bool), np.zeros((5, 8, 8), bool))  # not scored
+    per_patient = {pid: metrics.dice_loss_parts(p, t) for pid, (p, t) in volumes.items()}
+    dice = metrics.summarise_patient_dice({pid: metrics.dice(p, t) for pid, (p, t) in volumes.items()})
+    assert math.isclose(sum(metrics.mean_dice_loss_parts(per_patient).values()), 1 - dice["mean"])
