@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from flaxtumor.data.io import DataError, is_mask_name
-from flaxtumor.metrics import dice
+from flaxtumor.metrics import dice, dice_loss_parts
 
 PATIENT_DICE_PROTOCOL = (
     "per-patient volumetric Dice: the true and predicted tumour voxels of all the patient's slices pooled, after the "
@@ -100,11 +100,15 @@ class PatientScore:
     true_pixels: int
     predicted_pixels: int
     dice: float  # nan when neither has tumour
+    dice_loss: dict[str, float]  # 1 - dice by where the errors lie (`metrics.dice_loss_parts`); all nan with the dice
 
     @classmethod
     def of(cls, patient: str, preds: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> PatientScore:
+        d = patient_dice(preds, truths)  # also checks the lengths
+        parts = dice_loss_parts(np.stack([np.asarray(p) > 0 for p in preds]),
+                                np.stack([np.asarray(t) > 0 for t in truths])) if preds else {}
         return cls(patient, len(preds), int(sum(np.count_nonzero(t) for t in truths)),
-                   int(sum(np.count_nonzero(p) for p in preds)), patient_dice(preds, truths))
+                   int(sum(np.count_nonzero(p) for p in preds)), d, parts)
 
     def row(self) -> tuple[str, int, int, int, str]:
         return self.patient, self.slices, self.true_pixels, self.predicted_pixels, dice_cell(self.dice)

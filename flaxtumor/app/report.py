@@ -27,6 +27,7 @@ from scipy import ndimage
 from flaxtumor.app.cache import Volume
 from flaxtumor.app.errors import md_code
 from flaxtumor.inference import GRAY_WARNING
+from flaxtumor.metrics import describe_dice_loss
 from flaxtumor.operating_point import VERDICT_MEANINGS, OperatingPoint, verdicts
 from flaxtumor.truth import (PATIENT_DICE_PROTOCOL, PATIENTS_HEADER, SLICE_DICE_PROTOCOL, TRUTH_COLUMNS, PatientScore,
                              slice_dice)
@@ -139,8 +140,12 @@ def _dice_text(report: PatientReport) -> str:
     if report.dice is None:
         return (f" **Ground truth** uploaded for {sum(marks)} of {len(marks)} slices: per-slice Dice in the table; no "
                 "per-patient Dice without the truth of every slice.")
-    shown = "undefined (no tumour in the truth or the prediction)" if math.isnan(report.dice) else f"{report.dice:.4f}"
-    return f" **Per-patient Dice against the uploaded truth: {shown}** ({PATIENT_DICE_PROTOCOL})."
+    if math.isnan(report.dice):
+        return (" **Per-patient Dice against the uploaded truth: undefined (no tumour in the truth or the "
+                f"prediction)** ({PATIENT_DICE_PROTOCOL}).")
+    return (f" **Per-patient Dice against the uploaded truth: {report.dice:.4f}** ({PATIENT_DICE_PROTOCOL}). "
+            f"{describe_dice_loss(report.score.dice_loss)} (with the Dice they sum to 1: false regions are drawn on "
+            "tumour-free slices, missed slices have tumour and nothing drawn).")
 
 
 def summary_markdown(reports: Sequence[PatientReport], point: OperatingPoint, spacing: float | None,

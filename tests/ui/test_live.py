@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,10 @@ def test_patient_dice_with_uploaded_masks_equals_evaluate(app: App, pipeline, ti
         assert not math.isnan(expected)
         assert f"**Per-patient Dice against the uploaded truth: {expected:.4f}**" in r.summary
         assert "per-patient volumetric Dice" in r.summary  # the protocol is stated
+        # where the rest of the Dice went: four parts that add up to 1 - Dice (to the 3 decimals shown)
+        lost = re.search(r"Dice lost to false regions ([\d.]+), missed slices ([\d.]+), outside outline ([\d.]+), "
+                         r"inside outline ([\d.]+)", r.summary)
+        assert lost and sum(map(float, lost.groups())) == pytest.approx(1 - expected, abs=0.003)
         assert list(r.table.columns[6:8]) == ["true_pixels", "dice"]  # predict's truth columns
         with zipfile.ZipFile(r.masks_zip) as zf:
             patients = zf.read("patients.csv").decode().splitlines()
