@@ -27,6 +27,10 @@ class DataConfig:
     # "brain": crop each patient volume (a loose slice alone) to the square around the head before resizing, so
     # image_size pixels go to the head, not the black background (flaxtumor.data.preprocess.crop_box). Issue 11 lever.
     crop: Literal["none", "brain"] = "none"
+    # 2.5D input, segmenter only: K neighbouring slices on each side of the patient volume as extra channels, slices
+    # i-K..i+K each with its 3 channels (3(2K+1) in all), the nearest slice repeated at the volume's ends
+    # (flaxtumor.data.preprocess.stack_context). 0: the slice alone. Issue 11 lever.
+    context_slices: int = 0
     split_file: str | None = None  # JSON of patient ids; made from the seed and fractions when absent
     split_seed: int = 0
     test_fraction: float = 0.15  # Buda et al.: 85/15 train/test by patient
@@ -51,6 +55,11 @@ class DataConfig:
     synthetic_patients: int = 6
     synthetic_slices: int = 20
     synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        k = self.context_slices
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"--context-slices (data.context_slices) must be a whole number >= 0, got {k!r}")
 
 
 @dataclass
@@ -110,6 +119,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        k = self.data.context_slices
+        if k and self.train.task == "cls":
+            raise ValueError(f"--context-slices {k}: neighbouring slices are a segmenter input (--task seg); the "
+                             "classifier reads one slice, so it must be 0 with --task cls")
+        if k and self.model.segmenter != "resunet":
+            raise ValueError(f"--context-slices {k} needs --segmenter resunet: the {self.model.segmenter!r} encoder "
+                             "is the classifier's ResNet, whose first convolution takes 3 channels")
 
     # -- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -7,19 +7,28 @@ Crop (`Preprocessing.crop`): "none" resizes the whole slice; "brain" first crops
 every pixel brighter than `BRAIN_THRESHOLD` (any channel, any slice of the volume) plus `CROP_MARGIN`, so the model's
 pixels go to the head rather than the black background. `crop_box` is the one place a box is computed, and
 `uncrop_mask` the one place a model-size mask goes back to the input size; training and serving both use them.
+
+Context (`Preprocessing.context_slices` K, 2.5D input): the model sees slice i with its K neighbours on each side of
+the patient volume, slices i-K..i+K concatenated on the channel axis in that order, 3(2K+1) channels. `stack_context`
+is the one place neighbours are chosen (the nearest slice repeats past either end of the volume); `preprocess` ends
+with it, and the training pipeline picks its cached slices with it. Each slice is normalised on its own, as alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    from flaxtumor.config import DataConfig
+
 NORMALISATIONS = ("image_zscore", "volume_zscore", "imagenet", "caffe")
 CROPS = ("none", "brain")
+CHANNELS = 3  # per slice: pre-contrast, FLAIR, post-contrast
 # kaggle_3m's background reads 0-7 in uint8, tissue well above; the margin keeps the skull edge off the border.
 BRAIN_THRESHOLD = 10
 CROP_MARGIN = 8
@@ -31,11 +40,17 @@ _EPS = 1e-6  # an all-black slice has zero variance
 Stats = tuple[np.ndarray, np.ndarray]  # per-channel mean and std, each (3,)
 
 
+def input_channels(context_slices: int) -> int:
+    """The model's input channels with K context slices on each side: 3 per slice, 2K+1 slices."""
+    return CHANNELS * (2 * context_slices + 1)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     image_size: int
     normalisation: str
     crop: str = "none"
+    context_slices: int = 0  # K neighbours on each side as extra channels (segmenter only); see `stack_context`
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
@@ -44,18 +59,35 @@ class Preprocessing:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.crop not in CROPS:
             raise ValueError(f"crop {self.crop!r} is not one of {CROPS}")
+        k = self.context_slices
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"context_slices must be a whole number >= 0, got {k!r}")
+
+    @property
+    def channels(self) -> int:
+        """The model's input channels: 3, or 3(2K+1) with K context slices."""
+        return input_channels(self.context_slices)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if self.crop == "none":  # written as before the crop existed, so such metadata stays byte-identical
+        # Defaults are written as before the option existed, so such metadata stays byte-identical.
+        if self.crop == "none":
             del d["crop"]
+        if self.context_slices == 0:
+            del d["context_slices"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        """Metadata written before the crop existed has no "crop": it resized the whole slice ("none")."""
+        """Metadata written before the crop (or the context slices) existed has neither: it resized the whole slice
+        ("none") and fed it alone (0)."""
         return cls(image_size=int(d["image_size"]), normalisation=str(d["normalisation"]),
-                   crop=str(d.get("crop", "none")))
+                   crop=str(d.get("crop", "none")), context_slices=int(d.get("context_slices", 0)))
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> "Preprocessing":
+        """What a run with this data config trains on (and its export records)."""
+        return cls(data.image_size, data.normalisation, data.crop, data.context_slices)
 
 
 class Box(NamedTuple):
@@ -157,7 +189,24 @@ def normalise(images: np.ndarray, spec: Preprocessing, stats: Stats | None = Non
     """(N, S, S, 3) pixel values in [0, 255] -> float32 model input.
 
     `stats` overrides the volume_zscore statistics (the pipeline passes the patient's, precomputed once).
+    A context stack (N, S, S, 3m) from `stack_context` is normalised slice by slice, each as it would be alone (with
+    volume_zscore, all by the volume's statistics: `stats`, else those of its centre slices).
     """
+    c = images.shape[-1]
+    if c == CHANNELS:
+        return _normalise(images, spec, stats)
+    if c % CHANNELS:
+        raise ValueError(f"expected 3 channels per slice, got {c}")
+    n, h, w, m = *images.shape[:3], c // CHANNELS
+    if stats is None and spec.normalisation == "volume_zscore":
+        centre = m // 2 * CHANNELS
+        stats = volume_stats(images[..., centre : centre + CHANNELS])
+    slices = images.reshape(n, h, w, m, CHANNELS).transpose(3, 0, 1, 2, 4).reshape(m * n, h, w, CHANNELS)
+    out = _normalise(slices, spec, stats)
+    return out.reshape(m, n, h, w, CHANNELS).transpose(1, 2, 3, 0, 4).reshape(n, h, w, c)
+
+
+def _normalise(images: np.ndarray, spec: Preprocessing, stats: Stats | None) -> np.ndarray:
     x = images.astype(np.float32)
     if spec.normalisation == "image_zscore":
         mean = x.mean(axis=(1, 2), keepdims=True)
@@ -172,13 +221,31 @@ def normalise(images: np.ndarray, spec: Preprocessing, stats: Stats | None = Non
     return x[..., ::-1] - _CAFFE_MEAN_BGR
 
 
+def stack_context(volume: np.ndarray, k: int) -> np.ndarray:
+    """THE neighbour rule of 2.5D input: (D, ..., C) slices in volume order -> (D, ..., C(2k+1)), row i holding rows
+    i-k, ..., i, ..., i+k concatenated on the last axis in that order. Past either end of the volume the nearest row
+    repeats (edge replication), so a lone slice (D = 1) is its own neighbours. k = 0 returns `volume` itself.
+
+    Also picks rows: `stack_context(positions[:, None], k)` is each slice's (2k+1) neighbour positions."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"context slices must be a whole number >= 0, got {k!r}")
+    if k == 0:
+        return volume
+    volume = np.asarray(volume)
+    rows = np.clip(np.arange(len(volume))[:, None] + np.arange(-k, k + 1), 0, max(len(volume) - 1, 0))
+    return np.concatenate([volume[rows[:, j]] for j in range(2 * k + 1)], axis=-1)
+
+
 def preprocess(images: np.ndarray, spec: Preprocessing, stats: Stats | None = None, box: Box | None = None
                ) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, S, S, 3): crop to `box` (default: `crop_box` of the stack as spec.crop says),
-    bilinear resize to spec.image_size, then normalise.
+    """uint8 (N, H, W, 3) -> float32 (N, S, S, spec.channels): crop to `box` (default: `crop_box` of the stack as
+    spec.crop says), bilinear resize to spec.image_size, normalise, then (spec.context_slices K > 0) stack each slice
+    with its K neighbours on each side (`stack_context`).
 
-    volume_zscore uses the statistics of the whole N stack, and the brain crop its one box, so pass a patient's full
-    volume (or its `stats` and `box`). Map masks back with `uncrop_mask` and the same box.
+    volume_zscore uses the statistics of the whole N stack, the brain crop its one box, and the context the stack's
+    slices as neighbours, so pass a patient's full volume in slice order (or its `stats` and `box`). Map masks back
+    with `uncrop_mask` and the same box.
     """
     box = crop_box(images, spec.crop) if box is None else box
-    return normalise(resize_images(crop(images, box), spec.image_size), spec, stats)
+    x = normalise(resize_images(crop(images, box), spec.image_size), spec, stats)
+    return stack_context(x, spec.context_slices)
