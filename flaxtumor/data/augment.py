@@ -1,7 +1,9 @@
 """Training augmentation after Buda et al. (2019): rotation, scaling and horizontal flip, plus mild intensity jitter.
 
 One affine map moves image and mask together (bilinear for the image, nearest-neighbour for the mask, so the mask stays
-binary and aligned). Pure numpy/scipy: it runs inside grain worker processes.
+binary and aligned). A 2.5D image (the slice and its neighbours, 3 channels each) moves as one: the same map for every
+channel, and each MRI sequence's jitter the same in every slice. Pure numpy/scipy: it runs inside grain worker
+processes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def _affine(shape: tuple[int, int], degrees: float, scale: float, flip: bool) ->
 def augment(
     image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: DataConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """image float32 (S, S, 3) in pixel units [0, 255] (before `normalise`), mask float32 (S, S, 1) in {0, 1}.
+    """image float32 (S, S, 3m) in pixel units [0, 255] (before `normalise`): one slice (m = 1) or a context stack of m
+    slices, 3 channels each; mask float32 (S, S, 1) in {0, 1} (the centre slice's).
 
     Returns the same shapes and dtypes. All randomness comes from `rng`, so a (seed, epoch, index) rng reproduces it.
     """
@@ -35,12 +38,14 @@ def augment(
     # Per-channel gamma survives z-scoring (a plain gain/offset would be normalised away);
     # the global gain matters for the imagenet/caffe normalisations.
     gamma = np.exp(rng.uniform(-cfg.intensity_jitter, cfg.intensity_jitter, size=3)).astype(np.float32)
+    gamma = np.tile(gamma, image.shape[-1] // 3)  # per sequence, so a neighbour's FLAIR is jittered as the centre's
     gain = np.float32(rng.uniform(1 - cfg.intensity_jitter, 1 + cfg.intensity_jitter))
 
     matrix, offset = _affine(image.shape[:2], degrees, scale, flip)
     # Background outside the head is black in every channel, so new border pixels are filled with 0.
     image = np.stack(
-        [ndimage.affine_transform(image[..., c], matrix, offset, order=1, mode="constant", cval=0.0) for c in range(3)],
+        [ndimage.affine_transform(image[..., c], matrix, offset, order=1, mode="constant", cval=0.0)
+         for c in range(image.shape[-1])],
         axis=-1,
     )
     mask = ndimage.affine_transform(mask[..., 0], matrix, offset, order=0, mode="constant", cval=0.0)[..., None]

@@ -1,9 +1,12 @@
 """Grain input pipeline: Slice records -> fixed-shape numpy batches for training (shuffled, augmented) and evaluation.
 
 Per slice: decode -> [crop to its patient's box, `DataConfig.crop` "brain"] -> resize to image_size (uint8) ->
-[augment, train only] -> normalise. Crop, resize and normalise are `preprocess`'s steps, with the box `crop_box` gives
-the patient's whole volume, so an evaluation batch equals `preprocess(patient volume)` exactly.
-Batch: {"image": f32 (B,S,S,3), "mask": f32 (B,S,S,1) in {0,1}, "label": f32 (B,), "valid": bool (B,),
+[stack with its neighbours, `DataConfig.context_slices` K > 0] -> [augment, train only] -> normalise. Crop, resize,
+normalise and the context are `preprocess`'s steps, with the box `crop_box` gives the patient's whole volume and the
+neighbours `stack_context` picks from its slices in slice_index order, so an evaluation batch equals
+`preprocess(patient volume)`. A neighbour is another decoded slice of the same patient, from the same cache; the
+sampler draws centre slices, and the mask, label and index are the centre slice's.
+Batch: {"image": f32 (B,S,S,C) (C = 3(2K+1)), "mask": f32 (B,S,S,1) in {0,1}, "label": f32 (B,), "valid": bool (B,),
 "index": int32 (B,)}: `index` is each row's position in the given slice list (-1 on padding), so a consumer can tell
 which slices (and patients) reached it.
 Transforms are pure numpy and picklable: with num_workers > 0 they run in spawned grain processes.
@@ -32,7 +35,7 @@ from flaxtumor.data.augment import augment
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Slice
 from flaxtumor.data.preprocess import (
-    Box, Preprocessing, Stats, crop, crop_box, normalise, resize_images, resize_mask, volume_stats,
+    Box, Preprocessing, Stats, crop, crop_box, normalise, resize_images, resize_mask, stack_context, volume_stats,
 )
 
 _READ_THREADS = 2  # 2-core machine: more threads only contend for the GIL
@@ -119,6 +122,19 @@ class _DecodedCache:
         return Decoded(self.images, self.masks)
 
 
+def context_rows(slices: Sequence[Slice], k: int) -> np.ndarray:
+    """int (N, 2k+1): the positions in `slices` of each slice's context, slices i-k..i+k of its patient ordered by
+    slice_index (`stack_context`'s rule, so the nearest slice repeats at the volume's ends). Pass whole patients."""
+    rows = np.empty((len(slices), 2 * k + 1), np.int64)
+    by_patient: dict[str, list[int]] = {}
+    for i, s in enumerate(slices):
+        by_patient.setdefault(s.patient_id, []).append(i)
+    for positions in by_patient.values():
+        ordered = np.array(sorted(positions, key=lambda i: slices[i].slice_index))
+        rows[ordered] = stack_context(ordered[:, None], k)
+    return rows
+
+
 def _memoised(kind: str, slices: Sequence[Slice], size: int, build: Callable[[], T]) -> T:
     """Built once per (kind, image size, slice list): CPU training re-reads the same slices every epoch."""
     key = (kind, size, tuple(s.image_path for s in slices))
@@ -143,17 +159,26 @@ class _SliceSource:
     size: int
     decoded: _DecodedCache | None
     boxes: Boxes = None
+    context: np.ndarray | None = None  # (N, 2K+1) `context_rows`; None: each slice alone
 
     def __len__(self) -> int:
         return len(self.slices)
 
+    def reads(self, indices: Iterable[int]) -> Iterator[int]:
+        """The slices that the examples at `indices` are made of: each one, or its context rows."""
+        for i in indices:
+            yield from ([i] if self.context is None else self.context[i])
+
     def __getitem__(self, i: int) -> tuple[int, Slice, np.ndarray, np.ndarray]:
-        s = self.slices[i]
+        """(i, centre slice, uint8 image (S, S, 3) or its context stack (S, S, 3(2K+1)), the centre's mask)."""
+        s, rows = self.slices[i], list(self.reads([i]))
         if self.decoded is None:
-            return (i, s, *_load(s, self.size, self.boxes[i] if self.boxes else None))
-        if not self.decoded.filled[i]:  # the pipelines pre-fill what they read; this is only a fallback
-            self.decoded.fill([i])
-        return i, s, self.decoded.images[i], self.decoded.masks[i]
+            pairs = {j: _load(self.slices[j], self.size, self.boxes[j] if self.boxes else None) for j in rows}
+            return i, s, np.concatenate([pairs[j][0] for j in rows], axis=-1), pairs[i][1]
+        if not self.decoded.filled[rows].all():  # the pipelines pre-fill what they read; this is only a fallback
+            self.decoded.fill(rows)
+        image = self.decoded.images[i] if self.context is None else np.concatenate(self.decoded.images[rows], axis=-1)
+        return i, s, image, self.decoded.masks[i]
 
 
 @dataclass(frozen=True)
@@ -173,7 +198,7 @@ class _ToExample:
         if self.train and self.cfg.augment:
             rng = np.random.default_rng([self.seed, self.epoch, position])
             image, mask = augment(image, mask, rng, self.cfg)
-        spec = Preprocessing(self.cfg.image_size, self.cfg.normalisation, self.cfg.crop)
+        spec = Preprocessing.from_config(self.cfg)
         stats = self.stats[s.patient_id] if self.stats is not None else None
         return {
             "image": normalise(image[None], spec, stats)[0],
@@ -197,7 +222,8 @@ def _source(slices: Sequence[Slice], cfg: DataConfig) -> tuple[_SliceSource, dic
     if cfg.normalisation == "volume_zscore":  # whole patient volumes, so every slice (once per run, memoised)
         stats = _memoised(f"stats{kind}", slices, size,
                           lambda: patient_stats(slices, cache.all() if cache else decode_all(slices, size, boxes)))
-    return _SliceSource(slices, size, cache, boxes), stats
+    context = context_rows(slices, cfg.context_slices) if cfg.context_slices else None
+    return _SliceSource(slices, size, cache, boxes, context), stats
 
 
 def _check_shard(batch_size: int, shard_index: int, shard_count: int) -> int:
@@ -314,9 +340,9 @@ def train_batches(
     source, stats = _source(slices, cfg)
     order = epoch_order(source.slices, cfg, seed, epoch)
     if source.decoded is not None:  # decode this shard's slices for the rest of the epoch up front, on threads
-        source.decoded.fill(
+        source.decoded.fill(source.reads(
             order[t * batch_size + shard_index * rows + r] for t in range(start_step, steps) for r in range(rows)
-        )
+        ))
     # Augmentation is seeded by the position in the epoch's global order (map_with_index before any slicing), so a
     # row gets the same randomness whichever shard reads it. Sub-batch k of `rows` rows is shard k % shard_count of
     # step k // shard_count; the slicing is lazy, so other shards' rows are never read.
@@ -328,10 +354,10 @@ def train_batches(
     return _iterate(ds[start_step:], cfg)
 
 
-def _padding(n: int, size: int) -> dict[str, np.ndarray]:
+def _padding(n: int, size: int, channels: int) -> dict[str, np.ndarray]:
     """n rows of an eval batch that stand for no slice (valid=False, zeros)."""
     return {
-        "image": np.zeros((n, size, size, 3), np.float32),
+        "image": np.zeros((n, size, size, channels), np.float32),
         "mask": np.zeros((n, size, size, 1), np.float32),
         "label": np.zeros((n,), np.float32),
         "valid": np.zeros((n,), bool),
@@ -352,17 +378,17 @@ def eval_batches(
     steps = -(-n // batch_size)
     mine = range(shard_index, -(-n // rows), shard_count)  # this shard's sub-batches of `rows` that hold slices
     if source.decoded is not None:
-        source.decoded.fill(i for k in mine for i in range(k * rows, min((k + 1) * rows, n)))
-    yielded = 0
+        source.decoded.fill(source.reads(i for k in mine for i in range(k * rows, min((k + 1) * rows, n))))
+    yielded, channels = 0, Preprocessing.from_config(cfg).channels
     if len(mine):
         ds = grain.MapDataset.source(source).map_with_index(_ToExample(cfg, stats)).batch(rows)
         ds = ds[shard_index::shard_count]
         for batch in _iterate(ds, cfg):
             short = rows - len(batch["valid"])
             if short:
-                pad = _padding(short, cfg.image_size)
+                pad = _padding(short, cfg.image_size, channels)
                 batch = {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
             yielded += 1
             yield batch
     for _ in range(steps - yielded):
-        yield _padding(rows, cfg.image_size)
+        yield _padding(rows, cfg.image_size, channels)
