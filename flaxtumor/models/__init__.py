@@ -6,6 +6,7 @@ from __future__ import annotations
 from flax import nnx
 
 from flaxtumor.config import Config, ModelConfig
+from flaxtumor.data.preprocess import CHANNELS, input_channels
 from flaxtumor.models.classifier import TumourClassifier, load_backbone, set_phase
 from flaxtumor.models.gradcam import gradcam
 from flaxtumor.models.resnet import ResNet, ResNet50, _ResNet1
@@ -30,11 +31,15 @@ def build_classifier(model_cfg: ModelConfig, rngs: nnx.Rngs) -> TumourClassifier
     return TumourClassifier(backbone, model_cfg.head_widths, model_cfg.dropout, rngs=rngs, pool=model_cfg.head_pool)
 
 
-def build_segmenter(model_cfg: ModelConfig, rngs: nnx.Rngs) -> ResUNet | ResNetUNet:
+def build_segmenter(model_cfg: ModelConfig, rngs: nnx.Rngs, in_channels: int = CHANNELS) -> ResUNet | ResNetUNet:
+    """`in_channels`: 3, or 3(2K+1) for K context slices (2.5D input; the ResUNet only)."""
     if model_cfg.segmenter == "resunet":
-        return ResUNet(model_cfg.resunet_widths, rngs=rngs, deep_supervision=model_cfg.deep_supervision)
+        return ResUNet(model_cfg.resunet_widths, in_channels, rngs=rngs, deep_supervision=model_cfg.deep_supervision)
     if model_cfg.deep_supervision:
         raise ValueError(f"deep supervision is built for the 'resunet' segmenter only, not {model_cfg.segmenter!r}")
+    if in_channels != CHANNELS:  # its encoder's stem is the classifier's ResNet: 3 input channels
+        raise ValueError(f"context slices ({in_channels} input channels) are built for the 'resunet' segmenter only, "
+                         f"not {model_cfg.segmenter!r}")
     if model_cfg.segmenter == "resnet50_unet":
         return ResNet50UNet(rngs=rngs)
     if model_cfg.segmenter == "resnet_tiny_unet":
@@ -47,5 +52,5 @@ def build_model(cfg: Config, rngs: nnx.Rngs) -> TumourClassifier | ResUNet | Res
     if cfg.train.task == "cls":
         return build_classifier(cfg.model, rngs)
     if cfg.train.task == "seg":
-        return build_segmenter(cfg.model, rngs)
+        return build_segmenter(cfg.model, rngs, input_channels(cfg.data.context_slices))
     raise ValueError(f"unknown task {cfg.train.task!r}; expected 'cls' or 'seg'")

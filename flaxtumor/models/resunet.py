@@ -3,6 +3,9 @@
 ``widths`` gives the channels per level; ``len(widths) - 1`` poolings, so H and W must divide by ``2**(len(widths)-1)``.
 `CLASSIC_WIDTHS` (16..256, ~2 M params) is the default; `WIDE_WIDTHS` (32..512, ~8 M) the wider variant.
 The decoder upsamples with nearest resize + 3x3 conv: transposed convs are very slow on XLA:CPU (jax#23783).
+``in_channels`` is 3 for one slice, 3(2K+1) for the 2.5D input (the slice and K neighbours on each side, see
+`flaxtumor.data.preprocess.stack_context`); only the first block's input convolutions (conv1 and its projected
+shortcut) depend on it.
 
 Deep supervision (`deep_supervision=True`, off by default): a 1x1 head on each coarser decoder level, whose logits
 `deep_logits` returns beside the full-resolution ones for the training loss (`flaxtumor.train.losses.deep_supervised`).
