@@ -129,12 +129,14 @@ def gradcam_program(stage: int) -> Program:
 
 class CompiledModel:
     """A model's programs (forward, Grad-CAM) compiled at fixed shapes, built from the model (`load()` gives it,
-    called at most once and only when needed) or read from its serving-cache `entry`."""
+    called at most once and only when needed) or read from its serving-cache `entry`. Inputs are (N, image_size,
+    image_size, channels): 3, or 3(2K+1) for a segmenter with K context slices (its metadata says)."""
 
-    def __init__(self, load: Callable[[], Any], batch_size: int, image_size: int, entry: Path | None = None):
+    def __init__(self, load: Callable[[], Any], batch_size: int, image_size: int, entry: Path | None = None,
+                 channels: int = 3):
         self._load = load
         self._model: Any = None
-        self.batch_size, self.image_size, self.entry = batch_size, image_size, entry
+        self.batch_size, self.image_size, self.entry, self.channels = batch_size, image_size, entry, channels
         self._weights: list[jax.Array] | None = None
         self._executables: dict[str, Any] = {}
         self._verified: set[str] = set()  # executables that have run once
@@ -195,7 +197,7 @@ class CompiledModel:
 
     # -- building and caching --------------------------------------------------------------------------------------
     def _input(self, program: Program) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((program.batch, self.image_size, self.image_size, 3), jnp.float32)
+        return jax.ShapeDtypeStruct((program.batch, self.image_size, self.image_size, self.channels), jnp.float32)
 
     def _executable(self, program: Program) -> Any:
         if program.name not in self._executables and not self._read(program):

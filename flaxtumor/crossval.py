@@ -99,7 +99,7 @@ def held_out(out: Path, folds: int, patients: Sequence[Patient]) -> dict[str, in
 
 
 def _predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """Sigmoid outputs of `model` for (N, S, S, 3) inputs, in fixed-size batches (the last one padded)."""
+    """Sigmoid outputs of `model` for (N, S, S, C) inputs, in fixed-size batches (the last one padded)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -121,7 +121,8 @@ def _predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
 def predict_fold(
     fold: int, checkpoint: Path, patients: Sequence[Patient]
 ) -> tuple[list[OutOfFold], dict[str, Any]]:
-    """The fold model's probability volumes for its held-out `patients` (whole volumes, normalised as in training)."""
+    """The fold model's probability volumes for its held-out `patients` (whole volumes in slice order, normalised
+    as in training; a 2.5D model's neighbours are the volume's slices, stacked by `preprocess`)."""
     from flaxtumor.checkpoints import load_inference
 
     model, metadata = load_inference(checkpoint)

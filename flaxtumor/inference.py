@@ -13,11 +13,16 @@ Input conventions (the same as `flaxtumor.data.io.read_image`, for arrays alread
 
 Normalisation `volume_zscore` needs a patient volume: `predict_volume` uses the stats of the whole stack, as training
 did. `predict_slices` treats each slice as a volume of one (per-slice stats), the documented fallback for loose slices.
+
+A segmenter trained on 2.5D input (its metadata's `context_slices` K > 0) sees each slice with K neighbours on each
+side: in a volume, the slices as given (in order, the nearest repeated past either end); a loose slice, or a volume of
+one, is its own neighbours, with a `ContextWarning` (`LONE_SLICE_WARNING`) saying the result is less reliable.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
@@ -39,7 +44,7 @@ from flaxtumor.operating_point import (
 __all__ = [
     "SlicePrediction", "Pipeline", "as_rgb", "gate_and_postprocess", "largest_connected_component",
     "read_operating_point", "slice_calls", "OperatingPoint", "OPERATING_POINT_FILE", "input_warning",
-    "looks_like_mask", "GRAY_WARNING", "MASK_REFUSAL",
+    "looks_like_mask", "GRAY_WARNING", "MASK_REFUSAL", "ContextWarning", "LONE_SLICE_WARNING",
 ]
 
 if TYPE_CHECKING:  # flax and Orbax load only when a model must be built (a warm serving cache needs neither)
@@ -96,6 +101,15 @@ def looks_like_mask(image: np.ndarray) -> bool:
     return len(values) == 2 and values[0] == 0
 
 
+class ContextWarning(UserWarning):
+    """A 2.5D segmenter (context slices) given a slice without its neighbours."""
+
+
+LONE_SLICE_WARNING = ("the segmenter expects each slice with its neighbouring slices of the volume (2.5D input); a "
+                      "lone slice is used as its own neighbours, so its mask is less reliable: upload the patient's "
+                      "whole volume for a full result")
+
+
 MASK_REFUSAL = ("looks like a segmentation mask, not an MRI slice (only two values: 0 and one other); upload the "
                 "slice itself (files named *_mask.* are masks)")
 
@@ -118,7 +132,7 @@ def _compiled(model: nnx.Module | CompiledModel, batch_size: int, spec: Preproce
     """A model given in memory compiles as usual, without the serving cache (it has no checkpoint to key it by)."""
     if isinstance(model, CompiledModel):
         return model
-    return CompiledModel(lambda: model, batch_size, spec.image_size)
+    return CompiledModel(lambda: model, batch_size, spec.image_size, channels=spec.channels)
 
 
 def _check_volume(images: list[np.ndarray]) -> None:
@@ -203,8 +217,9 @@ class Pipeline:
         point = point.override(**overrides)
         models = {}
         for name, path in sources.items():
-            models[name] = CompiledModel(_loader(path), batch_size, metadata[name].preprocessing.image_size,
-                                         cache_entry(path, serving_cache_dir()))
+            spec = metadata[name].preprocessing
+            models[name] = CompiledModel(_loader(path), batch_size, spec.image_size,
+                                         cache_entry(path, serving_cache_dir()), channels=spec.channels)
             models[name].prepare(point.tta)  # a cache miss restores the model now: a bad checkpoint fails here
         pipeline = cls(models["classifier"], models["segmenter"], metadata["classifier"], metadata["segmenter"],
                        point=point, batch_size=batch_size, record=record)
@@ -262,10 +277,13 @@ class Pipeline:
 
     def _prepare(self, images: Sequence[np.ndarray], spec: Preprocessing, volume: bool,
                  boxes: list[Box] | None = None) -> np.ndarray:
-        """Model inputs; `boxes` (from `_boxes`, which computes them when not given) are the crops to map back to."""
+        """Model inputs; `boxes` (from `_boxes`, which computes them when not given) are the crops to map back to.
+        With context slices a volume's neighbours are its slices in the given order; a loose slice is its own."""
         images = [as_rgb(im) for im in images]
         if not images:
-            return np.zeros((0, spec.image_size, spec.image_size, 3), np.float32)
+            return np.zeros((0, spec.image_size, spec.image_size, spec.channels), np.float32)
+        if spec.context_slices and (not volume or len(images) == 1):
+            warnings.warn(LONE_SLICE_WARNING, ContextWarning, stacklevel=3)
         boxes = boxes or _boxes(images, spec, volume)
         if volume:
             return preprocess(np.stack(images), spec, box=boxes[0])
@@ -275,7 +293,8 @@ class Pipeline:
     def predict_slices(self, images: Sequence[np.ndarray], point: OperatingPoint | None = None
                        ) -> list[SlicePrediction]:
         """Independent slices (any sizes, a batch or a list of one). No post-processing: there is no volume to run
-        it over (the point's `postprocess` is ignored)."""
+        it over (the point's `postprocess` is ignored). A 2.5D segmenter sees each slice as its own neighbours and
+        warns (`ContextWarning`)."""
         point = dataclasses.replace(point or self.point, postprocess="none")
         return self._predict(images, volume=False, point=point)
 
