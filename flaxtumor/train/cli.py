@@ -72,6 +72,7 @@ FIELDS = {
     "segmenter": "model.segmenter",
     "deep_supervision": "model.deep_supervision",
     "crop": "data.crop",
+    "context_slices": "data.context_slices",
     "sampling": "data.sampling",
     "uniform_share": "data.sampling_uniform_share",
     "samples_per_epoch": "data.samples_per_epoch",
@@ -175,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="none: resize the whole slice to --image-size; brain: first crop each patient volume to the square around "
       "the head (pixels above a small intensity, plus a margin), recorded in the checkpoint so inference crops and "
       "maps masks back the same way. A lever of issue 11, not yet measured (default none)")
+    a("--context-slices", type=int, metavar="K",
+      help="seg ResUNet, 2.5D input: each slice with its K neighbouring slices on each side of the patient volume as "
+      "extra channels (3(2K+1) in all; the nearest slice repeats at the volume's ends), recorded in the checkpoint "
+      "so inference stacks the same neighbours; a lone slice is its own neighbours, with a warning. A lever of "
+      f"issue 11, not yet measured (default {d.data.context_slices}: the slice alone)")
     a("--normalisation", choices=["image_zscore", "volume_zscore", "imagenet", "caffe"],
       help=f"intensity normalisation (default {d.data.normalisation}; with --backbone-weights, the weights' own)")
     a("--no-augment", dest="augment", action="store_false", default=None, help="turn training augmentation off")

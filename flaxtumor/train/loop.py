@@ -550,7 +550,7 @@ def export(run: Run) -> dict[str, Any]:
     metadata = {
         "config": cfg.to_dict(),
         "task": tcfg.task,
-        "preprocessing": Preprocessing(cfg.data.image_size, cfg.data.normalisation, cfg.data.crop).to_dict(),
+        "preprocessing": Preprocessing.from_config(cfg.data).to_dict(),
         # the task's own threshold: a classifier's tumour probability, a segmenter's mask probability
         "threshold": tcfg.cls_threshold if tcfg.task == "cls" else tcfg.mask_threshold,
         "backbone_init": tcfg.backbone_weights if tcfg.task == "cls" else "none",

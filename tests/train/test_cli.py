@@ -105,3 +105,16 @@ def test_deep_supervision_and_crop_flags_set_the_config_and_default_off():
     assert on.model.deep_supervision is True and on.data.crop == "brain"
     with pytest.raises(SystemExit):
         parse("--crop", "skull")
+
+
+def test_context_slices_flag_sets_the_config_defaults_to_zero_and_is_refused_where_it_cannot_apply(capsys):
+    def parse(*argv):
+        return make_config(build_parser().parse_args(["--data", "synthetic", *argv]))
+
+    assert parse("--task", "seg").data.context_slices == 0
+    assert parse("--task", "seg", "--context-slices", "2").data.context_slices == 2
+    with pytest.raises(ValueError, match="--context-slices"):
+        parse("--task", "seg", "--context-slices", "-1")
+    for bad in (["--task", "cls"], ["--task", "seg", "--segmenter", "resnet50_unet"]):
+        assert main(["--data", "synthetic", "--context-slices", "1", *bad]) == 2
+        assert "--context-slices 1" in capsys.readouterr().err
