@@ -44,7 +44,7 @@ class InferenceMetadata:
             raise TypeError(f"expected a JSON object, got {type(d).__name__}")
         config = Config.from_dict(d["config"])
         preprocessing = (Preprocessing.from_dict(d["preprocessing"]) if "preprocessing" in d
-                         else Preprocessing(config.data.image_size, config.data.normalisation, config.data.crop))
+                         else Preprocessing.from_config(config.data))
         threshold = d.get("threshold", 0.5)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"'threshold' must be a number, got {threshold!r}")

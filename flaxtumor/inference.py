@@ -44,7 +44,8 @@ from flaxtumor.operating_point import (
 __all__ = [
     "SlicePrediction", "Pipeline", "as_rgb", "gate_and_postprocess", "largest_connected_component",
     "read_operating_point", "slice_calls", "OperatingPoint", "OPERATING_POINT_FILE", "input_warning",
-    "looks_like_mask", "GRAY_WARNING", "MASK_REFUSAL", "ContextWarning", "LONE_SLICE_WARNING",
+    "looks_like_mask", "GRAY_WARNING", "MASK_REFUSAL", "ContextWarning", "LONE_SLICE_WARNING", "context_warning",
+    "slice_warning",
 ]
 
 if TYPE_CHECKING:  # flax and Orbax load only when a model must be built (a warm serving cache needs neither)
@@ -108,6 +109,17 @@ class ContextWarning(UserWarning):
 LONE_SLICE_WARNING = ("the segmenter expects each slice with its neighbouring slices of the volume (2.5D input); a "
                       "lone slice is used as its own neighbours, so its mask is less reliable: upload the patient's "
                       "whole volume for a full result")
+
+
+def context_warning(spec: Preprocessing, n_slices: int, volume: bool) -> str | None:
+    """`LONE_SLICE_WARNING` when a 2.5D segmenter (`spec.context_slices` > 0) would see slices without their
+    neighbours: loose slices, or a volume of one."""
+    return LONE_SLICE_WARNING if spec.context_slices and (not volume or n_slices == 1) else None
+
+
+def slice_warning(image: np.ndarray, spec: Preprocessing, n_slices: int, volume: bool) -> str:
+    """What a report says of one input slice ("" when nothing): `input_warning`, then `context_warning`."""
+    return "; ".join(w for w in (input_warning(image), context_warning(spec, n_slices, volume)) if w)
 
 
 MASK_REFUSAL = ("looks like a segmentation mask, not an MRI slice (only two values: 0 and one other); upload the "
@@ -282,8 +294,8 @@ class Pipeline:
         images = [as_rgb(im) for im in images]
         if not images:
             return np.zeros((0, spec.image_size, spec.image_size, spec.channels), np.float32)
-        if spec.context_slices and (not volume or len(images) == 1):
-            warnings.warn(LONE_SLICE_WARNING, ContextWarning, stacklevel=3)
+        if message := context_warning(spec, len(images), volume):
+            warnings.warn(message, ContextWarning, stacklevel=3)
         boxes = boxes or _boxes(images, spec, volume)
         if volume:
             return preprocess(np.stack(images), spec, box=boxes[0])

@@ -381,7 +381,7 @@ def _read_truth(mask_path: Path | None, shape: tuple[int, ...], failures: list[s
 
 def _predict_group(pipeline, group: Group, masks: dict[Path, Path], failures: list[str], args: argparse.Namespace,
                    timer: Timer, outcome: Outcome) -> None:
-    from flaxtumor.inference import input_warning
+    from flaxtumor.inference import slice_warning
 
     images, readable, truths = _read_group(group, masks, failures)
     timer.lap("write")
@@ -394,7 +394,7 @@ def _predict_group(pipeline, group: Group, masks: dict[Path, Path], failures: li
         write_mask(pred.mask, args.out / f"{path.stem}_pred.png")
         if args.gradcam is not None:
             write_heatmap(pipeline.gradcam(image), args.gradcam / f"{path.stem}_gradcam.png")
-        warning = input_warning(image) or ""
+        warning = slice_warning(image, pipeline.segmenter_spec, len(images), as_volume)
         if warning:
             print(f"warning: {path}: {warning}", file=sys.stderr)
         outcome.rows[path] = _row(str(path.resolve()), pred, group.patient if group.volume else "", warning, truth)

@@ -240,3 +240,15 @@ def test_train_config_threshold_is_two_fields_and_old_configs_still_load():
     assert "threshold" not in Config().to_dict()["train"]
     with pytest.raises(ValueError, match="contradicts"):
         Config.from_dict({"train": {"task": "cls", "threshold": 0.3, "cls_threshold": 0.6}})
+
+
+def test_slice_warning_names_gray_input_and_a_lone_slice_for_a_2_5d_segmenter():
+    from flaxtumor.data.preprocess import Preprocessing
+    from flaxtumor.inference import GRAY_WARNING, LONE_SLICE_WARNING, context_warning, slice_warning
+
+    flat, context = Preprocessing(32, "image_zscore"), Preprocessing(32, "image_zscore", context_slices=1)
+    colour, gray = _random_images([(8, 8, 3)])[0], np.zeros((8, 8), np.uint8)
+    assert slice_warning(colour, flat, 1, False) == "" and slice_warning(gray, flat, 5, True) == GRAY_WARNING
+    assert context_warning(flat, 1, False) is None and context_warning(context, 5, True) is None
+    assert context_warning(context, 1, True) == context_warning(context, 5, False) == LONE_SLICE_WARNING
+    assert slice_warning(gray, context, 2, False) == f"{GRAY_WARNING}; {LONE_SLICE_WARNING}"

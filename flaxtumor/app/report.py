@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,7 +27,6 @@ from scipy import ndimage
 
 from flaxtumor.app.cache import Volume
 from flaxtumor.app.errors import md_code
-from flaxtumor.inference import GRAY_WARNING
 from flaxtumor.metrics import describe_dice_loss
 from flaxtumor.operating_point import VERDICT_MEANINGS, OperatingPoint, verdicts
 from flaxtumor.truth import (PATIENT_DICE_PROTOCOL, PATIENTS_HEADER, SLICE_DICE_PROTOCOL, TRUTH_COLUMNS, PatientScore,
@@ -127,9 +127,8 @@ def patient_summary(report: PatientReport, spacing: float | None, thickness: flo
             f"(flagged by the classifier, nothing outlined): {', '.join(map(str, suspicious)) or 'none'}. "
             f"**Tumour burden:** {burden} px{mm3}.")
     text += _dice_text(report)
-    gray = sum(1 for r in rows if r["warning"])
-    if gray:
-        text += f"\n\n⚠️ **Warning: {plural(gray, 'slice')} of this patient: {GRAY_WARNING}.**"
+    for message, n in Counter(r["warning"] for r in rows if r["warning"]).items():  # gray input, a lone slice
+        text += f"\n\n⚠️ **Warning: {plural(n, 'slice')} of this patient: {message}.**"
     return text
 
 

@@ -8,6 +8,7 @@ threshold then decides which slices keep it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import re
@@ -33,6 +34,7 @@ class Counting:
 
     def __init__(self, pipeline: Any):
         self.pipeline, self.point, self.calls = pipeline, pipeline.point, []
+        self.segmenter_spec = pipeline.segmenter_spec
 
     def tumour_probabilities(self, *a: Any, **k: Any) -> Any:
         self.calls.append("classifier")
@@ -163,6 +165,17 @@ def test_single_slice_renders_from_its_cache(app: App, tmp_path: Path) -> None:
     assert "no tumour predicted on this slice" in again.caption and "predicted tumour<" not in again.caption
     assert again.gradcam.shape == r.gradcam.shape == r.overlay.shape
     assert sorted(app.pipeline.calls) == ["classifier", "gradcam", "segmenter"]
+
+
+def test_a_lone_slice_for_a_2_5d_segmenter_is_warned_about(app: App, tiny, tmp_path: Path) -> None:
+    from flaxtumor.inference import LONE_SLICE_WARNING
+
+    path = F.good_png(tmp_path, "one.png")
+    assert "Warning" not in app.analyse_slice(str(path), 0.5, "none").details
+    app.pipeline.segmenter_spec = dataclasses.replace(app.pipeline.segmenter_spec, context_slices=1)
+    assert f"Warning: {LONE_SLICE_WARNING}." in app.analyse_slice(str(path), 0.5, "none").details
+    archive, _ = patient_zip(tiny, tmp_path, masks=False)  # a whole volume: its neighbours are there
+    assert LONE_SLICE_WARNING not in app.analyse_patient([str(archive)], 0.5, None).summary
 
 
 def test_an_expired_analysis_says_so(app: App) -> None:
