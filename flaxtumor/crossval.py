@@ -147,11 +147,19 @@ def save_oof(result: OutOfFold, folder: Path) -> Path:
     return path
 
 
+def load_oof(path: Path) -> OutOfFold:
+    """An out-of-fold volume as `save_oof` wrote it (OUT/oof/<patient_id>.npz)."""
+    with np.load(path) as f:
+        box = tuple(int(v) for v in f["box"])
+        return OutOfFold(Path(path).stem, int(f["fold"]), f["probabilities"], f["slice_index"],
+                         Box(*box) if box else None)
+
+
 def _truth(patient: Patient) -> list[np.ndarray]:
     return [read_mask(s.mask_path) if s.mask_path is not None else None for s in patient.slices]
 
 
-def _oof_masks(r: OutOfFold, patient: Patient, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def oof_masks(r: OutOfFold, patient: Patient, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(predicted masks, truth) of one patient at the slices' own size, as the pipeline returns them."""
     truth = _truth(patient)
     truth = np.stack([t if t is not None else np.zeros(r.probabilities.shape[1:], bool) for t in truth])
@@ -164,12 +172,13 @@ def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], thresh
               point: Any = None) -> dict:
     """Per-patient volumetric Dice and tumour-slice Dice, with percentile-bootstrap 95% intervals over patients; with
     `point` (an `OperatingPoint` whose classifier is off) after its area gate and post-processing."""
-    per_patient, slice_dice = {}, {}
+    per_patient, slice_dice, loss_parts = {}, {}, {}
     for r in results:
-        preds, truth = _oof_masks(r, patients[r.patient_id], threshold)
+        preds, truth = oof_masks(r, patients[r.patient_id], threshold)
         if point is not None:
             _, preds = gate_and_postprocess(np.zeros(len(preds)), preds, point)
         per_patient[r.patient_id] = M.dice(preds, truth)
+        loss_parts[r.patient_id] = M.dice_loss_parts(preds, truth)
         slice_dice[r.patient_id] = [M.dice(p, t) for p, t in zip(preds, truth)]
     summary = M.summarise_patient_dice(per_patient)
     scored = [v for v in per_patient.values() if not np.isnan(v)]
@@ -187,6 +196,8 @@ def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], thresh
             "n_scored": summary["n_scored"],
             "empty_both_patients": summary["empty_both_patients"],
         },
+        # where the mean's shortfall lies (metrics.dice_loss_parts): the parts sum to 1 - mean
+        "dice_loss": {"mean": M.mean_dice_loss_parts(loss_parts), "per_patient": loss_parts},
         "tumour_slice_dice": {
             "value": pooled_slices(slice_dice.values()),
             "ci95": M.bootstrap_interval(list(slice_dice.values()), pooled_slices, seed=seed),
@@ -212,7 +223,7 @@ def choose_postprocessing(results: Sequence[OutOfFold], patients: dict[str, Pati
     (`operating_point.choice_key`: Dice, then the slice calls' Youden's J, then the simpler point). With the classifier
     off a slice is called tumour exactly when its final mask is drawn. Returns the candidates' scores and the choice."""
     rows, candidates = [], postprocessing_candidates(threshold)
-    masks = {r.patient_id: _oof_masks(r, patients[r.patient_id], threshold) for r in results}
+    masks = {r.patient_id: oof_masks(r, patients[r.patient_id], threshold) for r in results}
     for point in candidates:
         per_patient, calls, labels = {}, [], []
         for pid, (preds, truth) in masks.items():
@@ -368,7 +379,8 @@ def _headline(report: dict[str, Any]) -> str:
             lo, hi = v["mean_ci95"]
             line += (f"\nchosen post-processing ({c['postprocess']}, area gate {c['min_tumour_area']:g}): per-patient Dice "
                      f"mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, worst {v['worst']:.4f}; "
-                     f"tumour-slice Dice {pp['tumour_slice_dice']['value']:.4f}")
+                     f"tumour-slice Dice {pp['tumour_slice_dice']['value']:.4f}\n  "
+                     f"{M.describe_dice_loss(pp['dice_loss']['mean'])} (means over patients)")
         return line
     lo, hi = report["auc_ci95"]
     return f"AUC {report['auc']:.4f} [{lo:.4f}, {hi:.4f}], accuracy {report['accuracy']:.4f}"

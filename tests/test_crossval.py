@@ -75,6 +75,17 @@ def test_report_headline_and_intervals(cv):
     assert v["worst"] == pytest.approx(min(scores))
     assert v["mean_ci95"][0] <= v["mean"] <= v["mean_ci95"][1]
     assert 0 <= report["tumour_slice_dice"]["value"] <= 1
+    # where the shortfall lies: the mean parts add up to 1 - the mean Dice
+    assert sum(report["dice_loss"]["mean"].values()) == pytest.approx(1 - v["mean"])
+    assert sorted(report["dice_loss"]["per_patient"]) == sorted(report["per_patient_dice"])
+
+
+def test_load_oof_reads_back_what_save_oof_wrote(tmp_path):
+    for box in (None, crossval.Box(1, 2, 30, 30)):
+        r = crossval.OutOfFold("p1", 3, np.arange(8, dtype=np.float16).reshape(2, 2, 2), np.array([4, 5]), box)
+        back = crossval.load_oof(crossval.save_oof(r, tmp_path))
+        assert (back.patient_id, back.fold, back.box) == ("p1", 3, box)
+        assert np.array_equal(back.probabilities, r.probabilities) and np.array_equal(back.slice_index, [4, 5])
 
 
 def test_resume_skips_finished_folds_and_a_fresh_start_is_refused(cv, capsys):
@@ -222,7 +233,7 @@ def test_out_of_fold_masks_go_back_through_the_crop_the_model_saw(tmp_path):
     result = crossval.OutOfFold("p", 0, probs, np.arange(2), Box(8, 4, 20, 20))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(crossval, "_truth", lambda p: [np.zeros((40, 40), bool)] * 2)
-        preds, _ = crossval._oof_masks(result, patient, 0.5)
+        preds, _ = crossval.oof_masks(result, patient, 0.5)
     expected = np.zeros((40, 40), bool)
     expected[8:28, 4:24] = True
     assert preds.shape == (2, 40, 40) and (preds == expected).all()

@@ -1,0 +1,143 @@
+"""`python -m flaxtumor.classifier_gate --cv OUT --data PATH`: whether the classifier should gate the segmenter, decided
+on patients that neither model trained on.
+
+Cross-validation (`flaxtumor.crossval`) chooses the pipeline's post-processing with the classifier off: it has an
+out-of-fold segmenter prediction for every patient, but no out-of-fold classifier probabilities. The classifier held
+out patients of its own: its validation split, which chose its epochs but never trained it. On those patients the
+out-of-fold segmenter masks and the classifier's probabilities are both unseen, so the gate is decided there, with one
+knob: the classifier threshold (its calls alone, or fused with the cross-validated area gate), the mask threshold and
+post-processing fixed at the cross-validated point. Candidates are ranked by `operating_point.choice_key` (mean
+per-patient Dice to 4 decimals, then Youden's J of the slice calls); on a full tie the classifier stays off, the point
+with fewer knobs.
+
+Writes the cross-validated point, with the threshold if the gate won, and the comparison under `classifier_gate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from flaxtumor.operating_point import (OPERATING_POINT_FILE, OperatingPoint, choice_key, read_operating_point,
+                                       write_operating_point)
+
+GATE_FILE = "pipeline_gate.json"
+
+
+def held_out_patients(classifier_metadata: Any) -> list[str]:
+    """The classifier's validation patients that nothing in its lineage trained on (its own training, the patients
+    its backbone was pretrained on); an error when none is left."""
+    split = classifier_metadata.split or {}
+    trained = set(classifier_metadata.get("trained_patients") or split.get("train") or [])
+    trained |= set((classifier_metadata.get("backbone_provenance") or {}).get("patients") or [])
+    held = [pid for pid in split.get("val") or [] if pid not in trained]
+    if not held:
+        raise ValueError("the classifier's metadata records no validation patient that it (or its backbone) did not "
+                         "train on: there is nowhere to decide its gate without leakage")
+    return held
+
+
+def gate_candidates(point: OperatingPoint, thresholds: Sequence[float]) -> list[OperatingPoint]:
+    """The cross-validated point with the classifier off; then, at each threshold, the classifier's calls alone gating
+    the masks (the only gate that can empty a false region on a slice the classifier clears) and, when the point has
+    an area gate, the fused gate (classifier or area: it can only keep masks the area gate would drop)."""
+    off = point.override(threshold=math.inf)
+    areas = (0.0, point.min_tumour_area) if point.gate and point.min_tumour_area > 0 else (0.0,)
+    return [off, *(off.override(threshold=t, gate=True, min_tumour_area=a) for a in areas for t in thresholds)]
+
+
+def choose_gate(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point: OperatingPoint,
+                thresholds: Sequence[float]) -> dict[str, Any]:
+    """Scores every candidate on `raw` ((classifier probabilities, ungated out-of-fold masks, truth) per patient) and
+    returns {"candidates": rows, "chosen": the best row, "point": its OperatingPoint}."""
+    from flaxtumor.tune import score
+
+    rows, candidates = [], gate_candidates(point, thresholds)
+    for candidate in candidates:
+        rows.append({"threshold": candidate.threshold, "min_tumour_area": candidate.min_tumour_area,
+                     "gate": candidate.gate, **score(raw, candidate)})
+
+    def key(i: int) -> tuple:
+        r = rows[i]
+        return (*choice_key(r["per_patient_dice_mean"], r["detection_sensitivity"], r["detection_specificity"],
+                            point.tta, point.postprocess, point.min_tumour_area), math.isinf(r["threshold"]))
+
+    best = max(range(len(rows)), key=key)
+    return {"candidates": rows, "chosen": rows[best], "point": candidates[best]}
+
+
+def gate_inputs(cv: Path, checkpoints: Path, data: str, patient_ids: Sequence[str], mask_threshold: float
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per patient: the classifier's probabilities (shipped classifier), the fold model's ungated out-of-fold masks at
+    the slices' size, and the truth."""
+    from flaxtumor.crossval import OOF_DIR, fold_dir, load_oof, oof_masks
+    from flaxtumor.data.lgg import load_dataset, select
+    from flaxtumor.evaluate import load_volume
+    from flaxtumor.inference import Pipeline
+
+    oof = {pid: load_oof(Path(cv) / OOF_DIR / f"{pid}.npz") for pid in patient_ids}
+    # Any fold's segmenter completes the pipeline: only the classifier runs here.
+    pipeline = Pipeline.from_checkpoints(checkpoints, segmenter=fold_dir(cv, oof[patient_ids[0]].fold) / "segmenter")
+    config = dataclasses.replace(pipeline.metadata["classifier"].config.data, root=str(data), split_file=None)
+    patients = select(load_dataset(config), list(patient_ids))
+    raw = []
+    for patient in patients:
+        images, truth = load_volume(patient)
+        probs = pipeline.tumour_probabilities(images, volume=True)
+        masks, _ = oof_masks(oof[patient.patient_id], patient, mask_threshold)
+        raw.append((probs, masks, truth))
+    return raw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from flaxtumor.checkpoint_metadata import read_metadata
+    from flaxtumor.tune import THRESHOLDS
+
+    ap = argparse.ArgumentParser(prog="python -m flaxtumor.classifier_gate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cv", type=Path, required=True, help="a finished python -m flaxtumor.crossval folder (seg)")
+    ap.add_argument("--data", required=True, help="kaggle_3m folder (or its parent)")
+    ap.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="folder with the classifier/ to gate")
+    ap.add_argument("--out", type=Path, default=None, help=f"where to write (default: CV/{GATE_FILE})")
+    args = ap.parse_args(argv)
+    try:
+        point, record = read_operating_point(args.cv)
+        if not record:
+            raise ValueError(f"{args.cv / OPERATING_POINT_FILE}: missing (run python -m flaxtumor.crossval first)")
+        patients = held_out_patients(read_metadata(args.checkpoints / "classifier"))
+        raw = gate_inputs(args.cv, args.checkpoints, args.data, patients, point.mask_threshold)
+    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    choice = choose_gate(raw, point, THRESHOLDS)
+    gate = {
+        "patients": patients,
+        "protocol": "the classifier's validation patients (never trained on by it or its backbone; they chose its "
+                    "epochs), each segmented by the cross-validation fold that held it out; one knob searched, the "
+                    "classifier threshold (its calls alone, or fused with the area gate), the rest fixed at the "
+                    "cross-validated point; best mean per-patient Dice, "
+                    "then Youden's J, then the classifier off",
+        "classifier": str(args.checkpoints / "classifier"),
+        "candidates": choice["candidates"],
+        "chosen": choice["chosen"],
+    }
+    out = args.out or args.cv / GATE_FILE
+    kept = {k: v for k, v in record.items() if k not in set(point.to_dict()) | {"lcc", "postprocess"}}
+    if not math.isinf(choice["point"].threshold):
+        kept["validation_of"] = "the cross-validated point with the classifier off (all patients, out of fold)"
+    write_operating_point(out, choice["point"], **kept, classifier_gate=gate)
+    off, chosen = choice["candidates"][0], choice["chosen"]
+    print(f"{len(patients)} patients neither model trained on: classifier off → per-patient Dice "
+          f"{off['per_patient_dice_mean']:.4f}; chosen: {choice['point'].threshold_label} → "
+          f"{chosen['per_patient_dice_mean']:.4f} (sensitivity {chosen['detection_sensitivity']:.3f}, specificity "
+          f"{chosen['detection_specificity']:.3f}) → {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
