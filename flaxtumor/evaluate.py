@@ -93,6 +93,26 @@ def load_volume(patient: Patient) -> tuple[list[np.ndarray], np.ndarray]:
     return images, np.stack(targets)
 
 
+_CALL_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "tn", "fp", "fn", "tp")
+
+
+def _slice_calls(probs: np.ndarray, labels: np.ndarray, calls: np.ndarray, drawn: np.ndarray, threshold: float
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(detection, verdict) over all slices. Detection: the pipeline's slice calls, the classifier's alone or fused
+    with the segmenter's area (min_tumour_area > 0). Verdict, what a user sees: "tumour" exactly when a mask is drawn
+    (after gating and post-processing), "suspicious" when the classifier flags the slice and nothing is drawn; scored
+    as tumour vs not, with the verdicts counted."""
+    detection = metrics.classification_metrics(calls.astype(float), labels, 0.5)
+    verdict = metrics.classification_metrics(drawn.astype(float), labels, 0.5)
+    detection, verdict = ({k: m[k] for k in _CALL_METRICS} for m in (detection, verdict))
+    flagged = probs >= threshold
+    suspicious = flagged & ~drawn
+    verdict["counts"] = {"tumour": int(drawn.sum()), "suspicious": int(suspicious.sum()),
+                         "no tumour": int((~drawn & ~flagged).sum())}
+    verdict["suspicious_with_tumour_in_truth"] = int((suspicious & labels).sum())
+    return detection, verdict
+
+
 def evaluate_patients(
     pipeline: Pipeline, patients: Sequence[Patient], point: OperatingPoint | None = None, gallery_size: int = 4
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -145,19 +165,8 @@ def evaluate_patients(
 
     probs, labels = np.concatenate(probs_all), np.concatenate(labels_all)
     classifier = metrics.classification_metrics(probs, labels, point.threshold)
-    # The pipeline's slice calls: the classifier's alone, or fused with the segmenter's area (min_tumour_area > 0).
-    detection = metrics.classification_metrics(np.concatenate(calls_all).astype(float), labels, 0.5)
-    detection = {k: detection[k] for k in ("accuracy", "precision", "recall", "specificity", "f1", "tn", "fp", "fn", "tp")}
-    # The verdict a user sees: "tumour" exactly when a mask is drawn (after gating and post-processing); "suspicious"
-    # when the classifier flags the slice and nothing is drawn. Scored as tumour vs not, with the verdicts counted.
-    drawn = np.concatenate(drawn_all)
-    flagged = probs >= point.threshold
-    verdict = metrics.classification_metrics(drawn.astype(float), labels, 0.5)
-    verdict = {k: verdict[k] for k in ("accuracy", "precision", "recall", "specificity", "f1", "tn", "fp", "fn", "tp")}
-    suspicious = flagged & ~drawn
-    verdict["counts"] = {"tumour": int(drawn.sum()), "suspicious": int(suspicious.sum()),
-                         "no tumour": int((~drawn & ~flagged).sum())}
-    verdict["suspicious_with_tumour_in_truth"] = int((suspicious & labels).sum())
+    detection, verdict = _slice_calls(probs, labels, np.concatenate(calls_all), np.concatenate(drawn_all),
+                                      point.threshold)
     # Does the classifier's Grad-CAM (the map predict --gradcam and the app show) point at the tumour?
     classifier["gradcam"] = metrics.pointing_score(heatmaps, heat_targets)
     result = {
