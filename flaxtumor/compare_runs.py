@@ -1,0 +1,128 @@
+"""`python -m flaxtumor.compare_runs RUN RUN [RUN ...]`: segmenters trained with different recipes, scored on the same
+held-out patients and compared patient by patient.
+
+A recipe lever (deep supervision, 2.5D input, a loss, a resolution) is screened by training one fold with it and one
+without. Their validation curves alone hide how noisy 16 patients are; the paired comparison does not: each run
+predicts the held-out patients of its split (which must be the same patients for every run, and trained on by none),
+is scored as cross-validation scores (`crossval.score_seg`: per-patient volumetric Dice of the raw masks, no gate, no
+post-processing), and every later run is compared with the first on the same patients: the mean per-patient
+difference with a percentile-bootstrap 95% interval over patients, and how many patients got better or worse.
+
+A run is a training folder holding an exported `segmenter/` (as `train.py --out` writes it), or the export itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from flaxtumor import metrics as M
+
+TIE = 1e-4  # a per-patient difference smaller than this counts as neither better nor worse
+
+
+def export_of(run: Path) -> Path:
+    """The inference checkpoint of a run folder (RUN/segmenter), or RUN itself when it is one."""
+    run = Path(run)
+    return run / "segmenter" if (run / "segmenter" / "metadata.json").is_file() else run
+
+
+def held_out_patients(metas: dict[str, Any]) -> list[str]:
+    """The validation patients every run shares; an error naming the runs when they differ or one trained on them."""
+    first, *rest = metas.items()
+    patients = sorted((first[1].split or {}).get("val") or [])
+    if not patients:
+        raise ValueError(f"{first[0]}: its split has no validation patients to compare on")
+    for name, meta in metas.items():
+        if sorted((meta.split or {}).get("val") or []) != patients:
+            raise ValueError(f"{name} and {first[0]} hold out different patients: compare runs of the same fold")
+        if seen := sorted(set(meta.get("trained_patients") or []) & set(patients)):
+            raise ValueError(f"{name} trained on {len(seen)} of the held-out patients (e.g. {seen[0]})")
+    return patients
+
+
+def paired(base: dict[str, float], other: dict[str, float], seed: int = 0) -> dict[str, Any]:
+    """`other` minus `base` over the patients both score (empty-vs-empty patients are nan and left out)."""
+    ids = [pid for pid in base if not np.isnan(base[pid]) and not np.isnan(other.get(pid, np.nan))]
+    diffs = [other[pid] - base[pid] for pid in ids]
+    return {
+        "mean_difference": float(np.mean(diffs)) if diffs else float("nan"),
+        "mean_difference_ci95": M.bootstrap_interval(diffs, np.mean, seed=seed),
+        "better": sum(d > TIE for d in diffs), "worse": sum(d < -TIE for d in diffs),
+        "same": sum(abs(d) <= TIE for d in diffs), "n_patients": len(diffs),
+    }
+
+
+def _epoch(meta: Any) -> str:
+    chosen = meta.get("best") or meta.get("exported") or {}
+    return f"{chosen.get('epoch', '?')}/{len(meta.get('history') or [])}"
+
+
+def compare(runs: Sequence[Path], data: str | None = None) -> dict[str, Any]:
+    """Scores every run on the shared held-out patients; the first run is the baseline."""
+    from flaxtumor.checkpoint_metadata import read_metadata
+    from flaxtumor.crossval import predict_fold, score_seg
+    from flaxtumor.data.lgg import load_dataset, select
+
+    metas = {str(run): read_metadata(export_of(run)) for run in runs}
+    patient_ids = held_out_patients(metas)
+    first = next(iter(metas.values()))
+    config = dataclasses.replace(first.config.data, root=str(data or first.config.data.root), split_file=None)
+    patients = {p.patient_id: p for p in select(load_dataset(config), patient_ids)}
+    rows = []
+    for run in runs:
+        results, meta = predict_fold(0, export_of(run), list(patients.values()))
+        scores = score_seg(results, patients, meta.threshold)
+        rows.append({"run": str(run), "epoch": _epoch(meta), "preprocessing": meta.preprocessing.to_dict(),
+                     **{k: scores["volumetric_dice"][k] for k in ("mean", "mean_ci95", "median", "worst")},
+                     "tumour_slice_dice": scores["tumour_slice_dice"]["value"],
+                     "dice_loss": scores["dice_loss"]["mean"], "per_patient_dice": scores["per_patient_dice"]})
+    for row in rows[1:]:
+        row["versus_first"] = paired(rows[0]["per_patient_dice"], row["per_patient_dice"])
+    return {"patients": patient_ids, "protocol": "per-patient volumetric Dice of the raw masks (no gate, no "
+            "post-processing) on the held-out patients every run shares; differences paired by patient, later run "
+            "minus the first, with a percentile-bootstrap 95% interval over patients (2000 resamples)", "runs": rows}
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"{len(report['patients'])} held-out patients; {report['protocol']}",
+             f"{'run':<40} {'epoch':>6} {'mean':>7} {'median':>7} {'worst':>7}  vs first: Δmean [95% CI], better/worse"]
+    for r in report["runs"]:
+        line = f"{r['run'][-40:]:<40} {r['epoch']:>6} {r['mean']:7.4f} {r['median']:7.4f} {r['worst']:7.4f}"
+        if v := r.get("versus_first"):
+            lo, hi = v["mean_difference_ci95"]
+            line += f"  {v['mean_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}], {v['better']}/{v['worse']}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flaxtumor.compare_runs", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="training folders (or segmenter exports); the first is the "
+                                                       "baseline")
+    ap.add_argument("--data", default=None, help="kaggle_3m folder (default: the first run's data root)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the report (JSON) here")
+    args = ap.parse_args(argv)
+    if len(args.runs) < 2:
+        ap.error("give at least two runs: the baseline first")
+    try:
+        report = compare(args.runs, args.data)
+    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(report))
+    if args.out:
+        from flaxtumor.evaluate import jsonable
+
+        args.out.write_text(json.dumps(jsonable(report), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Comparing recipes on the same held-out patients, paired by patient: which runs may be compared, the paired
+difference and its interval, and the command end to end on two tiny runs of one fold."""
+
+import json
+
+import pytest
+
+from flaxtumor import compare_runs as C
+from flaxtumor.checkpoint_metadata import InferenceMetadata
+from flaxtumor.config import Config
+from flaxtumor.data.preprocess import Preprocessing
+
+
+def test_paired_difference_counts_and_leaves_out_unscored_patients():
+    base = {"a": 0.5, "b": 0.8, "c": float("nan"), "d": 0.7}
+    other = {"a": 0.6, "b": 0.7, "c": 0.9, "d": 0.7}
+    v = C.paired(base, other)
+    assert v["n_patients"] == 3 and (v["better"], v["worse"], v["same"]) == (1, 1, 1)
+    assert v["mean_difference"] == pytest.approx(0.0)
+    lo, hi = v["mean_difference_ci95"]
+    assert lo <= 0.0 <= hi and lo < hi
+
+
+def _meta(val, trained=()) -> InferenceMetadata:
+    return InferenceMetadata(Config(), "seg", Preprocessing(32, "image_zscore"), split={"train": [], "val": list(val)},
+                             extra={"trained_patients": list(trained)})
+
+
+def test_runs_must_hold_out_the_same_patients_and_train_on_none_of_them():
+    assert C.held_out_patients({"a": _meta(["p2", "p1"]), "b": _meta(["p1", "p2"])}) == ["p1", "p2"]
+    with pytest.raises(ValueError, match="hold out different patients"):
+        C.held_out_patients({"a": _meta(["p1"]), "b": _meta(["p2"])})
+    with pytest.raises(ValueError, match="trained on 1 of the held-out"):
+        C.held_out_patients({"a": _meta(["p1"]), "b": _meta(["p1"], trained=["p1"])})
+    with pytest.raises(ValueError, match="no validation patients"):
+        C.held_out_patients({"a": _meta([]), "b": _meta([])})
+
+
+def test_two_tiny_runs_of_one_fold_compared_by_patient(tmp_path, capsys):
+    from flaxtumor.train import loop
+    from tests.train.helpers import tiny_config
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        loop.run(tiny_config(out, "seg", **{"train.epochs": 1, "data.fold": 0, "data.folds": 2, "train.seed": seed}))
+        runs.append(out)
+    report_file = tmp_path / "compare.json"
+    assert C.main([str(runs[0]), str(runs[1]), str(runs[0]), "--out", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())  # strict JSON: no NaN
+    first, second, again = report["runs"]
+    assert sorted(first["per_patient_dice"]) == report["patients"]
+    scored = sum(v is not None for v in first["per_patient_dice"].values())
+    assert second["versus_first"]["n_patients"] == scored
+    # the baseline against itself: no difference, every patient the same
+    assert again["versus_first"]["mean_difference"] == 0.0 and again["versus_first"]["same"] == scored
+    assert "vs first" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        C.main([str(runs[0])])
