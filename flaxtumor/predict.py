@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -244,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipeline, timer = _load_pipeline(args)
     if pipeline is None:
         return 2
+    from flaxtumor.inference import ContextWarning
+
+    warnings.filterwarnings("ignore", category=ContextWarning)  # each row's warning (and stderr) says it per slice
     outcome = _predict_all(pipeline, inputs, failures, args, timer)
     _write_tables(outcome, inputs, args.out)
     timer.lap("write")

@@ -12,6 +12,7 @@ import argparse
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
     pipeline, loaded = _load(args)
     if pipeline is None:
         return 2
+    from flaxtumor.inference import ContextWarning
+
+    warnings.filterwarnings("ignore", category=ContextWarning)  # the app warns per slice, where the user reads it
     warm = warm_up(pipeline)
     demo = build_demo(pipeline, args.examples)
     url = launch(demo, args.host, args.port, args.share, prevent_thread_lock=True)
