@@ -78,14 +78,21 @@ def model_card_markdown(summary: dict[str, Any]) -> str:
     parts = [_point_section(summary.get("pipeline") or {}, record)]
     shown = set(_POINT_FIELDS)
     if isinstance(record.get("tuned_on"), dict):
-        parts.append("**How the operating point was chosen**\n\n" + _key_value_table(record["tuned_on"]))
+        tuned_on, candidates = _split_rows(record["tuned_on"], "candidates")
+        parts.append("**How the operating point was chosen**\n\n" + _key_value_table(tuned_on))
+        if candidates:
+            parts.append(_scored_table(f"**The {len(candidates)} candidates searched**", candidates))
         shown.add("tuned_on")
     if isinstance(record.get("validation"), dict):
         parts.append(_validation_section(record["validation"], record.get("tuned_on")))
         shown.add("validation")
     if isinstance(record.get("ablation"), list) and record["ablation"]:
-        parts.append(_ablation_section(record["ablation"]))
+        parts.append(_scored_table("**Ablation** (each variant of the pipeline scored like the validation above)",
+                                   record["ablation"]))
         shown.add("ablation")
+    if isinstance(record.get("classifier_gate"), dict):  # python -m flaxtumor.classifier_gate
+        parts.append(_gate_section(record["classifier_gate"]))
+        shown.add("classifier_gate")
     others = {k: v for k, v in record.items() if k not in shown}  # whatever else a new pipeline.json records
     if others:
         parts.append("**Other records in `pipeline.json`**\n\n" + _key_value_table(others))
@@ -125,8 +132,27 @@ def _validation_section(validation: dict[str, Any], tuned_on: Any) -> str:
     return (f"**Validation** ({protocol})\n\n| metric | value |\n|---|---|\n" + "\n".join(rows))
 
 
-def _ablation_section(ablation: list[Any]) -> str:
-    entries = [e for e in ablation if isinstance(e, dict)]
+def _split_rows(d: dict[str, Any], key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(`d` without `key`, the rows under `key`) when `key` holds a list of records; else (`d`, [])."""
+    rows = d.get(key)
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        return {k: v for k, v in d.items() if k != key}, rows
+    return d, []
+
+
+def _gate_section(gate: dict[str, Any]) -> str:
+    """classifier_gate's record: how it was decided, then every candidate scored, the chosen one named."""
+    facts, candidates = _split_rows(gate, "candidates")
+    chosen = facts.pop("chosen", None)
+    rows = [{"name": "chosen" if c == chosen else "", **c} for c in candidates]
+    text = ("**The classifier gate** (decided on patients that neither model trained on)\n\n"
+            + _key_value_table(facts))
+    return text + ("\n\n" + _scored_table("Candidates, scored on those patients", rows) if rows else "")
+
+
+def _scored_table(title: str, entries: list[Any]) -> str:
+    """Records (operating-point settings and scores) as one table; a record's `name` labels its row."""
+    entries = [e for e in entries if isinstance(e, dict)]
     columns = [k for k in dict.fromkeys(k for e in entries for k in e) if k != "name"]
     settings = [k for k in columns if k in _POINT_FIELDS]
     scores = [k for k in columns if k not in _POINT_FIELDS]
@@ -138,8 +164,7 @@ def _ablation_section(ablation: list[Any]) -> str:
         cells = [_setting(k, e.get(k)) if k in e else "" for k in settings]
         cells += [_metric(e[k]) if k in e else "" for k in scores]
         rows.append(f"| {_text(e.get('name', ''))} | " + " | ".join(cells) + " |")
-    return ("**Ablation** (each variant of the pipeline scored like the validation above)\n\n" + head + "\n|"
-            + "---|" * (1 + len(columns)) + "\n" + "\n".join(rows))
+    return f"{title}\n\n" + head + "\n|" + "---|" * (1 + len(columns)) + "\n" + "\n".join(rows)
 
 
 def _models_section(models: dict[str, Any]) -> str:

@@ -105,3 +105,30 @@ def test_examples_folder(tmp_path: Path) -> None:
 def test_threshold_help_mentions_the_fused_gate_only_when_it_is_on() -> None:
     assert "fused gate" not in threshold_info(0.0)
     assert "0.05%" in threshold_info(0.0005) and "fused gate" in threshold_info(0.0005)
+
+
+def test_model_card_shows_a_cross_validated_point_and_its_gate_decision_as_tables() -> None:
+    record = {  # as crossval writes pipeline.json, then classifier_gate adds its decision
+        "threshold": None, "min_tumour_area": 0.001, "postprocess": "drop_small_0.004", "gate": True, "tta": False,
+        "mask_threshold": 0.5,
+        "tuned_on": {"patients": [f"P{i}" for i in range(81)], "split": "out-of-fold predictions",
+                     "candidates": [{"min_tumour_area": 0.0, "gate": False, "postprocess": "none"},
+                                    {"min_tumour_area": 0.001, "gate": True, "postprocess": "drop_small_0.004"}],
+                     "scores": {"volumetric_dice": {"mean": 0.8146, "mean_ci95": [0.7749, 0.8484]}}},
+        "validation": {"per_patient_dice_mean": 0.8146},
+        "classifier_gate": {
+            "patients": [f"P{i}" for i in range(16)], "protocol": "the classifier's validation patients",
+            "candidates": [{"threshold": None, "min_tumour_area": 0.001, "gate": True, "per_patient_dice_mean": 0.81},
+                           {"threshold": 0.3, "min_tumour_area": 0.0, "gate": True, "per_patient_dice_mean": 0.80}],
+            "chosen": {"threshold": None, "min_tumour_area": 0.001, "gate": True, "per_patient_dice_mean": 0.81}},
+    }
+    point = {"threshold": float("inf"), "min_tumour_area": 0.001, "mask_threshold": 0.5,
+             "postprocess": "drop_small_0.004", "tta": False, "gate": True}
+    text = model_card_markdown({"models": {}, "pipeline": point, "operating_point": record})
+    assert "{" not in text and "[" not in text  # no printed Python dict or list
+    assert "**The 2 candidates searched**" in text and "|  | 0.001 | on | drop_small_0.004 |" in text
+    assert "| scores / volumetric_dice / mean_ci95 | 0.7749, 0.8484 |" in text
+    assert "**The classifier gate**" in text and "| protocol | the classifier's validation patients |" in text
+    assert "| chosen | ∞ (classifier off) | 0.001 | on | 0.810 |" in text  # the chosen row is named
+    assert "|  | 0.3 | 0.0 | on | 0.800 |" in text
+    assert "Other records" not in text  # every record has its section
