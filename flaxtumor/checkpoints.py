@@ -13,7 +13,9 @@ lives in `flaxtumor.checkpoint_metadata` (light: no flax, no Orbax) and is re-ex
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
+import platform
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,20 @@ def _load_into(node: nnx.Module | nnx.Optimizer, pure: dict, filters: Any = ...)
 def _replicated() -> NamedSharding:
     """Every device holds the whole array (the same layout training's data-parallel mesh gives parameters)."""
     return NamedSharding(Mesh(np.asarray(jax.devices()), ("data",), axis_types=(AxisType.Auto,)), PartitionSpec())
+
+
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    """The Python and library versions an export records (metadata `versions`)."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
 
 
 def export_inference(path: Path, model: nnx.Module, metadata: InferenceMetadata | dict, bf16: bool = False) -> Path:

@@ -12,11 +12,9 @@ patients, or, with `--fold all` (no validation patients), the last epoch, with n
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ from flaxtumor.data.preprocess import Preprocessing
 from flaxtumor.models import build_model
 from flaxtumor.models.classifier import load_backbone, set_phase
 from flaxtumor.train import sharding
-from flaxtumor.checkpoints import export_inference, init_from
+from flaxtumor.checkpoints import export_inference, init_from, library_versions
 from flaxtumor.train.checkpoint import TrainCheckpoints
 from flaxtumor.train.losses import LossFn, make_loss, uses_deep_supervision
 from flaxtumor.train.selection import Selection, make_selection
@@ -49,7 +47,6 @@ from flaxtumor.train.validation import evaluate  # noqa: F401 (loop.evaluate: th
 log = logging.getLogger(__name__)
 
 EXPORT_NAME = {"cls": "classifier", "seg": "segmenter"}
-VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -203,16 +200,6 @@ def _write_logs(out: Path, history: list[dict[str, Any]], plot: bool) -> None:
         from flaxtumor.plots import training_curves  # matplotlib only when plotting
 
         training_curves(history, out / "curves.png")
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,15 +455,18 @@ class EpochEnd:
 
 
 def end_of_epoch(
-    progress: Progress, val: dict[str, float], selection: Selection, phase: Phase, phase_index: int, steps: int
+    progress: Progress, val: dict[str, float], selection: Selection, phase: Phase, phase_index: int, steps: int,
+    seconds: float | None = None,
 ) -> EpochEnd:
     """Pure: the progress after an epoch of `steps` steps that scored `val` ({} when the run does not validate), as
-    `selection` judges it (the input is left as it was)."""
+    `selection` judges it (the input is left as it was). `seconds`: the epoch's wall time in this process (training
+    and validation; a resumed epoch counts from the resume), recorded for the compute a recipe costs."""
     judged = selection.judge(val, progress.best, progress.bad_epochs)
     entry = {
         "phase": phase.number, "epoch": progress.epoch + 1, "global_epoch": progress.data_epoch + 1,
         "step": progress.global_step, "train_loss": progress.loss_sum / steps,
         **{f"val_{k}": v for k, v in val.items()},
+        **({"seconds": round(seconds, 1)} if seconds is not None else {}),
     }
     after = dataclasses.replace(
         progress,
@@ -494,13 +484,13 @@ def end_of_epoch(
     return EpochEnd(after, judged.score, judged.improved, judged.stop, phase_over)
 
 
-def _finish_epoch(run: Run, phase: Phase, index: int, optimizer: nnx.Optimizer) -> bool:
+def _finish_epoch(run: Run, phase: Phase, index: int, optimizer: nnx.Optimizer, started: float) -> bool:
     """Validates (if the run does), does the bookkeeping, checkpoints and logs; True when the phase is over."""
     tcfg = run.cfg.train
     run.model.eval()
     val = run.selection.validate(run.model, run.eval_step, run.cfg, run.batch_size, run.mesh)
     run.train_mode(phase)
-    done = end_of_epoch(run.progress, val, run.selection, phase, index, run.steps)
+    done = end_of_epoch(run.progress, val, run.selection, phase, index, run.steps, time.perf_counter() - started)
     label = f"phase {phase.number} " if run.pretrained else ""
     entry = done.progress.history[-1]
     run.say(f"{label}epoch {entry['epoch']}/{phase.epochs} {run.selection.epoch_line(entry, done.improved)}")
@@ -532,8 +522,9 @@ def run_phase(run: Run, index: int, phase: Phase) -> None:
         what = {1: "backbone frozen", 2: "last stage unfrozen", 3: "whole backbone unfrozen"}[phase.number]
         run.say(f"phase {phase.number}: {what}, lr {phase.lr:g}")
     while True:
+        started = time.perf_counter()
         train_epoch(run, phase, optimizer, train_step)
-        if _finish_epoch(run, phase, index, optimizer):
+        if _finish_epoch(run, phase, index, optimizer, started):
             return
 
 
@@ -561,7 +552,7 @@ def export(run: Run) -> dict[str, Any]:
         "trained_patients": trained,
         **run.selection.record(entry, step, len(trained)),  # "metrics", and "best" (or "exported" for the last epoch)
         "history": history,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     export_dir = Path(tcfg.export_dir or run.out) / EXPORT_NAME[tcfg.task]
     export_inference(export_dir, run.model, metadata, bf16=tcfg.save_bf16)

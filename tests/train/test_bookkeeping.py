@@ -75,3 +75,8 @@ def test_phases(task, weights, phase2, expected):
     phases = plan_phases(tcfg)
     assert [p.number for p in phases] == expected
     assert phases[-1].lr == (0.1 if expected[-1] == 2 else 1.0)
+
+
+def test_the_epoch_wall_time_is_recorded_when_given():
+    assert "seconds" not in _end(Progress(), 0.5).progress.history[-1]
+    assert _end(Progress(), 0.5, seconds=123.456).progress.history[-1]["seconds"] == 123.5

@@ -31,6 +31,7 @@ def test_seg_trains_checkpoints_and_exports(seg_run):
     assert _first_losses_drop(summary["history"])
     lines = [json.loads(l) for l in open(f"{out}/metrics.jsonl")]
     assert [l["epoch"] for l in lines] == [1, 2, 3] and "val_volumetric_dice" in lines[0]
+    assert all(l["seconds"] > 0 for l in lines)  # each epoch's wall time, for the compute a recipe costs
     assert json.load(open(f"{out}/config.json"))["train"]["task"] == "seg"
     steps = sorted(int(p.name) for p in (Path(out) / "orbax").iterdir() if p.name.isdigit())
     assert summary["best_step"] in steps and max(steps) == summary["history"][-1]["step"]
