@@ -72,10 +72,10 @@ def choose_gate(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point:
     return {"candidates": rows, "chosen": rows[best], "point": candidates[best]}
 
 
-def gate_inputs(cv: Path, checkpoints: Path, data: str, patient_ids: Sequence[str], mask_threshold: float
+def gate_inputs(cv: Path, checkpoints: Path, data: str, patient_ids: Sequence[str], point: OperatingPoint
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per patient: the classifier's probabilities (shipped classifier), the fold model's ungated out-of-fold masks at
-    the slices' size, and the truth."""
+    """Per patient: the classifier's probabilities (the classifier in CHECKPOINTS, at the point's TTA setting), the
+    fold model's ungated out-of-fold masks at the slices' size (at the point's mask threshold), and the truth."""
     from flaxtumor.crossval import OOF_DIR, fold_dir, load_oof, oof_masks
     from flaxtumor.data.lgg import load_dataset, select
     from flaxtumor.evaluate import load_volume
@@ -89,8 +89,8 @@ def gate_inputs(cv: Path, checkpoints: Path, data: str, patient_ids: Sequence[st
     raw = []
     for patient in patients:
         images, truth = load_volume(patient)
-        probs = pipeline.tumour_probabilities(images, volume=True)
-        masks, _ = oof_masks(oof[patient.patient_id], patient, mask_threshold)
+        probs = pipeline.tumour_probabilities(images, volume=True, point=point)
+        masks, _ = oof_masks(oof[patient.patient_id], patient, point.mask_threshold)
         raw.append((probs, masks, truth))
     return raw
 
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not record:
             raise ValueError(f"{args.cv / OPERATING_POINT_FILE}: missing (run python -m flaxtumor.crossval first)")
         patients = held_out_patients(read_metadata(args.checkpoints / "classifier"))
-        raw = gate_inputs(args.cv, args.checkpoints, args.data, patients, point.mask_threshold)
+        raw = gate_inputs(args.cv, args.checkpoints, args.data, patients, point)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
