@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", metavar="FILE", help="a config JSON (e.g. a run's config.json); flags override it")
     a("--set", action="append", default=[], metavar="KEY=VALUE",
       help="override any config field, e.g. data.rotate_degrees=10 (values are JSON)")
+    _optimisation_args(p, d)
+    _model_and_data_args(p, d)
+    _run_args(p, d)
+    return p
+
+
+def _optimisation_args(p: argparse.ArgumentParser, d: Config) -> None:
     a = p.add_argument_group("losses and optimisation").add_argument
     a("--loss", choices=["bce_dice", "focal_tversky"], help=f"seg loss (default {d.train.loss})")
     a("--class-weight", type=float, metavar="W", help="cls: weight on tumour slices in the BCE (default unweighted)")
@@ -164,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"cls: tumour-probability threshold for metrics and inference (default {d.train.cls_threshold})")
     a("--mask-threshold", type=float, metavar="T",
       help=f"seg: mask-probability threshold for metrics and inference (default {d.train.mask_threshold})")
+
+
+def _model_and_data_args(p: argparse.ArgumentParser, d: Config) -> None:
     a = p.add_argument_group("model and data").add_argument
     a("--backbone", choices=["resnet50", "resnet_tiny"], help="cls backbone (resnet_tiny: tests only)")
     a("--widths", type=_widths, metavar="W1,W2,...",
@@ -192,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"--sampling tumour: the uniform share u in [0, 1] (default {d.data.sampling_uniform_share:g})")
     a("--samples-per-epoch", type=int, metavar="N",
       help="--sampling tumour: slices drawn per epoch (default 0 = twice the number of training tumour slices)")
+
+
+def _run_args(p: argparse.ArgumentParser, d: Config) -> None:
+    """Cross-validation, checkpoints and output, multi-host."""
     a = p.add_argument_group("cross-validation").add_argument
     a("--fold", type=_fold, metavar="K|all",
       help="train fold K (0-based) of --folds patient-level folds stratified by tumour share: fold K's patients are "
@@ -211,7 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--coordinator", metavar="HOST:PORT", help="address of process 0 (or JAX_COORDINATOR_ADDRESS)")
     a("--num-processes", type=int, metavar="N", help="processes in the run (or JAX_NUM_PROCESSES)")
     a("--process-id", type=int, metavar="I", help="this process's rank (or JAX_PROCESS_ID)")
-    return p
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
