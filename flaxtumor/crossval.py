@@ -40,6 +40,7 @@ from flaxtumor.data.preprocess import Box, crop_box, preprocess, uncrop_mask
 from flaxtumor.operating_point import OPERATING_POINT_FILE, choice_key, gate_and_postprocess, write_operating_point
 
 CV_FILE = "crossval.json"
+PREVIEW_FILE = "crossval_preview.json"  # --preview: the finished folds only
 OOF_DIR = "oof"
 _BATCH = 8  # inference batch: one compiled shape per fold model
 
@@ -84,16 +85,23 @@ def train_folds(base: Config, out: Path, say: Callable[[str], None] = print) -> 
         loop.run(fold_config(base, out, fold))
 
 
-def held_out(out: Path, folds: int, patients: Sequence[Patient]) -> dict[str, int]:
-    """patient_id -> the fold that held it out, from each fold's recorded split; every patient exactly once."""
+def finished_folds(out: Path, folds: int, task: str) -> list[int]:
+    """The folds whose model is exported."""
+    return [k for k in range(folds) if (export_path(out, k, task) / "metadata.json").is_file()]
+
+
+def held_out(out: Path, folds: int | Sequence[int], patients: Sequence[Patient]) -> dict[str, int]:
+    """patient_id -> the fold that held it out, from each fold's recorded split; every patient exactly once (with a
+    list of folds, a preview: the patients those folds hold out, each once)."""
     fold_of: dict[str, int] = {}
-    for fold in range(folds):
+    preview = not isinstance(folds, int)
+    for fold in (folds if preview else range(folds)):
         for pid in load_split(fold_dir(out, fold) / "split.json").val:
             if pid in fold_of:
                 raise ValueError(f"patient {pid} is held out by folds {fold_of[pid]} and {fold}")
             fold_of[pid] = fold
     missing = sorted({p.patient_id for p in patients} - fold_of.keys())
-    if missing:
+    if missing and not preview:
         raise ValueError(f"{len(missing)} patient(s) held out by no fold: {missing[:5]}")
     return fold_of
 
@@ -268,12 +276,12 @@ def write_pipeline(out: Path, choice: dict, scores: dict, folds: int) -> Path:
                                  validation=validation)
 
 
-def recommended_epochs(out: Path, folds: int, task: str) -> dict[str, Any]:
+def recommended_epochs(out: Path, folds: int | Sequence[int], task: str) -> dict[str, Any]:
     """The epochs for the model trained on every patient: the median over folds of each fold's best epoch (its
     export's `best`, chosen on its held-out patients), rounded half up. None for multi-phase runs (cls from pretrained
     weights), whose best epoch does not map onto one --epochs."""
     per_fold = []
-    for fold in range(folds):
+    for fold in (range(folds) if isinstance(folds, int) else folds):
         meta = json.loads((export_path(out, fold, task) / "metadata.json").read_text())
         best = meta["best"]
         per_fold.append({"fold": fold, "phase": best["phase"], "best_epoch": best["epoch"],
@@ -315,20 +323,26 @@ def score_cls(results: Sequence[OutOfFold], patients: dict[str, Patient], thresh
     }
 
 
-def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Predicts every patient with the fold that held it out, writes OUT/oof/*.npz and OUT/crossval.json."""
+def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, preview: bool = False
+                ) -> dict[str, Any]:
+    """Predicts every patient with the fold that held it out, writes OUT/oof/*.npz and OUT/crossval.json (and the
+    chosen post-processing as OUT/pipeline.json). `preview`: the finished folds only, while the others train: their
+    held-out patients scored the same way, written to OUT/crossval_preview.json and nothing else."""
     from flaxtumor.data.lgg import load_dataset
 
     patients = {p.patient_id: p for p in load_dataset(base.data)}
-    fold_of = held_out(out, base.data.folds, list(patients.values()))
+    folds = finished_folds(out, base.data.folds, base.train.task) if preview else list(range(base.data.folds))
+    if not folds:
+        raise ValueError(f"{out}: no fold has finished yet, so there is nothing to preview")
+    fold_of = held_out(out, folds if preview else base.data.folds, list(patients.values()))
     folder = Path(out) / OOF_DIR
     folder.mkdir(parents=True, exist_ok=True)
     results, threshold = [], None
-    for fold in range(base.data.folds):
+    for fold in folds:
         mine = [patients[pid] for pid in sorted(fold_of) if fold_of[pid] == fold]
         fold_results, metadata = predict_fold(fold, export_path(out, fold, base.train.task), mine)
         threshold = metadata.threshold
-        for r in fold_results:
+        for r in fold_results if not preview else ():
             save_oof(r, folder)
         results += fold_results
         say(f"fold {fold}: {len(mine)} held-out patients predicted")
@@ -343,10 +357,13 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> 
             f"{OPERATING_POINT_FILE}",
             "chosen": choice["chosen"], "candidates": choice["candidates"], **scored,
         }}
-        write_pipeline(out, choice, scored, base.data.folds)
+        if not preview:
+            write_pipeline(out, choice, scored, base.data.folds)
     report = {
         "task": base.train.task,
         "folds": base.data.folds,
+        **({"preview": f"{len(folds)} of {base.data.folds} folds finished ({folds}): their {len(results)} held-out "
+                       "patients only; not the cross-validation result"} if preview else {}),
         "split_seed": base.data.split_seed,
         "n_patients": len(results),
         "threshold": threshold,
@@ -355,9 +372,10 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print) -> 
         "bootstrap over patients (2000 resamples); empty-vs-empty patients and slices are not scored",
         **score(results, patients, threshold),
         **chosen,
-        "recommended_epochs": recommended_epochs(out, base.data.folds, base.train.task),
+        "recommended_epochs": recommended_epochs(out, folds, base.train.task),
     }
-    (Path(out) / CV_FILE).write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    (Path(out) / (PREVIEW_FILE if preview else CV_FILE)).write_text(json.dumps(report, indent=2, default=_jsonable)
+                                                                   + "\n")
     return report
 
 
@@ -402,7 +420,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.prog = "python -m flaxtumor.crossval"
     parser.description = ("Cross-validation by patient: trains every fold (as train.py --fold K), then scores "
                           "out-of-fold predictions. Takes train.py's flags; --out is the cross-validation folder.")
+    parser.add_argument("--preview", action="store_true",
+                        help="while folds still train (in another process): score the finished folds' held-out "
+                             f"patients only, as the final step will, into OUT/{PREVIEW_FILE}; trains nothing")
     args = parser.parse_args(argv)
+    if args.preview:
+        if not (Path(args.out or "runs/cv") / "config.json").is_file():
+            parser.error(f"--preview: {args.out or 'runs/cv'} holds no cross-validation (no config.json)")
+        args.resume = True  # the cross-validation's own config
     if args.fold is not None:
         parser.error("--fold: crossval runs every fold (train a single fold with train.py --fold K)")
     if not args.resume and not args.config and (args.task is None or args.data is None):
@@ -430,6 +455,10 @@ def _run(args: Any, out: Path) -> int:
         return 2
     enable_compilation_cache()  # folds and resumes reuse the compiled train and eval steps
     try:
+        if args.preview:
+            report = out_of_fold(base, out, preview=True)
+            print(f"PREVIEW, {report['preview']}\n{_headline(report)}; details: {out / PREVIEW_FILE}")
+            return 0
         out.mkdir(parents=True, exist_ok=True)
         base.to_json(out / "config.json")  # what --resume reads back
         train_folds(base, out)

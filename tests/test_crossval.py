@@ -239,3 +239,25 @@ def test_out_of_fold_masks_go_back_through_the_crop_the_model_saw(tmp_path):
     assert preds.shape == (2, 40, 40) and (preds == expected).all()
     saved = np.load(crossval.save_oof(result, tmp_path))
     assert tuple(saved["box"]) == (8, 4, 20, 20)
+
+
+def test_a_preview_scores_the_finished_folds_only_and_writes_nothing_final(cv, tmp_path, capsys):
+    import shutil
+
+    _, out = cv
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    for final in (crossval.CV_FILE, "pipeline.json", crossval.OOF_DIR):
+        shutil.rmtree(partial / final) if (partial / final).is_dir() else (partial / final).unlink()
+    shutil.rmtree(crossval.export_path(partial, 1, "seg"))  # fold 1 still "training"
+    assert crossval.main(["--out", str(partial), "--preview"]) == 0
+    assert "PREVIEW, 1 of 2 folds finished" in capsys.readouterr().out
+    preview = json.loads((partial / crossval.PREVIEW_FILE).read_text())
+    held = load_split(crossval.fold_dir(partial, 0) / "split.json").val
+    assert sorted(preview["per_patient_dice"]) == sorted(held) and preview["n_patients"] == len(held)
+    assert [f["fold"] for f in preview["recommended_epochs"]["per_fold"]] == [0]
+    assert not (partial / crossval.CV_FILE).exists() and not (partial / "pipeline.json").exists()
+    assert not any((partial / crossval.OOF_DIR).glob("*.npz"))
+    shutil.rmtree(crossval.export_path(partial, 0, "seg"))
+    assert crossval.main(["--out", str(partial), "--preview"]) == 2
+    assert "no fold has finished" in capsys.readouterr().err
