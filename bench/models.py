@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -69,16 +68,7 @@ def bench_row(model_name: str, batch: int, size: int, args: argparse.Namespace) 
     for _ in range(args.runs):
         for label, fn in calls.items():
             rates[label].append(batch / torch_baseline.timed_calls(fn, args.calls))
-    medians = {label: statistics.median(r) for label, r in rates.items()}
-    torch_labels = [label for label in calls if label != "jax"]
-    fastest = max(torch_labels, key=medians.get) if torch_labels else None
-    for label in calls:
-        ratio = ""
-        if label == "jax" and fastest:
-            ratio = f"  {medians['jax'] / medians[fastest]:5.2f}x vs {fastest} (headline)"
-            ratio += "".join(f"; {medians['jax'] / medians[t]:.2f}x vs {t}" for t in torch_labels if t != fastest)
-        print(f"{model_name:9s} {size:4d} {batch:3d}  {label:20s} min {min(rates[label]):7.2f}  "
-              f"median {medians[label]:7.2f}{ratio}", flush=True)
+    torch_baseline.print_rates(f"{model_name:9s} {size:4d} {batch:3d}", rates)
 
 
 def main() -> None:

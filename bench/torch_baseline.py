@@ -9,6 +9,7 @@ JAX against the **fastest** variant measured in the same run.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,3 +70,17 @@ def timed_calls(fn: Callable[[], object], calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls
+
+
+def print_rates(row: str, rates: dict[str, list[float]], ratios: bool = True) -> None:
+    """min and median img/s of each label (JAX and "torch <variant>" rows, in order); with `ratios`, every JAX row's
+    median against the fastest torch variant (the headline) and against each other variant."""
+    medians = {label: statistics.median(r) for label, r in rates.items()}
+    torch_labels = [label for label in rates if label.startswith("torch")]
+    fastest = max(torch_labels, key=medians.get) if torch_labels else None
+    for label in rates:
+        ratio = ""
+        if label.startswith("jax") and fastest and ratios:
+            ratio = f"  {medians[label] / medians[fastest]:5.2f}x vs {fastest} (headline)"
+            ratio += "".join(f"; {medians[label] / medians[t]:.2f}x vs {t}" for t in torch_labels if t != fastest)
+        print(f"{row}  {label:20s} min {min(rates[label]):7.2f}  median {medians[label]:7.2f}{ratio}", flush=True)

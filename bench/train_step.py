@@ -17,7 +17,6 @@ min and median over rounds; the headline ratio is JAX's median against the faste
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -110,16 +109,7 @@ def bench_row(task: str, batch: int, size: int, args: argparse.Namespace, precis
     for _ in range(args.runs):
         for label, fn in steps.items():  # interleaved: every framework sees the same load in each round
             rates[label].append(batch / torch_baseline.timed_calls(fn, args.steps))
-    medians = {label: statistics.median(r) for label, r in rates.items()}
-    torch_labels = [label for label in steps if label.startswith("torch")]
-    fastest = max(torch_labels, key=medians.get) if torch_labels else None
-    for label in steps:
-        ratio = ""
-        if label.startswith("jax") and fastest and not args.gpu:
-            ratio = f"  {medians[label] / medians[fastest]:5.2f}x vs {fastest} (headline)"
-            ratio += "".join(f"; {medians[label] / medians[t]:.2f}x vs {t}" for t in torch_labels if t != fastest)
-        print(f"{task:4s} {size:4d} {batch:3d}  {label:20s} min {min(rates[label]):7.2f}  median {medians[label]:7.2f}"
-              f"{ratio}", flush=True)
+    torch_baseline.print_rates(f"{task:4s} {size:4d} {batch:3d}", rates, ratios=not args.gpu)
 
 
 def main() -> None:
