@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(table(report))
     if args.out:
-        from flaxtumor.evaluate import jsonable
+        from flaxtumor.operating_point import jsonable
 
         args.out.write_text(json.dumps(jsonable(report), indent=2) + "\n")
     return 0

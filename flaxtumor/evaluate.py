@@ -39,7 +39,7 @@ from flaxtumor import metrics, plots
 from flaxtumor.data.io import DataError, read_image, read_mask
 from flaxtumor.data.lgg import Patient, Split, load_dataset, load_split, select
 from flaxtumor.inference import Pipeline
-from flaxtumor.operating_point import OperatingPoint, gate_and_postprocess
+from flaxtumor.operating_point import OperatingPoint, gate_and_postprocess, jsonable
 
 EMPTY_SLICE_RULE = (
     "dice/iou of an empty prediction against an empty truth is undefined, never 1: such slices are excluded from "
@@ -47,19 +47,6 @@ EMPTY_SLICE_RULE = (
     "missed slice scores 0"
 )
 POOLED_RULE = "pooled = pixel counts summed over every evaluated slice before dividing (the seed's metric)"
-
-
-def jsonable(x: Any) -> Any:
-    """nan/inf → null (strict JSON), numpy scalars → Python."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 @dataclasses.dataclass

@@ -207,15 +207,16 @@ def write_operating_point(path: str | Path, point: OperatingPoint, **record: Any
     if clash:
         raise ValueError(f"the record repeats operating-point field(s) {sorted(clash)}")
     content = {**point.to_dict(), **record}
-    path.write_text(json.dumps(_jsonable(content), indent=2) + "\n")
+    path.write_text(json.dumps(jsonable(content), indent=2) + "\n")
     return path
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """nan/inf → null (strict JSON), numpy scalars → Python; dicts and lists recursively."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):

@@ -424,7 +424,7 @@ def _assert_close(recorded: Any, reproduced: Any, where: str = "pipeline.json") 
 @pytest.mark.realdata
 @pytest.mark.slow  # both TTA settings over the 16 validation volumes, then the whole grid
 def test_tune_reproduces_the_recorded_operating_point_and_ablation(pipeline, lgg_root: Path) -> None:
-    from flaxtumor.evaluate import jsonable
+    from flaxtumor.operating_point import jsonable
     from flaxtumor.tune import choose, raw_outputs
 
     recorded = json.loads((CHECKPOINTS / "pipeline.json").read_text())

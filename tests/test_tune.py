@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flaxtumor.inference import Pipeline
-from flaxtumor.evaluate import jsonable
+from flaxtumor.operating_point import jsonable
 from flaxtumor.operating_point import SAFE_POSTPROCESS_RULES, OperatingPoint
 from flaxtumor.tune import choose, main, score
 from tests.fixtures_checkpoints import tiny  # noqa: F401  (session fixture)
