@@ -336,14 +336,15 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
         raise ValueError(f"{out}: no fold has finished yet, so there is nothing to preview")
     fold_of = held_out(out, folds if preview else base.data.folds, list(patients.values()))
     folder = Path(out) / OOF_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     results, threshold = [], None
     for fold in folds:
         mine = [patients[pid] for pid in sorted(fold_of) if fold_of[pid] == fold]
         fold_results, metadata = predict_fold(fold, export_path(out, fold, base.train.task), mine)
         threshold = metadata.threshold
-        for r in fold_results if not preview else ():
-            save_oof(r, folder)
+        if not preview:  # a preview writes nothing final
+            folder.mkdir(parents=True, exist_ok=True)
+            for r in fold_results:
+                save_oof(r, folder)
         results += fold_results
         say(f"fold {fold}: {len(mine)} held-out patients predicted")
     score = score_seg if base.train.task == "seg" else score_cls
