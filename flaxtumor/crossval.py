@@ -13,6 +13,9 @@ the one fold model that never trained on it, and the results go to
 - OUT/pipeline.json (seg): the chosen post-processing as the pipeline's operating point, in the format
   `flaxtumor.operating_point.read_operating_point` reads, with its provenance (`tuned_on`).
 
+What ships is either the fold models as one ensemble (`python -m flaxtumor.ensemble`, nnU-Net's default: exactly the
+models scored here) or one model trained on every patient for `recommended_epochs` (`train.py --fold all`).
+
 Note: each fold also picks its best epoch (and stops early) on its held-out patients, so out-of-fold scores carry that
 small selection optimism (as nnU-Net's do).
 
@@ -407,10 +410,16 @@ def _headline(report: dict[str, Any]) -> str:
 
 def _next_step(report: dict[str, Any], out: Path) -> str:
     epochs = report["recommended_epochs"]["epochs"]
+    ship = ""
+    if report["task"] == "seg":
+        ship = (f"next, the model to ship: the fold models themselves as one ensemble (the models scored above), "
+                f"operating point {out / OPERATING_POINT_FILE}\n"
+                f"  {shlex.join(['python', '-m', 'flaxtumor.ensemble', '--cv', str(out), '--out', 'SEGMENTER_DIR'])}"
+                "\nor ")
     if epochs is None:
-        return f"no single --epochs for the all-patient model (multi-phase runs): see recommended_epochs in {CV_FILE}"
-    where = f"; its operating point: {out / OPERATING_POINT_FILE}" if report["task"] == "seg" else ""
-    return (f"next, the model to ship: every patient, this recipe, the folds' median best epoch ({epochs}){where}\n"
+        return ship + (f"no single --epochs for an all-patient model (multi-phase runs): see recommended_epochs in "
+                       f"{CV_FILE}")
+    return (ship + f"one model on every patient, this recipe, the folds' median best epoch ({epochs})\n"
             f"  {all_fold_command(out, epochs)}")
 
 

@@ -2,7 +2,7 @@
 
 `Pipeline.from_checkpoints("checkpoints")` loads the `classifier` and `segmenter` inference checkpoints and preprocesses
 exactly as recorded in their metadata (image size, normalisation), so predict, evaluate and the app cannot drift from
-training.
+training. A segmenter folder may hold a fold ensemble (`flaxtumor.ensemble`): its members' probabilities are averaged.
 
 Input conventions (the same as `flaxtumor.data.io.read_image`, for arrays already in memory):
 - uint8 arrays of any height and width; (H, W) and (H, W, 1) gray is replicated to 3 channels, (H, W, 4) RGBA drops
@@ -36,6 +36,7 @@ from PIL import Image
 from flaxtumor.checkpoint_metadata import CheckpointError, InferenceMetadata, read_metadata
 from flaxtumor.compiled_model import CompiledModel, cache_entry
 from flaxtumor.data.preprocess import Box, Preprocessing, crop_box, preprocess, uncrop, uncrop_mask
+from flaxtumor.ensemble import ENSEMBLE_KEY, EnsembleModel, check_members, member_paths
 from flaxtumor.operating_point import (
     OPERATING_POINT_FILE, OperatingPoint, gate_and_postprocess, largest_connected_component, read_operating_point,
     slice_calls, verdicts,
@@ -140,9 +141,24 @@ def _loader(path: Path):
     return load
 
 
-def _compiled(model: nnx.Module | CompiledModel, batch_size: int, spec: Preprocessing) -> CompiledModel:
+def _runner(path: Path, metadata: InferenceMetadata, batch_size: int) -> CompiledModel | EnsembleModel:
+    """The checkpoint at `path` as a callable model: one `CompiledModel`, or an `EnsembleModel` of its members (each
+    with its own serving-cache entry) when its metadata names members."""
+    from flaxtumor.runtime import serving_cache_dir
+
+    spec = metadata.preprocessing
+    members = member_paths(path, metadata)
+    if members:
+        check_members(path, metadata, [read_metadata(m) for m in members])
+    compiled = [CompiledModel(_loader(p), batch_size, spec.image_size, cache_entry(p, serving_cache_dir()),
+                              channels=spec.channels) for p in members or [path]]
+    return EnsembleModel(compiled) if members else compiled[0]
+
+
+def _compiled(model: nnx.Module | CompiledModel | EnsembleModel, batch_size: int, spec: Preprocessing
+              ) -> CompiledModel | EnsembleModel:
     """A model given in memory compiles as usual, without the serving cache (it has no checkpoint to key it by)."""
-    if isinstance(model, CompiledModel):
+    if isinstance(model, (CompiledModel, EnsembleModel)):
         return model
     return CompiledModel(lambda: model, batch_size, spec.image_size, channels=spec.channels)
 
@@ -180,7 +196,7 @@ class Pipeline:
     def __init__(
         self,
         classifier: nnx.Module | CompiledModel,
-        segmenter: nnx.Module | CompiledModel,
+        segmenter: nnx.Module | CompiledModel | EnsembleModel,
         classifier_metadata: InferenceMetadata,
         segmenter_metadata: InferenceMetadata,
         *,
@@ -217,8 +233,6 @@ class Pipeline:
         shipped one); each must hold a checkpoint of its task. The default point is DIR/pipeline.json's over the
         loaded checkpoints' thresholds, then `overrides` (OperatingPoint fields, or `lcc`; None keeps the value). An
         invalid point raises ValueError naming the field."""
-        from flaxtumor.runtime import serving_cache_dir
-
         dir = Path(dir)
         sources = {"classifier": Path(classifier or dir / "classifier"),
                    "segmenter": Path(segmenter or dir / "segmenter")}
@@ -227,12 +241,9 @@ class Pipeline:
         _check_task(sources["segmenter"], metadata["segmenter"], "seg", "segmenter")
         point, record = read_operating_point(dir, cls.checkpoint_point(metadata["classifier"], metadata["segmenter"]))
         point = point.override(**overrides)
-        models = {}
-        for name, path in sources.items():
-            spec = metadata[name].preprocessing
-            models[name] = CompiledModel(_loader(path), batch_size, spec.image_size,
-                                         cache_entry(path, serving_cache_dir()), channels=spec.channels)
-            models[name].prepare(point.tta)  # a cache miss restores the model now: a bad checkpoint fails here
+        models = {name: _runner(path, metadata[name], batch_size) for name, path in sources.items()}
+        for model in models.values():
+            model.prepare(point.tta)  # a cache miss restores the model now: a bad checkpoint fails here
         pipeline = cls(models["classifier"], models["segmenter"], metadata["classifier"], metadata["segmenter"],
                        point=point, batch_size=batch_size, record=record)
         pipeline.sources = sources
@@ -257,6 +268,8 @@ class Pipeline:
             }
             if name in self.sources:
                 models[name]["source"] = str(self.sources[name])
+            if ENSEMBLE_KEY in meta.extra:
+                models[name]["ensemble"] = {k: meta.extra[ENSEMBLE_KEY].get(k) for k in ("members", "combine")}
         return {"models": models, "pipeline": dataclasses.asdict(self.point), "operating_point": self.record}
 
     def warm_up(self, point: OperatingPoint | None = None) -> float:

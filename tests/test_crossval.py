@@ -96,7 +96,8 @@ def test_resume_skips_finished_folds_and_a_fresh_start_is_refused(cv, capsys):
     assert crossval.main(["--config", str(config), "--out", str(out), "--resume"]) == 0
     printed = capsys.readouterr().out
     assert all(f"fold {k}: finished, skipped" in printed for k in range(FOLDS))
-    assert crossval.all_fold_command(out, 1) in printed  # what to train next: every patient, the folds' 1 epoch
+    assert f"python -m flaxtumor.ensemble --cv {out} --out SEGMENTER_DIR" in printed  # ship the folds themselves
+    assert crossval.all_fold_command(out, 1) in printed  # or train on every patient for the folds' 1 epoch
     assert (out / crossval.CV_FILE).read_text() == before  # same models, same predictions, same report
     # A fold whose run ended before its export is resumed (it exports its best checkpoint), not retrained.
     import shutil

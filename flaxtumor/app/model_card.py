@@ -176,6 +176,9 @@ def _models_section(models: dict[str, Any]) -> str:
                  "normalisation": prep.get("normalisation"), "backbone init": info.get("backbone_init"),
                  "weights": info.get("dtype"), "checkpoint threshold": info.get("threshold"),
                  "patients per split": ", ".join(f"{k} {v}" for k, v in sizes.items()) or None}
+        ensemble = info.get("ensemble")
+        if isinstance(ensemble, dict) and isinstance(ensemble.get("members"), list):
+            facts["ensemble"] = f"{len(ensemble['members'])} fold models; {ensemble.get('combine')}"
         if info.get("source"):
             facts["loaded from"] = "/".join(Path(str(info["source"])).parts[-2:])
         metrics = dict(info.get("metrics") or {})

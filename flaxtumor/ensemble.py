@@ -1,0 +1,173 @@
+"""Fold ensembles: the k cross-validation fold models shipped as one segmenter, their probabilities averaged
+(nnU-Net's default).
+
+An ensemble checkpoint is a folder with
+- `metadata.json`: an `InferenceMetadata` like any checkpoint's (config, preprocessing, threshold), whose `ensemble`
+  key names the member folders; its `split` has `train` only (every patient trained at least one member, so none is
+  held out from the ensemble) and `trained_patients` is their union;
+- one ordinary inference checkpoint per member (`fold_0/` ... `fold_<k-1>/`), each with its own metadata, history and
+  held-out patients.
+
+Serving loads it wherever it loads a segmenter (`Pipeline.from_checkpoints`, hence predict, evaluate and the app):
+each member is a `CompiledModel` with its own serving-cache entry, and `EnsembleModel` averages their sigmoid outputs
+(after each member's flip TTA, when on) before the mask threshold.
+
+    python -m flaxtumor.ensemble --cv runs/cv --out checkpoints/segmenter --bf16
+
+builds one from a finished cross-validation (`python -m flaxtumor.crossval`): the exact fold models the
+cross-validation scored out of fold, stored in bfloat16 with `--bf16` (restored to float32 for serving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from flaxtumor.checkpoint_metadata import CheckpointError, InferenceMetadata, read_metadata
+from flaxtumor.compiled_model import CompiledModel
+
+ENSEMBLE_KEY = "ensemble"
+COMBINE = "mean of the members' tumour probabilities (each after its own flip TTA when on), then the mask threshold"
+
+
+def member_paths(path: Path, metadata: InferenceMetadata) -> list[Path]:
+    """The member folders an ensemble checkpoint names ([] for a single model). CheckpointError (naming the
+    metadata file) for a malformed list or a member folder that is missing."""
+    spec = metadata.extra.get(ENSEMBLE_KEY)
+    if spec is None:
+        return []
+    where = Path(path) / "metadata.json"
+    names = spec.get("members") if isinstance(spec, dict) else None
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in names):
+        raise CheckpointError(f"{where}: '{ENSEMBLE_KEY}.members' must be a non-empty list of sub-folder names, "
+                              f"got {names!r}")
+    missing = [n for n in names if not (Path(path) / n).is_dir()]
+    if missing:
+        raise CheckpointError(f"{where}: ensemble member folder(s) missing: {', '.join(missing)}")
+    return [Path(path) / n for n in names]
+
+
+def check_members(path: Path, metadata: InferenceMetadata, members: Sequence[InferenceMetadata]) -> None:
+    """Every member must read its input the way the ensemble's metadata says, and do the same task; otherwise their
+    probabilities cannot be averaged (CheckpointError naming the member)."""
+    for member_path, member in zip(member_paths(path, metadata), members):
+        for field in ("task", "preprocessing"):
+            if getattr(member, field) != getattr(metadata, field):
+                raise CheckpointError(
+                    f"{member_path / 'metadata.json'}: {field} {getattr(member, field)!r} differs from the ensemble's "
+                    f"{getattr(metadata, field)!r} ({path / 'metadata.json'})")
+
+
+class EnsembleModel:
+    """The members' probabilities averaged; called like a `CompiledModel` (prepare, compile, __call__)."""
+
+    def __init__(self, members: Sequence[CompiledModel]):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+        first = self.members[0]
+        self.batch_size, self.image_size, self.channels = first.batch_size, first.image_size, first.channels
+
+    def prepare(self, tta: bool) -> bool:
+        """Prepares every member (a bad member fails here); True when the cache had all of them."""
+        return all([m.prepare(tta) for m in self.members])  # a list: every member prepares, not just up to a miss
+
+    def compile(self, tta: bool) -> None:
+        for m in self.members:
+            m.compile(tta)
+
+    def __call__(self, x: np.ndarray, tta: bool) -> np.ndarray:
+        total = self.members[0](x, tta).astype(np.float32)
+        for m in self.members[1:]:
+            total += m(x, tta)
+        return total / len(self.members)
+
+
+# -- building one from a cross-validation (a command, not serving) ---------------------------------------------------
+def ensemble_metadata(members: Sequence[InferenceMetadata], names: Sequence[str], source: str,
+                      crossval: dict | None) -> InferenceMetadata:
+    """The ensemble's own metadata: the members' recipe and preprocessing, every patient any member trained on, and
+    each member's held-out patients; `metrics` holds the cross-validation's out-of-fold headline when given."""
+    first = members[0]
+    trained = sorted({p for m in members for p in (m.extra.get("trained_patients") or (m.split or {}).get("train")
+                                                    or [])})
+    held_out = {name: list((m.split or {}).get("val") or []) for name, m in zip(names, members)}
+    metrics: dict = {"protocol": "an ensemble has no held-out patients: every patient trained at least one member. "
+                                 "The cross-validation scored each member on its own held-out patients (crossval)."}
+    if crossval is not None:
+        v = crossval.get("postprocessing", {}).get("volumetric_dice") or crossval.get("volumetric_dice") or {}
+        metrics["crossval"] = {k: v[k] for k in ("mean", "mean_ci95", "median", "worst") if k in v}
+    extra = {k: val for k, val in first.extra.items() if k not in ("history", "best", "trained_patients")}
+    extra.update({
+        "trained_patients": trained,
+        ENSEMBLE_KEY: {"members": list(names), "combine": COMBINE, "source": source, "held_out": held_out,
+                       "best": {name: m.extra.get("best") for name, m in zip(names, members)}},
+    })
+    config = first.config.override(**{"data.fold": None})
+    return dataclasses.replace(first, config=config, split={"seed": (first.split or {}).get("seed"), "train": trained},
+                               metrics=metrics, extra=extra)
+
+
+def build(cv: Path, out: Path, task: str = "seg", bf16: bool = False) -> Path:
+    """Writes the ensemble of CV's fold models to `out` (atomically: a temporary folder, then a rename)."""
+    from flaxtumor.checkpoints import export_inference, load_inference
+    from flaxtumor.crossval import CV_FILE, export_path, finished_folds
+
+    cv, out = Path(cv), Path(out).absolute()
+    folds = json.loads((cv / "config.json").read_text())["data"]["folds"]
+    done = finished_folds(cv, folds, task)
+    if len(done) != folds:
+        raise ValueError(f"{cv}: only folds {done} of {folds} are finished; finish the cross-validation first "
+                         f"(python -m flaxtumor.crossval --out {cv} --resume)")
+    names = [f"fold_{k}" for k in range(folds)]
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    members = []
+    for k, name in zip(range(folds), names):
+        model, meta = load_inference(export_path(cv, k, task))
+        export_inference(tmp / name, model, meta, bf16=bf16)
+        members.append(meta)
+    crossval = json.loads((cv / CV_FILE).read_text()) if (cv / CV_FILE).is_file() else None
+    meta = ensemble_metadata(members, names, str(cv), crossval)
+    meta = dataclasses.replace(meta, dtype="bfloat16" if bf16 else "float32")
+    (tmp / "metadata.json").write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+    check_members(tmp, read_metadata(tmp), [read_metadata(p) for p in member_paths(tmp, read_metadata(tmp))])
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flaxtumor.ensemble",
+                                 description="Ship a finished cross-validation's fold models as one ensemble "
+                                             "segmenter (probabilities averaged).")
+    ap.add_argument("--cv", type=Path, default=Path("runs/cv"), help="the cross-validation folder (default runs/cv)")
+    ap.add_argument("--out", type=Path, required=True, help="the ensemble checkpoint folder to write")
+    ap.add_argument("--bf16", action="store_true", help="store the members' weights in bfloat16 (half the size)")
+    args = ap.parse_args(argv)
+    if not (args.cv / "config.json").is_file():
+        ap.error(f"--cv {args.cv}: no cross-validation there (no config.json)")
+    try:
+        out = build(args.cv, args.out, bf16=args.bf16)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = read_metadata(out)
+    print(f"wrote {out}: {len(member_paths(out, meta))} members, {meta.dtype}, trained on "
+          f"{len(meta.extra['trained_patients'])} patients")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
