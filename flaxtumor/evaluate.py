@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxtumor import metrics, plots
+from flaxtumor.checkpoint_metadata import InferenceMetadata
 from flaxtumor.data.io import DataError, read_image, read_mask
 from flaxtumor.data.lgg import Patient, Split, load_dataset, load_split, select
 from flaxtumor.inference import Pipeline
@@ -202,6 +203,11 @@ def write_plots(result: dict[str, Any], plot_data: dict[str, Any], out: Path) ->
     return [p.name for p in written]
 
 
+def trained_on(metadata: InferenceMetadata) -> set[str]:
+    """The patients a checkpoint trained on: its recorded `trained_patients`, else its split's train part."""
+    return set(metadata.extra.get("trained_patients") or (metadata.split or {}).get("train") or [])
+
+
 def missing_checkpoints(path: Path) -> str | None:
     """The error for a --checkpoints folder that does not exist, or None. The default is relative to the current
     folder, so the message says where to run from instead of suggesting a training run."""
@@ -283,10 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     ids = [p.patient_id for p in patients]
-    classifier_train = set((cls_meta.split or {}).get("train", []))
-    leaked = sorted(set(ids) & classifier_train)
-    if leaked:
-        print(f"warning: {len(leaked)} evaluated patient(s) were in the classifier's training split", file=sys.stderr)
+    leaked = {name: sorted(set(ids) & trained_on(meta)) for name, meta in pipeline.metadata.items()}
+    for name, overlap in leaked.items():
+        if overlap:  # e.g. a segmenter trained on every patient (train.py --fold all): its scores here flatter it
+            print(f"warning: {len(overlap)} evaluated patient(s) trained the {name} ({', '.join(overlap[:3])}"
+                  f"{', ...' if len(overlap) > 3 else ''}): its scores on them are optimistic", file=sys.stderr)
 
     try:
         result, plot_data = evaluate_patients(pipeline, patients, point, args.gallery)
@@ -320,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the segmenter's validation metrics (volumetric_dice = per_patient_dice.mean, dice = tumour_slice_dice)",
         "empty_slice_rule": EMPTY_SLICE_RULE,
         "pooled_rule": POOLED_RULE,
-        "classifier_train_overlap": leaked,
+        "classifier_train_overlap": leaked["classifier"],
+        "segmenter_train_overlap": leaked["segmenter"],
     }
     result["checkpoint_metrics"] = {"classifier": cls_meta.metrics, "segmenter": seg_meta.metrics}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,15 @@ def test_a_checkpoint_without_validation_patients_says_to_pass_patients(tiny, tm
     assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(checkpoints / "segmenter") in err and "--patients" in err
+    # Scoring it on patients it trained on works, with a warning and the overlap recorded: its scores flatter it.
+    out = tmp_path / "o"
+    assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints), "--out", str(out),
+                 "--patients", *tiny.val]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {len(tiny.val)} evaluated patient(s) trained the segmenter" in err and "optimistic" in err
+    assert "trained the classifier" not in err
+    protocol = json.loads((out / "metrics.json").read_text())["protocol"]
+    assert protocol["segmenter_train_overlap"] == sorted(tiny.val) and protocol["classifier_train_overlap"] == []
 
 
 def test_no_gate_pipeline_equals_the_segmenter_on_all_slices(tiny, tmp_path):  # noqa: F811
