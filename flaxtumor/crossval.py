@@ -3,13 +3,14 @@
 Fold k (0-based) is `train.py --fold k --folds K` run in OUT/fold_<k>/: the fold's patients (patient-level folds
 stratified by tumour share) are its validation set and every other patient trains. Then every patient is predicted by
 the one fold model that never trained on it, and the results go to
-- OUT/oof/<patient_id>.npz: the probability volume (seg: (D, S, S) float16 at the model's input size S; cls: (D,)),
-  the slice numbers, the fold and the crop box the model saw (top, left, height, width in input pixels; masks go back
-  to the slices' size through it, as in the pipeline);
+- OUT/oof/<patient_id>.npz: the probability volume (seg: (D, S, S) float16 at the model's input size S, and
+  `flipped`, the same with flip TTA; cls: (D,)), the slice numbers, the fold and the crop box the model saw (top, left,
+  height, width in input pixels; masks go back to the slices' size through it, as in the pipeline);
 - OUT/crossval.json: per-patient scores and the headline metrics with bootstrap 95% intervals over patients; for seg
   the post-processing chosen on the out-of-fold predictions (`postprocessing`); and `recommended_epochs`, the median
   over folds of each fold's best epoch, for the model trained on every patient (`train.py --fold all`), whose command
-  is printed at the end;
+  is printed at the end; for seg, `levers`: what the chosen post-processing bought over the raw masks and what flip
+  TTA would add to it, each paired by patient with a bootstrap interval (TTA is measured, not chosen);
 - OUT/pipeline.json (seg): the chosen post-processing as the pipeline's operating point, in the format
   `flaxtumor.operating_point.read_operating_point` reads, with its provenance (`tuned_on`).
 
@@ -57,6 +58,7 @@ class OutOfFold:
     probabilities: np.ndarray  # seg: float16 (D, S, S) at the model's input size; cls: float32 (D,)
     slice_index: np.ndarray  # (D,) slice numbers, in order
     box: Box | None = None  # the crop the model saw, in input pixels (None: the whole slice)
+    flipped: np.ndarray | None = None  # seg: with flip TTA (the pipeline's `tta`), like `probabilities`
 
 
 def fold_dir(out: Path, fold: int) -> Path:
@@ -130,10 +132,12 @@ def _predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def predict_fold(
-    fold: int, checkpoint: Path, patients: Sequence[Patient]
+    fold: int, checkpoint: Path, patients: Sequence[Patient], tta: bool = False
 ) -> tuple[list[OutOfFold], dict[str, Any]]:
     """The fold model's probability volumes for its held-out `patients` (whole volumes in slice order, normalised
-    as in training; a 2.5D model's neighbours are the volume's slices, stacked by `preprocess`)."""
+    as in training; a 2.5D model's neighbours are the volume's slices, stacked by `preprocess`); with `tta` (seg)
+    also flip-TTA volumes, averaged as the pipeline averages them (`compiled_model`: the sigmoid of the slice and of
+    its horizontal flip, flipped back)."""
     from flaxtumor.checkpoints import load_inference
 
     model, metadata = load_inference(checkpoint)
@@ -143,18 +147,23 @@ def predict_fold(
     for p in patients:
         volume = np.stack([read_image(s.image_path) for s in p.slices])
         box = crop_box(volume, spec.crop)  # kept, so masks go back through the crop the model saw
-        probs = predict(preprocess(volume, spec, box=box))
+        x = preprocess(volume, spec, box=box)
+        probs = predict(x)
+        flipped = (probs + predict(x[:, :, ::-1])[:, :, ::-1]) / 2 if tta and probs.ndim == 4 else None
         # Volumes are stored (and so scored) in float16: a probability needs 3 digits, and the files stay small.
-        probs = probs[..., 0].astype(np.float16) if probs.ndim == 4 else probs
-        results.append(OutOfFold(p.patient_id, fold, probs, np.array([s.slice_index for s in p.slices]), box))
+        probs, flipped = (v[..., 0].astype(np.float16) if v is not None and v.ndim == 4 else v
+                          for v in (probs, flipped))
+        results.append(OutOfFold(p.patient_id, fold, probs, np.array([s.slice_index for s in p.slices]), box,
+                                 flipped))
     return results, metadata
 
 
 def save_oof(result: OutOfFold, folder: Path) -> Path:
     path = Path(folder) / f"{result.patient_id}.npz"
     box = () if result.box is None else tuple(result.box)
+    flipped = {} if result.flipped is None else {"flipped": result.flipped}
     np.savez_compressed(path, probabilities=result.probabilities, slice_index=result.slice_index, fold=result.fold,
-                        box=np.array(box, np.int64))
+                        box=np.array(box, np.int64), **flipped)
     return path
 
 
@@ -163,19 +172,23 @@ def load_oof(path: Path) -> OutOfFold:
     with np.load(path) as f:
         box = tuple(int(v) for v in f["box"])
         return OutOfFold(Path(path).stem, int(f["fold"]), f["probabilities"], f["slice_index"],
-                         Box(*box) if box else None)
+                         Box(*box) if box else None, f["flipped"] if "flipped" in f.files else None)
 
 
 def _truth(patient: Patient) -> list[np.ndarray]:
     return [read_mask(s.mask_path) if s.mask_path is not None else None for s in patient.slices]
 
 
-def oof_masks(r: OutOfFold, patient: Patient, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted masks, truth) of one patient at the slices' own size, as the pipeline returns them."""
+def oof_masks(r: OutOfFold, patient: Patient, threshold: float, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted masks, truth) of one patient at the slices' own size, as the pipeline returns them (with `tta`,
+    from the flip-TTA probabilities)."""
+    if tta and r.flipped is None:
+        raise ValueError(f"{r.patient_id}: no flip-TTA probabilities were saved (rerun crossval --resume)")
+    probabilities = r.flipped if tta else r.probabilities
     truth = _truth(patient)
-    truth = np.stack([t if t is not None else np.zeros(r.probabilities.shape[1:], bool) for t in truth])
+    truth = np.stack([t if t is not None else np.zeros(probabilities.shape[1:], bool) for t in truth])
     box = r.box or Box(0, 0, *truth.shape[1:])
-    preds = np.stack([uncrop_mask(p >= threshold, box, t.shape) for p, t in zip(r.probabilities, truth)])
+    preds = np.stack([uncrop_mask(p >= threshold, box, t.shape) for p, t in zip(probabilities, truth)])
     return preds, truth
 
 
@@ -185,7 +198,7 @@ def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], thresh
     `point` (an `OperatingPoint` whose classifier is off) after its area gate and post-processing."""
     per_patient, slice_dice, loss_parts = {}, {}, {}
     for r in results:
-        preds, truth = oof_masks(r, patients[r.patient_id], threshold)
+        preds, truth = oof_masks(r, patients[r.patient_id], threshold, tta=point is not None and point.tta)
         if point is not None:
             _, preds = gate_and_postprocess(np.zeros(len(preds)), preds, point)
         per_patient[r.patient_id] = M.dice(preds, truth)
@@ -252,6 +265,22 @@ def choose_postprocessing(results: Sequence[OutOfFold], patients: dict[str, Pati
                                                             rows[i]["specificity"], False, rows[i]["postprocess"],
                                                             rows[i]["min_tumour_area"]))
     return {"candidates": rows, "chosen": rows[best], "point": candidates[best]}
+
+
+def levers(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, point: Any, raw: dict,
+           scored: dict) -> dict[str, Any]:
+    """What the chosen post-processing bought over the raw masks, and what flip TTA would add to the chosen point,
+    each paired by patient on the same out-of-fold predictions (`compare_runs.paired`: the mean difference with a
+    bootstrap 95% interval, better/worse counts). TTA is measured, not chosen: it doubles every model call."""
+    from flaxtumor.compare_runs import paired
+
+    out = {"postprocessing": {"versus": "raw masks", **paired(raw["per_patient_dice"], scored["per_patient_dice"])}}
+    if all(r.flipped is not None for r in results):
+        tta = score_seg(results, patients, threshold, point=point.override(tta=True))
+        out["flip_tta"] = {"versus": "the chosen point without TTA", "volumetric_dice": tta["volumetric_dice"],
+                           "tumour_slice_dice": tta["tumour_slice_dice"],
+                           **paired(scored["per_patient_dice"], tta["per_patient_dice"])}
+    return out
 
 
 def write_pipeline(out: Path, choice: dict, scores: dict, folds: int) -> Path:
@@ -342,7 +371,8 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
     results, threshold = [], None
     for fold in folds:
         mine = [patients[pid] for pid in sorted(fold_of) if fold_of[pid] == fold]
-        fold_results, metadata = predict_fold(fold, export_path(out, fold, base.train.task), mine)
+        fold_results, metadata = predict_fold(fold, export_path(out, fold, base.train.task), mine,
+                                              tta=base.train.task == "seg")
         threshold = metadata.threshold
         if not preview:  # a preview writes nothing final
             folder.mkdir(parents=True, exist_ok=True)
@@ -351,7 +381,7 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
         results += fold_results
         say(f"fold {fold}: {len(mine)} held-out patients predicted")
     score = score_seg if base.train.task == "seg" else score_cls
-    chosen = {}
+    raw_scores, chosen = score(results, patients, threshold), {}
     if base.train.task == "seg":
         choice = choose_postprocessing(results, patients, threshold)
         scored = score_seg(results, patients, threshold, point=choice["point"])
@@ -360,7 +390,7 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
             f"Dice); scored on the same predictions, so slightly optimistic (as nnU-Net's); as an operating point in "
             f"{OPERATING_POINT_FILE}",
             "chosen": choice["chosen"], "candidates": choice["candidates"], **scored,
-        }}
+        }, "levers": levers(results, patients, threshold, choice["point"], raw_scores, scored)}
         if not preview:
             write_pipeline(out, choice, scored, base.data.folds)
     report = {
@@ -374,7 +404,7 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
         "fold_of": {pid: fold_of[pid] for pid in sorted(fold_of)},
         "protocol": "each patient predicted once, by the fold model that did not train on it; intervals: percentile "
         "bootstrap over patients (2000 resamples); empty-vs-empty patients and slices are not scored",
-        **score(results, patients, threshold),
+        **raw_scores,
         **chosen,
         "recommended_epochs": recommended_epochs(out, folds, base.train.task),
     }
@@ -399,10 +429,14 @@ def _headline(report: dict[str, Any]) -> str:
             pp = report["postprocessing"]
             c, v = pp["chosen"], pp["volumetric_dice"]
             lo, hi = v["mean_ci95"]
-            line += (f"\nchosen post-processing ({c['postprocess']}, area gate {c['min_tumour_area']:g}): per-patient Dice "
-                     f"mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, worst {v['worst']:.4f}; "
-                     f"tumour-slice Dice {pp['tumour_slice_dice']['value']:.4f}\n  "
+            line += (f"\nchosen post-processing ({c['postprocess']}, area gate {c['min_tumour_area']:g}): per-patient "
+                     f"Dice mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, worst "
+                     f"{v['worst']:.4f}; tumour-slice Dice {pp['tumour_slice_dice']['value']:.4f}\n  "
                      f"{M.describe_dice_loss(pp['dice_loss']['mean'])} (means over patients)")
+        if tta := report.get("levers", {}).get("flip_tta"):
+            lo, hi = tta["mean_difference_ci95"]
+            line += (f"\nflip TTA on the chosen point: per-patient Dice {tta['mean_difference']:+.4f} [{lo:+.4f}, "
+                     f"{hi:+.4f}] ({tta['better']} better, {tta['worse']} worse); measured, not chosen")
         return line
     lo, hi = report["auc_ci95"]
     return f"AUC {report['auc']:.4f} [{lo:.4f}, {hi:.4f}], accuracy {report['accuracy']:.4f}"

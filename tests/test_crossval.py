@@ -64,6 +64,39 @@ def test_out_of_fold_predictions_cover_every_patient_once(cv):
         truth = np.stack([read_mask(s.mask_path) for s in p.slices])
         pred = np.stack([resize_mask(x >= report["threshold"], t.shape) for x, t in zip(probs, truth)])
         assert report["per_patient_dice"][f.stem] == pytest.approx(M.dice(pred, truth), abs=1e-6, nan_ok=True)
+        assert oof["flipped"].shape == probs.shape and oof["flipped"].dtype == np.float16  # flip TTA, for the lever
+
+
+def test_flip_tta_volumes_average_the_slice_and_its_flip_as_the_pipeline_does(cv):
+    from flaxtumor.compiled_model import CompiledModel
+    from flaxtumor.checkpoints import load_inference
+    from flaxtumor.data.preprocess import preprocess
+
+    _, out = cv
+    patient = load_dataset(tiny_config(out).data)[0]
+    fold = json.loads((out / crossval.CV_FILE).read_text())["fold_of"][patient.patient_id]
+    checkpoint = crossval.export_path(out, fold, "seg")
+    (r,), meta = crossval.predict_fold(fold, checkpoint, [patient], tta=True)
+    model, _ = load_inference(checkpoint)
+    volume = np.stack([crossval.read_image(s.image_path) for s in patient.slices])
+    x = preprocess(volume, meta.preprocessing)
+    served = CompiledModel(lambda: model, 4, 32)
+    np.testing.assert_allclose(r.flipped, served(x, tta=True)[..., 0], atol=2e-3)  # float16 storage
+    np.testing.assert_allclose(r.probabilities, served(x, tta=False)[..., 0], atol=2e-3)
+    assert not np.array_equal(r.flipped, r.probabilities)
+
+
+def test_the_levers_are_paired_differences_on_the_same_patients(cv):
+    _, out = cv
+    report = json.loads((out / crossval.CV_FILE).read_text())
+    pp, lever = report["postprocessing"], report["levers"]
+    diffs = [pp["per_patient_dice"][k] - v for k, v in report["per_patient_dice"].items() if not math.isnan(v)]
+    assert lever["postprocessing"]["mean_difference"] == pytest.approx(np.mean(diffs))
+    assert lever["postprocessing"]["n_patients"] == len(diffs)
+    tta = lever["flip_tta"]
+    assert tta["n_patients"] == tta["better"] + tta["worse"] + tta["same"] == len(diffs)
+    assert tta["volumetric_dice"]["mean"] - pp["volumetric_dice"]["mean"] == pytest.approx(tta["mean_difference"])
+    assert read_operating_point(out)[0].tta is False  # measured, never chosen
 
 
 def test_report_headline_and_intervals(cv):
@@ -86,6 +119,9 @@ def test_load_oof_reads_back_what_save_oof_wrote(tmp_path):
         back = crossval.load_oof(crossval.save_oof(r, tmp_path))
         assert (back.patient_id, back.fold, back.box) == ("p1", 3, box)
         assert np.array_equal(back.probabilities, r.probabilities) and np.array_equal(back.slice_index, [4, 5])
+        assert back.flipped is None
+    r = crossval.OutOfFold("p2", 0, np.zeros((1, 2, 2), np.float16), np.array([1]), None, np.ones((1, 2, 2), np.float16))
+    assert np.array_equal(crossval.load_oof(crossval.save_oof(r, tmp_path)).flipped, r.flipped)
 
 
 def test_resume_skips_finished_folds_and_a_fresh_start_is_refused(cv, capsys):
