@@ -152,7 +152,12 @@ def evaluate_patients(
                 ranked.offer(d, int(target.sum()), plots.GalleryItem(title, image, target, pred))
 
     probs, labels = np.concatenate(probs_all), np.concatenate(labels_all)
-    classifier = metrics.classification_metrics(probs, labels, point.threshold)
+    # With the classifier off (an infinite threshold: it flags nothing) its calls at that threshold say nothing about
+    # it; its own checkpoint threshold is then the one its accuracy, sensitivity and specificity are taken at.
+    off = math.isinf(point.threshold)
+    classifier = metrics.classification_metrics(probs, labels, pipeline.metadata["classifier"].threshold if off
+                                                else point.threshold)
+    classifier["threshold_from"] = "classifier checkpoint (the pipeline's classifier is off)" if off else "pipeline"
     detection, verdict = _slice_calls(probs, labels, np.concatenate(calls_all), np.concatenate(drawn_all),
                                       point.threshold)
     # Does the classifier's Grad-CAM (the map predict --gradcam and the app show) point at the tumour?

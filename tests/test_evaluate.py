@@ -161,3 +161,20 @@ def test_missing_checkpoints_name_the_flag_and_the_folder_to_run_from(tiny, tmp_
     assert main(["--data", str(tiny.data), "--checkpoints", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--checkpoints" in err and "repository root" in err and "train.py" not in err
+
+
+def test_with_the_classifier_off_its_metrics_are_taken_at_its_own_threshold(tiny, tmp_path):  # noqa: F811
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny.checkpoints, checkpoints)
+    (checkpoints / "pipeline.json").write_text(json.dumps({"threshold": None, "gate": False}))  # as crossval writes
+    out = tmp_path / "eval"
+    assert main(["--data", str(tiny.data), "--checkpoints", str(checkpoints), "--out", str(out)]) == 0
+    m = _strict_json(out / "metrics.json")
+    assert m["protocol"]["threshold"] is None  # the pipeline flags nothing by the classifier...
+    c = m["classifier"]
+    assert c["threshold"] == 0.5 and "classifier is off" in c["threshold_from"]  # ...its metrics use its own 0.5
+    assert sum(map(sum, c["confusion_matrix"])) == 12
+    baseline = tmp_path / "base"
+    assert main(["--data", str(tiny.data), "--checkpoints", str(tiny.checkpoints), "--out", str(baseline)]) == 0
+    on = _strict_json(baseline / "metrics.json")["classifier"]
+    assert on["threshold_from"] == "pipeline" and on["confusion_matrix"] == c["confusion_matrix"]  # same 0.5 either way
