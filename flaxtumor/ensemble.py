@@ -138,7 +138,8 @@ def build(cv: Path, out: Path, task: str = "seg", bf16: bool = False) -> Path:
     meta = ensemble_metadata(members, names, str(cv), crossval)
     meta = dataclasses.replace(meta, dtype="bfloat16" if bf16 else "float32")
     (tmp / "metadata.json").write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
-    check_members(tmp, read_metadata(tmp), [read_metadata(p) for p in member_paths(tmp, read_metadata(tmp))])
+    written = read_metadata(tmp)  # what serving will read: checked before it replaces anything
+    check_members(tmp, written, [read_metadata(p) for p in member_paths(tmp, written)])
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
