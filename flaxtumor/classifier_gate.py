@@ -7,8 +7,8 @@ out patients of its own: its validation split, which chose its epochs but never 
 out-of-fold segmenter masks and the classifier's probabilities are both unseen, so the gate is decided there, with one
 knob: the classifier threshold (its calls alone, or fused with the cross-validated area gate), the mask threshold and
 post-processing fixed at the cross-validated point. Candidates are ranked by `operating_point.choice_key` (mean
-per-patient Dice to 4 decimals, then Youden's J of the slice calls); on a full tie the classifier stays off, the point
-with fewer knobs.
+per-patient Dice to 4 decimals, then Youden's J of the tumour verdicts: a slice is called tumour when its final mask
+outlines a region); on a full tie the classifier stays off, the point with fewer knobs.
 
 Writes the cross-validated point, with the threshold if the gate won, and the comparison under `classifier_gate`.
 """
@@ -52,6 +52,22 @@ def gate_candidates(point: OperatingPoint, thresholds: Sequence[float]) -> list[
     return [off, *(off.override(threshold=t, gate=True, min_tumour_area=a) for a in areas for t in thresholds)]
 
 
+def verdict_scores(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point: OperatingPoint) -> dict[str, float]:
+    """Sensitivity and specificity of the tumour verdicts over all slices: a slice is called tumour when its final
+    mask (gated, post-processed) outlines a region, as crossval scores its candidates and as the app answers a user.
+    (`tune.score`'s detection_* are the classifier's flags instead, which say nothing when it is off.)"""
+    from flaxtumor.operating_point import gate_and_postprocess
+
+    drawn, labels = [], []
+    for probs, masks, truth in raw:
+        _, final = gate_and_postprocess(probs, masks, point)
+        drawn.append(final.any(axis=(1, 2)))
+        labels.append(truth.any(axis=(1, 2)))
+    drawn, labels = np.concatenate(drawn), np.concatenate(labels)
+    return {"verdict_sensitivity": float(drawn[labels].mean()) if labels.any() else float("nan"),
+            "verdict_specificity": float((~drawn[~labels]).mean()) if (~labels).any() else float("nan")}
+
+
 def choose_gate(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point: OperatingPoint,
                 thresholds: Sequence[float]) -> dict[str, Any]:
     """Scores every candidate on `raw` ((classifier probabilities, ungated out-of-fold masks, truth) per patient) and
@@ -61,11 +77,11 @@ def choose_gate(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point:
     rows, candidates = [], gate_candidates(point, thresholds)
     for candidate in candidates:
         rows.append({"threshold": candidate.threshold, "min_tumour_area": candidate.min_tumour_area,
-                     "gate": candidate.gate, **score(raw, candidate)})
+                     "gate": candidate.gate, **score(raw, candidate), **verdict_scores(raw, candidate)})
 
-    def key(i: int) -> tuple:
+    def key(i: int) -> tuple:  # the verdicts, not the classifier's flags: with the classifier off it flags nothing
         r = rows[i]
-        return (*choice_key(r["per_patient_dice_mean"], r["detection_sensitivity"], r["detection_specificity"],
+        return (*choice_key(r["per_patient_dice_mean"], r["verdict_sensitivity"], r["verdict_specificity"],
                             point.tta, point.postprocess, point.min_tumour_area), math.isinf(r["threshold"]))
 
     best = max(range(len(rows)), key=key)
@@ -121,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "epochs), each segmented by the cross-validation fold that held it out; one knob searched, the "
                     "classifier threshold (its calls alone, or fused with the area gate), the rest fixed at the "
                     "cross-validated point; best mean per-patient Dice, "
-                    "then Youden's J, then the classifier off",
+                    "then Youden's J of the tumour verdicts (a mask drawn), then the classifier off",
         "classifier": str(args.checkpoints / "classifier"),
         "candidates": choice["candidates"],
         "chosen": choice["chosen"],
@@ -134,8 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     off, chosen = choice["candidates"][0], choice["chosen"]
     print(f"{len(patients)} patients neither model trained on: classifier off → per-patient Dice "
           f"{off['per_patient_dice_mean']:.4f}; chosen: {choice['point'].threshold_label} → "
-          f"{chosen['per_patient_dice_mean']:.4f} (sensitivity {chosen['detection_sensitivity']:.3f}, specificity "
-          f"{chosen['detection_specificity']:.3f}) → {out}")
+          f"{chosen['per_patient_dice_mean']:.4f} (tumour verdicts: sensitivity {chosen['verdict_sensitivity']:.3f}, "
+          f"specificity {chosen['verdict_specificity']:.3f}; the classifier flags {chosen['detection_specificity']:.3f}"
+          f" of tumour-free slices as clear) → {out}")
     return 0
 
 

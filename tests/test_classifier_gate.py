@@ -60,6 +60,16 @@ def test_a_gate_that_empties_a_false_region_wins():
     assert choice["point"].min_tumour_area == 0.0 and choice["point"].threshold in (0.25, 0.5, 0.75)
 
 
+def test_slice_calls_are_the_verdicts_so_the_classifier_off_is_scored_by_its_masks():
+    masks, truth = _patient()
+    probs = np.array([0.1, 0.9, 0.8, 0.2])
+    choice = G.choose_gate([(probs, masks, truth)], CV_POINT, THRESHOLDS)
+    off = choice["candidates"][0]
+    # off: masks on slices 1, 2 (tumour) and 3 (false region) -> every tumour slice called, 1 of 2 clear ones wrong
+    assert (off["verdict_sensitivity"], off["verdict_specificity"]) == (1.0, 0.5)
+    assert (choice["chosen"]["verdict_sensitivity"], choice["chosen"]["verdict_specificity"]) == (1.0, 1.0)
+
+
 def test_a_gate_that_changes_nothing_loses_to_the_classifier_off():
     masks, truth = _patient()
     masks[3] = False  # no false region left to remove
