@@ -101,6 +101,17 @@ def _slice_calls(probs: np.ndarray, labels: np.ndarray, calls: np.ndarray, drawn
     return detection, verdict
 
 
+def _classifier_metrics(pipeline: Pipeline, probs: np.ndarray, labels: np.ndarray, point: OperatingPoint
+                        ) -> dict[str, Any]:
+    """The classifier's slice metrics at the pipeline's threshold. With the classifier off (an infinite threshold: it
+    flags nothing) calls at that threshold say nothing about it, so its own checkpoint threshold is used instead."""
+    off = math.isinf(point.threshold)
+    classifier = metrics.classification_metrics(probs, labels, pipeline.metadata["classifier"].threshold if off
+                                                else point.threshold)
+    classifier["threshold_from"] = "classifier checkpoint (the pipeline's classifier is off)" if off else "pipeline"
+    return classifier
+
+
 def evaluate_patients(
     pipeline: Pipeline, patients: Sequence[Patient], point: OperatingPoint | None = None, gallery_size: int = 4
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -152,18 +163,12 @@ def evaluate_patients(
                 ranked.offer(d, int(target.sum()), plots.GalleryItem(title, image, target, pred))
 
     probs, labels = np.concatenate(probs_all), np.concatenate(labels_all)
-    # With the classifier off (an infinite threshold: it flags nothing) its calls at that threshold say nothing about
-    # it; its own checkpoint threshold is then the one its accuracy, sensitivity and specificity are taken at.
-    off = math.isinf(point.threshold)
-    classifier = metrics.classification_metrics(probs, labels, pipeline.metadata["classifier"].threshold if off
-                                                else point.threshold)
-    classifier["threshold_from"] = "classifier checkpoint (the pipeline's classifier is off)" if off else "pipeline"
     detection, verdict = _slice_calls(probs, labels, np.concatenate(calls_all), np.concatenate(drawn_all),
                                       point.threshold)
-    # Does the classifier's Grad-CAM (the map predict --gradcam and the app show) point at the tumour?
-    classifier["gradcam"] = metrics.pointing_score(heatmaps, heat_targets)
     result = {
-        "classifier": classifier,
+        "classifier": {**_classifier_metrics(pipeline, probs, labels, point),
+                       # Does its Grad-CAM (the map predict --gradcam and the app show) point at the tumour?
+                       "gradcam": metrics.pointing_score(heatmaps, heat_targets)},
         "segmenter": {
             "n_slices": len(seg_dice),
             "dice_mean": metrics.mean_over_scored(seg_dice),
