@@ -12,7 +12,7 @@ Serving loads it wherever it loads a segmenter (`Pipeline.from_checkpoints`, hen
 each member is a `CompiledModel` with its own serving-cache entry, and `EnsembleModel` averages their sigmoid outputs
 (after each member's flip TTA, when on) before the mask threshold.
 
-    python -m flaxtumor.ensemble --cv runs/cv --out checkpoints/segmenter --bf16
+    python -m flaxtumor.ensemble --cv runs/cv --out runs/cv/ensemble --bf16
 
 builds one from a finished cross-validation (`python -m flaxtumor.crossval`): the exact fold models the
 cross-validation scored out of fold, stored in bfloat16 with `--bf16` (restored to float32 for serving).
