@@ -56,6 +56,7 @@ def verdict_scores(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], poi
     """Sensitivity and specificity of the tumour verdicts over all slices: a slice is called tumour when its final
     mask (gated, post-processed) outlines a region, as crossval scores its candidates and as the app answers a user.
     (`tune.score`'s detection_* are the classifier's flags instead, which say nothing when it is off.)"""
+    from flaxtumor.metrics import call_rates
     from flaxtumor.operating_point import gate_and_postprocess
 
     drawn, labels = [], []
@@ -63,9 +64,8 @@ def verdict_scores(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], poi
         _, final = gate_and_postprocess(probs, masks, point)
         drawn.append(final.any(axis=(1, 2)))
         labels.append(truth.any(axis=(1, 2)))
-    drawn, labels = np.concatenate(drawn), np.concatenate(labels)
-    return {"verdict_sensitivity": float(drawn[labels].mean()) if labels.any() else float("nan"),
-            "verdict_specificity": float((~drawn[~labels]).mean()) if (~labels).any() else float("nan")}
+    sensitivity, specificity = call_rates(np.concatenate(drawn), np.concatenate(labels))
+    return {"verdict_sensitivity": sensitivity, "verdict_specificity": specificity}
 
 
 def choose_gate(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point: OperatingPoint,

@@ -256,11 +256,10 @@ def choose_postprocessing(results: Sequence[OutOfFold], patients: dict[str, Pati
             calls.append(final.any(axis=(1, 2)))
             labels.append(truth.any(axis=(1, 2)))
         summary = M.summarise_patient_dice(per_patient)
-        calls, labels = np.concatenate(calls), np.concatenate(labels)
+        sensitivity, specificity = M.call_rates(np.concatenate(calls), np.concatenate(labels))
         rows.append({"min_tumour_area": point.min_tumour_area, "gate": point.gate, "postprocess": point.postprocess,
                      "mean": summary["mean"], "median": summary["median"], "worst": summary["min"],
-                     "sensitivity": float(calls[labels].mean()) if labels.any() else float("nan"),
-                     "specificity": float((~calls[~labels]).mean()) if (~labels).any() else float("nan")})
+                     "sensitivity": sensitivity, "specificity": specificity})
     best = max(range(len(rows)), key=lambda i: choice_key(rows[i]["mean"], rows[i]["sensitivity"],
                                                             rows[i]["specificity"], False, rows[i]["postprocess"],
                                                             rows[i]["min_tumour_area"]))

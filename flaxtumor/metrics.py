@@ -99,6 +99,14 @@ def summarise_patient_dice(per_patient: Mapping[str, float]) -> dict[str, float 
     return {**stats, "n_scored": int(values.size), "n_empty_both": len(empty), "empty_both_patients": empty}
 
 
+def call_rates(calls: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(sensitivity, specificity) of boolean slice calls against boolean truth; nan where a class has no slice."""
+    calls, labels = np.asarray(calls, bool), np.asarray(labels, bool)
+    sensitivity = float(calls[labels].mean()) if labels.any() else float("nan")
+    specificity = float((~calls[~labels]).mean()) if (~labels).any() else float("nan")
+    return sensitivity, specificity
+
+
 def mean_over_scored(scores: Sequence[float]) -> float:
     """Mean of per-slice scores with the nan ones (empty-vs-empty) left out; nan when none is left."""
     kept = [s for s in scores if not np.isnan(s)]

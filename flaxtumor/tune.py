@@ -64,13 +64,14 @@ def score(raw: list[tuple[np.ndarray, ...]], point: OperatingPoint) -> dict[str,
         labels_all.append(truth.any(axis=(1, 2)))
     summary = metrics.summarise_patient_dice(per_patient)
     calls, labels = np.concatenate(calls_all), np.concatenate(labels_all)
+    sensitivity, specificity = metrics.call_rates(calls, labels)
     return {
         "per_patient_dice_mean": summary["mean"],
         "per_patient_dice_median": summary["median"],
         "per_patient_dice_min": summary["min"],
         "detection_accuracy": float((calls == labels).mean()),
-        "detection_sensitivity": float(calls[labels].mean()) if labels.any() else float("nan"),
-        "detection_specificity": float((~calls[~labels]).mean()) if (~labels).any() else float("nan"),
+        "detection_sensitivity": sensitivity,
+        "detection_specificity": specificity,
     }
 
 

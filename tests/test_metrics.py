@@ -266,3 +266,11 @@ def test_mean_dice_loss_parts_adds_up_to_one_minus_mean_dice():
     per_patient = {pid: metrics.dice_loss_parts(p, t) for pid, (p, t) in volumes.items()}
     dice = metrics.summarise_patient_dice({pid: metrics.dice(p, t) for pid, (p, t) in volumes.items()})
     assert math.isclose(sum(metrics.mean_dice_loss_parts(per_patient).values()), 1 - dice["mean"])
+
+
+def test_call_rates_known_answer_and_missing_class():
+    calls = np.array([1, 0, 1, 1, 0], bool)
+    labels = np.array([1, 1, 0, 0, 0], bool)
+    assert metrics.call_rates(calls, labels) == (0.5, 1 / 3)
+    sensitivity, specificity = metrics.call_rates(calls[2:], labels[2:])  # no tumour slice: sensitivity undefined
+    assert np.isnan(sensitivity) and specificity == 1 / 3
