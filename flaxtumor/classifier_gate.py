@@ -11,6 +11,9 @@ per-patient Dice to 4 decimals, then Youden's J of the tumour verdicts: a slice 
 outlines a region); on a full tie the classifier stays off, the point with fewer knobs.
 
 Writes the cross-validated point, with the threshold if the gate won, and the comparison under `classifier_gate`.
+A gate threshold is a Dice knob, not the classifier's decision: the gate can sit far below it (it only empties masks
+on slices the classifier is sure are clear). So when the gate wins, slices are flagged "suspicious" at the classifier
+checkpoint's own threshold (`flag_threshold`; not searched), not at the gate's.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flaxtumor.operating_point import (OPERATING_POINT_FILE, OperatingPoint, choice_key, read_operating_point,
-                                       write_operating_point)
+from flaxtumor.operating_point import (OPERATING_POINT_FILE, OperatingPoint, choice_key,
+                                       flag_at_classifier_threshold, read_operating_point, write_operating_point)
 
 GATE_FILE = "pipeline_gate.json"
 
@@ -88,6 +91,18 @@ def choose_gate(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point:
     return {"candidates": rows, "chosen": rows[best], "point": candidates[best]}
 
 
+def flag_rates(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point: OperatingPoint) -> dict[str, float]:
+    """How often the classifier flags a slice at the point's flag threshold: tumour slices (sensitivity) and
+    tumour-free slices (1 - specificity: the "suspicious" a user sees wherever nothing is outlined)."""
+    from flaxtumor.metrics import call_rates
+
+    flags = np.concatenate([point.flags(probs) for probs, _, _ in raw])
+    labels = np.concatenate([truth.any(axis=(1, 2)) for _, _, truth in raw])
+    sensitivity, specificity = call_rates(flags, labels)
+    return {"flag_threshold": point.effective_flag_threshold, "flags_tumour_slices": sensitivity,
+            "flags_tumour_free_slices": 1.0 - specificity}
+
+
 def gate_inputs(cv: Path, checkpoints: Path, data: str, patient_ids: Sequence[str], point: OperatingPoint
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per patient: the classifier's probabilities (the classifier in CHECKPOINTS, at the point's TTA setting), the
@@ -125,12 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         point, record = read_operating_point(args.cv)
         if not record:
             raise ValueError(f"{args.cv / OPERATING_POINT_FILE}: missing (run python -m flaxtumor.crossval first)")
-        patients = held_out_patients(read_metadata(args.checkpoints / "classifier"))
+        classifier = read_metadata(args.checkpoints / "classifier")
+        patients = held_out_patients(classifier)
         raw = gate_inputs(args.cv, args.checkpoints, args.data, patients, point)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
     choice = choose_gate(raw, point, THRESHOLDS)
+    chosen_point = flag_at_classifier_threshold(choice["point"], classifier.threshold)
+    flags = flag_rates(raw, chosen_point)
     gate = {
         "patients": patients,
         "protocol": "the classifier's validation patients (never trained on by it or its backbone; they chose its "
@@ -141,18 +159,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "classifier": str(args.checkpoints / "classifier"),
         "candidates": choice["candidates"],
         "chosen": choice["chosen"],
+        **({"flags": {**flags,
+                      "from": "the classifier checkpoint's own threshold (not searched): the gate threshold empties "
+                              "masks; a slice with nothing outlined is called suspicious only at this one"}}
+           if chosen_point.flag_threshold is not None else {}),
     }
     out = args.out or args.cv / GATE_FILE
-    kept = {k: v for k, v in record.items() if k not in set(point.to_dict()) | {"lcc", "postprocess"}}
+    kept = {k: v for k, v in record.items() if k not in {f.name for f in dataclasses.fields(point)} | {"lcc"}}
     if not math.isinf(choice["point"].threshold):
         kept["validation_of"] = "the cross-validated point with the classifier off (all patients, out of fold)"
-    write_operating_point(out, choice["point"], **kept, classifier_gate=gate)
+    write_operating_point(out, chosen_point, **kept, classifier_gate=gate)
     off, chosen = choice["candidates"][0], choice["chosen"]
     print(f"{len(patients)} patients neither model trained on: classifier off → per-patient Dice "
-          f"{off['per_patient_dice_mean']:.4f}; chosen: {choice['point'].threshold_label} → "
+          f"{off['per_patient_dice_mean']:.4f}; chosen: {chosen_point.threshold_label} → "
           f"{chosen['per_patient_dice_mean']:.4f} (tumour verdicts: sensitivity {chosen['verdict_sensitivity']:.3f}, "
-          f"specificity {chosen['verdict_specificity']:.3f}; the classifier flags {chosen['detection_specificity']:.3f}"
-          f" of tumour-free slices as clear) → {out}")
+          f"specificity {chosen['verdict_specificity']:.3f}); suspicious flags at {chosen_point.flag_label}: "
+          f"{flags['flags_tumour_free_slices']:.3f} of tumour-free slices → {out}")
     return 0
 
 

@@ -175,6 +175,27 @@ def load_oof(path: Path) -> OutOfFold:
                          Box(*box) if box else None, f["flipped"] if "flipped" in f.files else None)
 
 
+def saved_fold(out: Path, fold: int, task: str, patient_ids: Sequence[str]) -> tuple[list[OutOfFold], Any]:
+    """(the fold's saved out-of-fold volumes of `patient_ids`, its model's metadata), for --rescore. An error naming
+    the file when one is missing, belongs to another fold, or is older than the fold model (retrained since)."""
+    from flaxtumor.checkpoint_metadata import read_metadata
+
+    checkpoint = export_path(out, fold, task)
+    metadata = read_metadata(checkpoint)
+    made = (checkpoint / "metadata.json").stat().st_mtime
+    results = []
+    for pid in patient_ids:
+        path = Path(out) / OOF_DIR / f"{pid}.npz"
+        if not path.is_file():
+            raise ValueError(f"{path}: no saved out-of-fold prediction (run without --rescore to predict)")
+        r = load_oof(path)
+        if r.fold != fold or path.stat().st_mtime < made:
+            why = f"predicted by fold {r.fold}, not {fold}" if r.fold != fold else f"older than {checkpoint}"
+            raise ValueError(f"{path}: {why}; run without --rescore to predict again")
+        results.append(r)
+    return results, metadata
+
+
 def _truth(patient: Patient) -> list[np.ndarray]:
     return [read_mask(s.mask_path) if s.mask_path is not None else None for s in patient.slices]
 
@@ -354,11 +375,12 @@ def score_cls(results: Sequence[OutOfFold], patients: dict[str, Patient], thresh
     }
 
 
-def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, preview: bool = False
-                ) -> dict[str, Any]:
+def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, preview: bool = False,
+                rescore: bool = False) -> dict[str, Any]:
     """Predicts every patient with the fold that held it out, writes OUT/oof/*.npz and OUT/crossval.json (and the
     chosen post-processing as OUT/pipeline.json). `preview`: the finished folds only, while the others train: their
-    held-out patients scored the same way, written to OUT/crossval_preview.json and nothing else."""
+    held-out patients scored the same way, written to OUT/crossval_preview.json and nothing else. `rescore`: the
+    saved OUT/oof/*.npz scored again (after the candidates changed), predicting nothing."""
     from flaxtumor.data.lgg import load_dataset
 
     patients = {p.patient_id: p for p in load_dataset(base.data)}
@@ -370,15 +392,18 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
     results, threshold = [], None
     for fold in folds:
         mine = [patients[pid] for pid in sorted(fold_of) if fold_of[pid] == fold]
-        fold_results, metadata = predict_fold(fold, export_path(out, fold, base.train.task), mine,
-                                              tta=base.train.task == "seg")
+        if rescore:
+            fold_results, metadata = saved_fold(out, fold, base.train.task, [p.patient_id for p in mine])
+        else:
+            fold_results, metadata = predict_fold(fold, export_path(out, fold, base.train.task), mine,
+                                                  tta=base.train.task == "seg")
         threshold = metadata.threshold
-        if not preview:  # a preview writes nothing final
+        if not preview and not rescore:  # a preview writes nothing final
             folder.mkdir(parents=True, exist_ok=True)
             for r in fold_results:
                 save_oof(r, folder)
         results += fold_results
-        say(f"fold {fold}: {len(mine)} held-out patients predicted")
+        say(f"fold {fold}: {len(mine)} held-out patients {'read back' if rescore else 'predicted'}")
     score = score_seg if base.train.task == "seg" else score_cls
     raw_scores, chosen = score(results, patients, threshold), {}
     if base.train.task == "seg":
@@ -466,10 +491,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preview", action="store_true",
                         help="while folds still train (in another process): score the finished folds' held-out "
                              f"patients only, as the final step will, into OUT/{PREVIEW_FILE}; trains nothing")
+    parser.add_argument("--rescore", action="store_true",
+                        help=f"a finished cross-validation's saved predictions (OUT/{OOF_DIR}) scored again, e.g. after "
+                             "the post-processing candidates changed: trains and predicts nothing, rewrites "
+                             f"OUT/{CV_FILE} and OUT/{OPERATING_POINT_FILE}")
     args = parser.parse_args(argv)
-    if args.preview:
+    if args.preview and args.rescore:
+        parser.error("--preview and --rescore: choose one")
+    if args.preview or args.rescore:
+        flag = "--preview" if args.preview else "--rescore"
         if not (Path(args.out or "runs/cv") / "config.json").is_file():
-            parser.error(f"--preview: {args.out or 'runs/cv'} holds no cross-validation (no config.json)")
+            parser.error(f"{flag}: {args.out or 'runs/cv'} holds no cross-validation (no config.json)")
         args.resume = True  # the cross-validation's own config
     if args.fold is not None:
         parser.error("--fold: crossval runs every fold (train a single fold with train.py --fold K)")
@@ -502,10 +534,11 @@ def _run(args: Any, out: Path) -> int:
             report = out_of_fold(base, out, preview=True)
             print(f"PREVIEW, {report['preview']}\n{_headline(report)}; details: {out / PREVIEW_FILE}")
             return 0
-        out.mkdir(parents=True, exist_ok=True)
-        base.to_json(out / "config.json")  # what --resume reads back
-        train_folds(base, out)
-        report = out_of_fold(base, out)
+        if not args.rescore:
+            out.mkdir(parents=True, exist_ok=True)
+            base.to_json(out / "config.json")  # what --resume reads back
+            train_folds(base, out)
+        report = out_of_fold(base, out, rescore=args.rescore)
         print(_headline(report) + f"; details: {out / CV_FILE}")
         print(_next_step(report, out))
     except (DataError, WeightsError, CheckpointError, loop.RunExists, ValueError) as e:

@@ -84,7 +84,7 @@ def load_volume(patient: Patient) -> tuple[list[np.ndarray], np.ndarray]:
 _CALL_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "tn", "fp", "fn", "tp")
 
 
-def _slice_calls(probs: np.ndarray, labels: np.ndarray, calls: np.ndarray, drawn: np.ndarray, threshold: float
+def _slice_calls(probs: np.ndarray, labels: np.ndarray, calls: np.ndarray, drawn: np.ndarray, point: OperatingPoint
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(detection, verdict) over all slices. Detection: the pipeline's slice calls, the classifier's alone or fused
     with the segmenter's area (min_tumour_area > 0). Verdict, what a user sees: "tumour" exactly when a mask is drawn
@@ -93,22 +93,25 @@ def _slice_calls(probs: np.ndarray, labels: np.ndarray, calls: np.ndarray, drawn
     detection = metrics.classification_metrics(calls.astype(float), labels, 0.5)
     verdict = metrics.classification_metrics(drawn.astype(float), labels, 0.5)
     detection, verdict = ({k: m[k] for k in _CALL_METRICS} for m in (detection, verdict))
-    flagged = probs >= threshold
+    flagged = point.flags(probs)
     suspicious = flagged & ~drawn
     verdict["counts"] = {"tumour": int(drawn.sum()), "suspicious": int(suspicious.sum()),
                          "no tumour": int((~drawn & ~flagged).sum())}
     verdict["suspicious_with_tumour_in_truth"] = int((suspicious & labels).sum())
+    verdict["flagged_at"] = point.flag_label
     return detection, verdict
 
 
 def _classifier_metrics(pipeline: Pipeline, probs: np.ndarray, labels: np.ndarray, point: OperatingPoint
                         ) -> dict[str, Any]:
-    """The classifier's slice metrics at the pipeline's threshold. With the classifier off (an infinite threshold: it
-    flags nothing) calls at that threshold say nothing about it, so its own checkpoint threshold is used instead."""
+    """The classifier's slice metrics where it flags slices (`OperatingPoint.flags`: the pipeline's flag threshold,
+    unset its gate threshold). With the classifier off (an infinite threshold: it flags nothing) calls at that
+    threshold say nothing about it, so its own checkpoint threshold is used instead."""
     off = math.isinf(point.threshold)
     classifier = metrics.classification_metrics(probs, labels, pipeline.metadata["classifier"].threshold if off
-                                                else point.threshold)
-    classifier["threshold_from"] = "classifier checkpoint (the pipeline's classifier is off)" if off else "pipeline"
+                                                else point.effective_flag_threshold)
+    classifier["threshold_from"] = ("classifier checkpoint (the pipeline's classifier is off)" if off else
+                                    "pipeline" if point.flag_threshold is None else "pipeline (its flag threshold)")
     return classifier
 
 
@@ -163,8 +166,7 @@ def evaluate_patients(
                 ranked.offer(d, int(target.sum()), plots.GalleryItem(title, image, target, pred))
 
     probs, labels = np.concatenate(probs_all), np.concatenate(labels_all)
-    detection, verdict = _slice_calls(probs, labels, np.concatenate(calls_all), np.concatenate(drawn_all),
-                                      point.threshold)
+    detection, verdict = _slice_calls(probs, labels, np.concatenate(calls_all), np.concatenate(drawn_all), point)
     result = {
         "classifier": {**_classifier_metrics(pipeline, probs, labels, point),
                        # Does its Grad-CAM (the map predict --gradcam and the app show) point at the tumour?

@@ -58,7 +58,7 @@ DEFAULT_BATCH_SIZE = 8
 @dataclass(frozen=True)
 class SlicePrediction:
     tumour_probability: float  # classifier's P(tumour) for the slice, in [0, 1]
-    classifier_call: bool  # the classifier flags the slice: tumour_probability >= the operating point's threshold
+    classifier_call: bool  # the classifier flags the slice (`OperatingPoint.flags`)
     mask: np.ndarray  # bool (H, W) at the input size: the final mask (gated and post-processed)
     verdict: str  # "tumour" (a region is outlined) / "suspicious" (classifier flags, nothing outlined) / "no tumour"
 
@@ -345,7 +345,7 @@ class Pipeline:
             probs = self.tumour_probabilities(images, volume, point)
             masks = self._segment_selected(images, np.flatnonzero(probs >= point.threshold), volume, point)
         _, final = gate_and_postprocess(probs, np.stack(masks) if volume else masks, point)
-        classifier_calls = probs >= point.threshold
+        classifier_calls = point.flags(probs)
         return [
             SlicePrediction(tumour_probability=float(p), classifier_call=bool(c), mask=m, verdict=v)
             for p, c, m, v in zip(probs, classifier_calls, final, verdicts(classifier_calls, final))

@@ -11,7 +11,11 @@ final mask:
   "drop_small_<floor>" (3D components below a floor, a fraction of one slice's area, removed) or the legacy
   "largest_component" (3D largest connected component, which can erase a real tumour; see `SAFE_POSTPROCESS_RULES`);
 - `tta`: average each model's output over the image and its horizontal flip;
-- `gate`: empty the masks of slices that are not flagged (off: the segmenter's masks are kept everywhere).
+- `gate`: empty the masks of slices that are not flagged (off: the segmenter's masks are kept everywhere);
+- `flag_threshold`: the classifier probability at which a slice with nothing outlined is reported "suspicious"
+  (`flags`); unset (null), the gate's `threshold`. A gate tuned for Dice may sit far below the classifier's own
+  decision threshold (0.05: it only clears slices the classifier is sure of), and flagging every slice above it
+  would call a quarter of the tumour-free slices suspicious.
 
 `gate_and_postprocess` is the single function that turns raw outputs into slice calls and final masks; the pipeline,
 `evaluate` and `tune` all call it. `verdicts` turns a final mask and the classifier's call into the slice's verdict,
@@ -68,8 +72,8 @@ def drop_small_components(volume: np.ndarray, min_fraction: float) -> np.ndarray
 
 
 # Component floors (fractions of one slice's area) that cross-validation chooses among; 0.001 of a 256² slice is
-# 66 voxels.
-SMALL_COMPONENT_FLOORS = (0.0005, 0.001, 0.002, 0.004)
+# 66 voxels, 0.016 is 1,049. The first cross-validation chose 0.004, then the grid's edge, so the grid grew past it.
+SMALL_COMPONENT_FLOORS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
 
 
 def _floor_rule(fraction: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -87,7 +91,8 @@ POSTPROCESS_RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 # for old pipeline.json files but is never chosen.
 SAFE_POSTPROCESS_RULES = tuple(name for name in POSTPROCESS_RULES if name != "largest_component")
 _FIELDS = {"threshold": float, "min_tumour_area": float, "mask_threshold": float, "postprocess": str, "tta": bool,
-           "gate": bool}
+           "gate": bool, "flag_threshold": float}
+_OPTIONAL = {"flag_threshold"}  # None: unset
 
 
 @dataclass(frozen=True)
@@ -98,10 +103,13 @@ class OperatingPoint:
     postprocess: str = "none"
     tta: bool = False
     gate: bool = True
+    flag_threshold: float | None = None
 
     def __post_init__(self) -> None:
         for name, kind in _FIELDS.items():
             value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
             ok = isinstance(value, bool) if kind is bool else isinstance(value, str) if kind is str else (
                 isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_)))
             if not ok:
@@ -110,6 +118,9 @@ class OperatingPoint:
                 object.__setattr__(self, name, float(value))
         if not (0.0 <= self.threshold <= 1.0 or self.threshold == math.inf):
             raise ValueError(f"'threshold' must lie in [0, 1] (or be inf: classifier off), got {self.threshold!r}")
+        if self.flag_threshold is not None and not 0.0 <= self.flag_threshold <= 1.0:
+            raise ValueError(f"'flag_threshold' must lie in [0, 1] (or be null: the threshold), got "
+                             f"{self.flag_threshold!r}")
         for name in ("min_tumour_area", "mask_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name!r} must lie in [0, 1], got {getattr(self, name)!r}")
@@ -120,6 +131,24 @@ class OperatingPoint:
     def threshold_label(self) -> str:
         """How reports name the classifier threshold: "threshold 0.15", or "classifier off" (inf)."""
         return "classifier off" if self.threshold == math.inf else f"threshold {self.threshold:.2f}"
+
+    @property
+    def flag_label(self) -> str:
+        """How reports say when a slice is flagged: "P(tumour) ≥ 0.50", or "classifier off"."""
+        return "classifier off" if self.threshold == math.inf else f"P(tumour) ≥ {self.effective_flag_threshold:.2f}"
+
+    @property
+    def effective_flag_threshold(self) -> float:
+        """The probability at which the classifier flags a slice: `flag_threshold`, unset the gate's `threshold`
+        (inf: the classifier is off and flags nothing, whatever `flag_threshold` says)."""
+        if self.threshold == math.inf or self.flag_threshold is None:
+            return self.threshold
+        return self.flag_threshold
+
+    def flags(self, probabilities: np.ndarray | Sequence[float]) -> np.ndarray:
+        """(N,) bool: the slices the classifier flags, the ones a verdict calls "suspicious" when nothing is
+        outlined on them. The one place a flag is computed (the pipeline, evaluate, the app)."""
+        return np.asarray(probabilities) >= self.effective_flag_threshold
 
     @property
     def lcc(self) -> bool:
@@ -141,6 +170,8 @@ class OperatingPoint:
         """The fields as `pipeline.json` stores them: the two original rules as `"lcc": true/false` (the format every
         version reads), any other rule as `"postprocess": NAME`."""
         d = dataclasses.asdict(self)
+        if self.flag_threshold is None:  # unset: files stay as every earlier version wrote and reads them
+            del d["flag_threshold"]
         if self.postprocess in ("none", "largest_component"):
             d["lcc"] = self.lcc
             del d["postprocess"]
@@ -181,6 +212,15 @@ def choice_key(dice_mean: float, sensitivity: float, specificity: float, tta: bo
     then no post-processing, then no fused area gate). Larger is better."""
     return (round(dice_mean, 4), youden_j(sensitivity, specificity), -tta, -(postprocess != "none"),
             -(min_tumour_area > 0))
+
+
+def flag_at_classifier_threshold(point: OperatingPoint, classifier_threshold: float) -> OperatingPoint:
+    """A tuned point with its suspicious flags at the classifier checkpoint's own threshold. The gate's threshold is
+    chosen for Dice (`tune`, `classifier_gate`) and may sit far below the classifier's decision; flags stay at the
+    decision. Unchanged when the classifier is off or the two agree."""
+    if point.threshold == math.inf or point.threshold == classifier_threshold:
+        return dataclasses.replace(point, flag_threshold=None)  # (override reads None as "keep")
+    return point.override(flag_threshold=classifier_threshold)
 
 
 def read_operating_point(dir: str | Path, defaults: OperatingPoint | None = None) -> tuple[OperatingPoint, dict]:

@@ -53,9 +53,10 @@ from flaxtumor.truth import (PATIENTS_HEADER, TRUTH_COLUMNS, PatientScore, pair_
 
 # image: the resolved input path; tumour_probability: the classifier's P(tumour); has_tumour: 1 exactly when a mask is
 # drawn (tumour_pixels > 0); tumour_pixels: the mask's pixel count; verdict: tumour / suspicious / no tumour;
-# classifier_call: 1 when tumour_probability >= the threshold; patient: the volume the slice was predicted in (empty
-# for a loose slice; a NIfTI case's name); warning: why the result may be unreliable (empty when none). A NIfTI slice's
-# image is `<reference volume's path>#z=<k>`, k from 0 at the most inferior axial slice.
+# classifier_call: 1 when the classifier flags the slice (`OperatingPoint.flags`: at its flag threshold); patient: the
+# volume the slice was predicted in (empty for a loose slice; a NIfTI case's name); warning: why the result may be
+# unreliable (empty when none). A NIfTI slice's image is `<reference volume's path>#z=<k>`, k from 0 at the most
+# inferior axial slice.
 CSV_HEADER = ("image", "tumour_probability", "has_tumour", "tumour_pixels", "verdict", "classifier_call", "patient",
               "warning")
 OWN_OUTPUTS = ("_pred.png", "_gradcam.png")

@@ -28,8 +28,8 @@ from flaxtumor.data.lgg import Patient, load_dataset, select
 from flaxtumor.evaluate import load_volume, missing_checkpoints
 from flaxtumor.inference import Pipeline
 from flaxtumor.operating_point import (
-    OPERATING_POINT_FILE, SAFE_POSTPROCESS_RULES, OperatingPoint, choice_key, gate_and_postprocess,
-    write_operating_point,
+    OPERATING_POINT_FILE, SAFE_POSTPROCESS_RULES, OperatingPoint, choice_key, flag_at_classifier_threshold,
+    gate_and_postprocess, write_operating_point,
 )
 
 # Ties in Dice used to go to sensitivity, which pushed the shipped threshold to this grid's lower edge (0.05, slice-call
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     point = tune(pipeline, patients, sorted(set(args.thresholds)), source)
     out = args.out or args.checkpoints / OPERATING_POINT_FILE
-    chosen = OperatingPoint.from_dict(point)
+    chosen = flag_at_classifier_threshold(OperatingPoint.from_dict(point), pipeline.metadata["classifier"].threshold)
     fields = set(chosen.to_dict()) | {"lcc", "postprocess"}  # the point itself, however to_dict spells the rule
     write_operating_point(out, chosen, **{k: v for k, v in point.items() if k not in fields})
     v = point["validation"]

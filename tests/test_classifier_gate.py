@@ -103,6 +103,11 @@ def test_the_command_decides_the_gate_on_a_tiny_cross_validation(tmp_path, capsy
     assert len(gate["candidates"]) == 1 + len(G.gate_candidates(read_operating_point(cv)[0], [0.1])[1:]) * 19
     assert gate["chosen"] in gate["candidates"]
     assert written["tuned_on"] == json.loads((cv / "pipeline.json").read_text())["tuned_on"]  # CV's record kept
+    if written["threshold"] not in (None, 0.5):  # a gate tuned away from the classifier's own 0.5 flags at 0.5
+        assert written["flag_threshold"] == 0.5 and gate["flags"]["flag_threshold"] == 0.5
+        assert 0.0 <= gate["flags"]["flags_tumour_free_slices"] <= 1.0
+    else:
+        assert "flag_threshold" not in written and "flags" not in gate
     assert "neither model trained on" in capsys.readouterr().out
     # a classifier that trained on every patient leaves nowhere to decide: one clear error
     export_tiny(tmp_path / "all" / "classifier", "cls", "image_zscore", 0.5, {"train": ids, "val": [], "test": []})

@@ -298,3 +298,37 @@ def test_a_preview_scores_the_finished_folds_only_and_writes_nothing_final(cv, t
     shutil.rmtree(crossval.export_path(partial, 0, "seg"))
     assert crossval.main(["--out", str(partial), "--preview"]) == 2
     assert "no fold has finished" in capsys.readouterr().err
+
+
+def test_a_rescore_reads_the_saved_predictions_back_and_predicts_nothing(cv, tmp_path, capsys, monkeypatch):
+    import os
+    import shutil
+
+    _, out = cv
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = (copy / crossval.CV_FILE).read_text().replace(str(out), str(copy))
+    (copy / crossval.CV_FILE).unlink()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--rescore ran a model")
+
+    monkeypatch.setattr(crossval, "predict_fold", no_model)
+    assert crossval.main(["--out", str(copy), "--rescore"]) == 0
+    assert "held-out patients read back" in capsys.readouterr().out
+    assert (copy / crossval.CV_FILE).read_text() == before  # the same predictions give the same report
+    # A saved prediction older than its fold model (retrained since) or missing is an error naming the file.
+    pid = sorted(p.stem for p in (copy / crossval.OOF_DIR).glob("*.npz"))[0]
+    npz = copy / crossval.OOF_DIR / f"{pid}.npz"
+    made = (crossval.export_path(copy, 0, "seg") / "metadata.json").stat().st_mtime
+    for fold in range(FOLDS):
+        os.utime(crossval.export_path(copy, fold, "seg") / "metadata.json", (made + 60, made + 60))
+    assert crossval.main(["--out", str(copy), "--rescore"]) == 2
+    err = capsys.readouterr().err
+    assert "older than" in err and ".npz" in err
+    npz.unlink()
+    assert crossval.main(["--out", str(copy), "--rescore"]) == 2
+    assert f"{pid}.npz: no saved out-of-fold prediction" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        crossval.main(["--out", str(copy), "--rescore", "--preview"])
+    assert "choose one" in capsys.readouterr().err

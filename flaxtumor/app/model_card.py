@@ -27,6 +27,8 @@ _POINT_MEANINGS = {
     "lcc": "keep only the largest 3D connected component (the post-processing rule)",
     "tta": "average each model over the image and its horizontal flip",
     "gate": "empty the masks of slices that are not flagged",
+    "flag_threshold": "a slice with nothing outlined is called suspicious when its tumour probability is at least "
+                      "this (the classifier's own threshold; the gate's threshold above is tuned for Dice)",
 }
 # What each metric the training loop records means, so the numbers are not read as something they are not.
 _METRIC_NOTES = {
@@ -53,9 +55,11 @@ def classifier_off_rule(min_tumour_area: float, gate: bool = True) -> str:
     return "without a fused gate every mask is emptied, so no slice is called tumour"
 
 
-def threshold_info(min_tumour_area: float, classifier_on: bool = True, gate: bool = True) -> str:
+def threshold_info(min_tumour_area: float, classifier_on: bool = True, gate: bool = True,
+                   flag_threshold: float | None = None) -> str:
     """The slider's help: with a fused gate the classifier threshold is not the only way a slice is called tumour;
-    when the checkpoints' point has the classifier off, it says so and what calls a slice tumour instead."""
+    when the checkpoints' point has the classifier off, it says so and what calls a slice tumour instead; with a
+    flag threshold of its own, that the slider does not move the suspicious flags."""
     if not classifier_on:
         return (f"The checkpoints' operating point has the classifier off: it flags no slice, and "
                 f"{classifier_off_rule(min_tumour_area, gate)}. Tick “Classifier gate” to also call a slice tumour "
@@ -63,7 +67,11 @@ def threshold_info(min_tumour_area: float, classifier_on: bool = True, gate: boo
     text = "A slice is called tumour when its tumour probability is at least this"
     if min_tumour_area > 0:
         text += f", or when the segmenter outlines at least {min_tumour_area:.2%} of it (the fused gate)"
-    return text + "; the default is the checkpoints' operating point."
+    text += "; the default is the checkpoints' operating point."
+    if flag_threshold is not None:
+        text += (f" A slice with nothing outlined is flagged suspicious at a tumour probability of {flag_threshold:.2f}"
+                 " (the classifier's own threshold), whatever this says.")
+    return text
 
 
 def classifier_info(min_tumour_area: float, gate: bool = True) -> str:

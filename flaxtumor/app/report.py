@@ -93,7 +93,7 @@ class PatientReport:
 def patient_report(volume: Volume, first: int, probabilities: np.ndarray, final: np.ndarray, brain: np.ndarray,
                    truth: np.ndarray | None, point: OperatingPoint) -> PatientReport:
     """Rows numbered from `first` for one patient's final masks (after `gate_and_postprocess`)."""
-    classifier_calls = probabilities >= point.threshold
+    classifier_calls = point.flags(probabilities)
     rows = []
     for i, (name, p, call, mask, verdict) in enumerate(
             zip(volume.names, probabilities, classifier_calls, final, verdicts(classifier_calls, final))):
@@ -150,7 +150,9 @@ def _dice_text(report: PatientReport) -> str:
 def summary_markdown(reports: Sequence[PatientReport], point: OperatingPoint, spacing: float | None,
                      thickness: float | None) -> str:
     n = sum(len(r.rows) for r in reports)
-    head = (f"**{plural(len(reports), 'patient')}, {plural(n, 'slice')}**; {point.threshold_label}, "
+    flags = ("" if point.flag_threshold is None or point.threshold == math.inf else
+             f" (suspicious at {point.flag_label}, the classifier's own threshold)")
+    head = (f"**{plural(len(reports), 'patient')}, {plural(n, 'slice')}**; {point.threshold_label}{flags}, "
             f"post-processing {md_code(point.postprocess)} (per patient).")
     parts = [head, *(patient_summary(r, spacing, thickness) for r in reports)]
     if any(r.volume.truth is not None for r in reports):

@@ -227,7 +227,7 @@ class App:
         volume = analysis.volumes[0]
         _, final = self.finals(analysis, 0, point)
         mask, probability = final[0], volume.probabilities[0]
-        (verdict,) = verdicts(np.float32([probability]) >= point.threshold, [mask])  # float32, as the pipeline
+        (verdict,) = verdicts(point.flags(np.float32([probability])), [mask])  # float32, as the pipeline
         brain = analysis.brain(0)[0]
         area_px, area_pct = tumour_area(mask, brain)
         out = self.dirs.new()

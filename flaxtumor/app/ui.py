@@ -139,7 +139,8 @@ def _controls(app: App) -> Controls:
                                      info=classifier_info(point.min_tumour_area, point.gate))
             threshold = gr.Slider(0.0, 1.0, value=point.threshold if on else CLASSIFIER_ON_THRESHOLD, step=0.01,
                                   label="Classification threshold", interactive=on, elem_id="threshold",
-                                  info=threshold_info(point.min_tumour_area, on, point.gate))
+                                  info=threshold_info(point.min_tumour_area, on, point.gate,
+                                                      point.flag_threshold))
         with gr.Column(min_width=300):
             rule = gr.Dropdown(list(POSTPROCESS_RULES), value=point.postprocess, label="Post-processing",
                                info="The rule run over each patient's masks (a single slice is a patient of one "
