@@ -111,7 +111,7 @@ def _classifier_metrics(pipeline: Pipeline, probs: np.ndarray, labels: np.ndarra
     classifier = metrics.classification_metrics(probs, labels, pipeline.metadata["classifier"].threshold if off
                                                 else point.effective_flag_threshold)
     classifier["threshold_from"] = ("classifier checkpoint (the pipeline's classifier is off)" if off else
-                                    "pipeline" if point.flag_threshold is None else "pipeline (its flag threshold)")
+                                    "pipeline (its flag threshold)" if point.flags_apart else "pipeline")
     return classifier
 
 

@@ -143,9 +143,13 @@ class OperatingPoint:
     def effective_flag_threshold(self) -> float:
         """The probability at which the classifier flags a slice: `flag_threshold`, unset the gate's `threshold`
         (inf: the classifier is off and flags nothing, whatever `flag_threshold` says)."""
-        if self.threshold == math.inf or self.flag_threshold is None:
-            return self.threshold
-        return self.flag_threshold
+        return self.flag_threshold if self.flags_apart else self.threshold
+
+    @property
+    def flags_apart(self) -> bool:
+        """Whether the classifier flags slices at a threshold of their own, not the gate's (it is on, and
+        `flag_threshold` is set)."""
+        return self.threshold != math.inf and self.flag_threshold is not None
 
     def flags(self, probabilities: np.ndarray | Sequence[float]) -> np.ndarray:
         """(N,) bool: the slices the classifier flags, the ones a verdict calls "suspicious" when nothing is

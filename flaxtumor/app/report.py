@@ -150,8 +150,7 @@ def _dice_text(report: PatientReport) -> str:
 def summary_markdown(reports: Sequence[PatientReport], point: OperatingPoint, spacing: float | None,
                      thickness: float | None) -> str:
     n = sum(len(r.rows) for r in reports)
-    flags = ("" if point.flag_threshold is None or point.threshold == math.inf else
-             f" (suspicious at {point.flag_label}, the classifier's own threshold)")
+    flags = f" (suspicious at {point.flag_label}, the classifier's own threshold)" if point.flags_apart else ""
     head = (f"**{plural(len(reports), 'patient')}, {plural(n, 'slice')}**; {point.threshold_label}{flags}, "
             f"post-processing {md_code(point.postprocess)} (per patient).")
     parts = [head, *(patient_summary(r, spacing, thickness) for r in reports)]
