@@ -31,6 +31,11 @@ class DataConfig:
     # i-K..i+K each with its 3 channels (3(2K+1) in all), the nearest slice repeated at the volume's ends
     # (flaxtumor.data.preprocess.stack_context). 0: the slice alone. Issue 11 lever.
     context_slices: int = 0
+    # Segmenter training in patches (nnU-Net's way): each augmented, normalised training example is a P x P window of
+    # the image_size slice, around a tumour pixel when the slice has one (`augment.patch_window`). A step then costs
+    # what a P x P input costs, while validation and inference see whole image_size slices (the ResUNet is fully
+    # convolutional). 0: whole slices. Issue 11 lever: 256 slices at the CPU cost per step of 128.
+    train_patch: int = 0
     split_file: str | None = None  # JSON of patient ids; made from the seed and fractions when absent
     split_seed: int = 0
     test_fraction: float = 0.15  # Buda et al.: 85/15 train/test by patient
@@ -60,6 +65,10 @@ class DataConfig:
         k = self.context_slices
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"--context-slices (data.context_slices) must be a whole number >= 0, got {k!r}")
+        p = self.train_patch
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= self.image_size:
+            raise ValueError(f"--train-patch (data.train_patch) must be a whole number from 0 (whole slices) to "
+                             f"--image-size {self.image_size}, got {p!r}")
 
 
 @dataclass
@@ -125,6 +134,12 @@ class Config:
         if k and self.train.task == "cls":
             raise ValueError(f"--context-slices {k}: neighbouring slices are a segmenter input (--task seg); the "
                              "classifier reads one slice, so it must be 0 with --task cls")
+        if (p := self.data.train_patch) and self.train.task == "cls":
+            raise ValueError(f"--train-patch {p}: patches are a segmenter lever (--task seg); the classifier labels "
+                             "whole slices, and a patch may miss the tumour that made its slice's label")
+        if p and self.model.segmenter == "resunet" and p % (step := 2 ** (len(self.model.resunet_widths) - 1)):
+            raise ValueError(f"--train-patch {p} must be a multiple of {step}: the ResUNet halves it "
+                             f"{len(self.model.resunet_widths) - 1} times")
         if k and self.model.segmenter != "resunet":
             raise ValueError(f"--context-slices {k} needs --segmenter resunet: the {self.model.segmenter!r} encoder "
                              "is the classifier's ResNet, whose first convolution takes 3 channels")

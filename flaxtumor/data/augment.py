@@ -52,3 +52,21 @@ def augment(
 
     image = 255.0 * (np.clip(image, 0.0, 255.0) / 255.0) ** gamma * gain
     return np.clip(image, 0.0, 255.0).astype(np.float32), mask.astype(np.float32)
+
+
+def patch_window(mask: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left (row, col) of a `size` x `size` training patch of a slice whose (S, S, 1) mask is given: a window
+    around a random tumour pixel when the slice has tumour (so the sampler's tumour weighting still shows the model
+    tumour), anywhere otherwise. Every window that holds the chosen pixel is equally likely; it never leaves the
+    slice."""
+    height, width = mask.shape[:2]
+    if size > min(height, width):
+        raise ValueError(f"a {size}x{size} patch does not fit a {height}x{width} slice")
+    tumour = np.argwhere(mask[..., 0] > 0)
+    if not len(tumour):
+        return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    row, col = tumour[rng.integers(len(tumour))]
+    # Windows [top, top + size) that contain `row` and fit: top in [row - size + 1, row], clipped to [0, height - size].
+    top = rng.integers(max(0, row - size + 1), min(row, height - size) + 1)
+    left = rng.integers(max(0, col - size + 1), min(col, width - size) + 1)
+    return int(top), int(left)

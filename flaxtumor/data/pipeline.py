@@ -1,7 +1,8 @@
 """Grain input pipeline: Slice records -> fixed-shape numpy batches for training (shuffled, augmented) and evaluation.
 
 Per slice: decode -> [crop to its patient's box, `DataConfig.crop` "brain"] -> resize to image_size (uint8) ->
-[stack with its neighbours, `DataConfig.context_slices` K > 0] -> [augment, train only] -> normalise. Crop, resize,
+[stack with its neighbours, `DataConfig.context_slices` K > 0] -> [augment, train only] -> normalise -> [a patch,
+train only, `DataConfig.train_patch` P > 0: batches of (B,P,P,C)]. Crop, resize,
 normalise and the context are `preprocess`'s steps, with the box `crop_box` gives the patient's whole volume and the
 neighbours `stack_context` picks from its slices in slice_index order, so an evaluation batch equals
 `preprocess(patient volume)`. A neighbour is another decoded slice of the same patient, from the same cache; the
@@ -31,7 +32,7 @@ import grain
 import numpy as np
 
 from flaxtumor.config import DataConfig
-from flaxtumor.data.augment import augment
+from flaxtumor.data.augment import augment, patch_window
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Slice
 from flaxtumor.data.preprocess import (
@@ -200,8 +201,13 @@ class _ToExample:
             image, mask = augment(image, mask, rng, self.cfg)
         spec = Preprocessing.from_config(self.cfg)
         stats = self.stats[s.patient_id] if self.stats is not None else None
+        image = normalise(image[None], spec, stats)[0]  # the whole slice's statistics, as inference sees them
+        if self.train and (size := self.cfg.train_patch):
+            rng = np.random.default_rng([self.seed, self.epoch, position, 1])
+            top, left = patch_window(mask, size, rng)
+            image, mask = image[top:top + size, left:left + size], mask[top:top + size, left:left + size]
         return {
-            "image": normalise(image[None], spec, stats)[0],
+            "image": image,
             "mask": mask,
             "label": np.float32(s.has_tumour),
             "valid": np.bool_(True),

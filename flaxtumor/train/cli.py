@@ -73,6 +73,7 @@ FIELDS = {
     "deep_supervision": "model.deep_supervision",
     "crop": "data.crop",
     "context_slices": "data.context_slices",
+    "train_patch": "data.train_patch",
     "sampling": "data.sampling",
     "uniform_share": "data.sampling_uniform_share",
     "samples_per_epoch": "data.samples_per_epoch",
@@ -181,16 +182,20 @@ def _model_and_data_args(p: argparse.ArgumentParser, d: Config) -> None:
     a("--deep-supervision", action="store_true", default=None,
       help="seg ResUNet: 1x1 output heads on the coarser decoder levels, trained with nnU-Net's deep-supervision loss "
       "(weights halving per level, masks max-pooled); inference uses the full-resolution output only. A lever of "
-      "issue 11, not yet measured (default off)")
+      "issue 11, screened on fold 0 and not adopted (checkpoints/MODEL_CARD.md; default off)")
     a("--crop", choices=["none", "brain"],
       help="none: resize the whole slice to --image-size; brain: first crop each patient volume to the square around "
       "the head (pixels above a small intensity, plus a margin), recorded in the checkpoint so inference crops and "
-      "maps masks back the same way. A lever of issue 11, not yet measured (default none)")
+      "maps masks back the same way. A lever of issue 11, screened on fold 0 (checkpoints/MODEL_CARD.md; default none)")
     a("--context-slices", type=int, metavar="K",
       help="seg ResUNet, 2.5D input: each slice with its K neighbouring slices on each side of the patient volume as "
       "extra channels (3(2K+1) in all; the nearest slice repeats at the volume's ends), recorded in the checkpoint "
       "so inference stacks the same neighbours; a lone slice is its own neighbours, with a warning. A lever of "
-      f"issue 11, not yet measured (default {d.data.context_slices}: the slice alone)")
+      f"issue 11, screened on fold 0 and not adopted (checkpoints/MODEL_CARD.md; default {d.data.context_slices}: the slice alone)")
+    a("--train-patch", type=int, metavar="P",
+      help="seg: train on P x P windows of the --image-size slices (around a tumour pixel when the slice has one, "
+      "anywhere otherwise), so --image-size 256 --train-patch 128 costs per step what 128 did; validation and "
+      "inference see whole slices. A lever of issue 11 (default 0: whole slices)")
     a("--normalisation", choices=["image_zscore", "volume_zscore", "imagenet", "caffe"],
       help=f"intensity normalisation (default {d.data.normalisation}; with --backbone-weights, the weights' own)")
     a("--no-augment", dest="augment", action="store_false", default=None, help="turn training augmentation off")
