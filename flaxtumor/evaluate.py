@@ -115,6 +115,42 @@ def _classifier_metrics(pipeline: Pipeline, probs: np.ndarray, labels: np.ndarra
     return classifier
 
 
+@dataclasses.dataclass
+class _SegmenterTally:
+    """The segmenter alone (no gate, no post-processing): on the tumour slices, and on every slice (the definitions
+    of training's validation metrics, see the protocol)."""
+
+    dice: list[float] = dataclasses.field(default_factory=list)
+    iou: list[float] = dataclasses.field(default_factory=list)
+    counts: metrics.PixelCounts = dataclasses.field(default_factory=metrics.PixelCounts)
+    every_dice: list[float] = dataclasses.field(default_factory=list)
+    every_counts: metrics.PixelCounts = dataclasses.field(default_factory=metrics.PixelCounts)
+    per_patient: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def add(self, patient_id: str, masks: np.ndarray, truth: np.ndarray) -> None:
+        tumour = np.flatnonzero(truth.any(axis=(1, 2)))
+        self.dice += [metrics.dice(masks[i], truth[i]) for i in tumour]
+        self.iou += [metrics.iou(masks[i], truth[i]) for i in tumour]
+        self.counts += metrics.PixelCounts.from_masks(masks[tumour], truth[tumour])
+        self.every_dice += [metrics.dice(m, t) for m, t in zip(masks, truth)]
+        self.every_counts += metrics.PixelCounts.from_masks(masks, truth)
+        self.per_patient.update(metrics.volumetric_dice_per_patient({patient_id: masks}, {patient_id: truth}))
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "n_slices": len(self.dice),
+            "dice_mean": metrics.mean_over_scored(self.dice),
+            "iou_mean": metrics.mean_over_scored(self.iou),
+            "pooled_dice": self.counts.dice,
+            "pooled_iou": self.counts.iou,
+            "all_slices": {
+                "per_patient_dice": metrics.summarise_patient_dice(self.per_patient),
+                "tumour_slice_dice": metrics.mean_over_scored(self.every_dice),
+                "pooled_dice": self.every_counts.dice,
+            },
+        }
+
+
 def evaluate_patients(
     pipeline: Pipeline, patients: Sequence[Patient], point: OperatingPoint | None = None, gallery_size: int = 4
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -122,8 +158,7 @@ def evaluate_patients(
     docstring for the three views."""
     point = point or pipeline.point
     probs_all, labels_all, calls_all, drawn_all = [], [], [], []
-    seg_dice, seg_iou, seg_counts = [], [], metrics.PixelCounts()
-    ungated_dice, ungated_counts, ungated_per_patient = [], metrics.PixelCounts(), {}
+    segmenter = _SegmenterTally()
     slice_dice, slice_iou, pipe_counts = [], [], metrics.PixelCounts()
     per_patient: dict[str, float] = {}
     loss_parts: dict[str, dict[str, float]] = {}  # where each patient's Dice goes (metrics.dice_loss_parts)
@@ -143,16 +178,7 @@ def evaluate_patients(
         large = np.flatnonzero(target_vol.sum(axis=(1, 2)) >= metrics.POINTING_MIN_PIXELS)
         heatmaps += [pipeline.gradcam(images[i]) for i in large]
         heat_targets += [target_vol[i] for i in large]
-        tumour = np.flatnonzero(labels)  # segmenter alone, on the tumour slices
-        seg_dice += [metrics.dice(seg_vol[i], target_vol[i]) for i in tumour]
-        seg_iou += [metrics.iou(seg_vol[i], target_vol[i]) for i in tumour]
-        seg_counts += metrics.PixelCounts.from_masks(seg_vol[tumour], target_vol[tumour])
-        # segmenter alone on every slice: the definitions of training's validation metrics (see protocol)
-        ungated_dice += [metrics.dice(m, t) for m, t in zip(seg_vol, target_vol)]
-        ungated_counts += metrics.PixelCounts.from_masks(seg_vol, target_vol)
-        ungated_per_patient.update(metrics.volumetric_dice_per_patient({patient.patient_id: seg_vol},
-                                                                       {patient.patient_id: target_vol}))
-
+        segmenter.add(patient.patient_id, seg_vol, target_vol)
         per_patient.update(metrics.volumetric_dice_per_patient({patient.patient_id: final},
                                                                {patient.patient_id: target_vol}))
         loss_parts[patient.patient_id] = metrics.dice_loss_parts(final, target_vol)
@@ -171,18 +197,7 @@ def evaluate_patients(
         "classifier": {**_classifier_metrics(pipeline, probs, labels, point),
                        # Does its Grad-CAM (the map predict --gradcam and the app show) point at the tumour?
                        "gradcam": metrics.pointing_score(heatmaps, heat_targets)},
-        "segmenter": {
-            "n_slices": len(seg_dice),
-            "dice_mean": metrics.mean_over_scored(seg_dice),
-            "iou_mean": metrics.mean_over_scored(seg_iou),
-            "pooled_dice": seg_counts.dice,
-            "pooled_iou": seg_counts.iou,
-            "all_slices": {
-                "per_patient_dice": metrics.summarise_patient_dice(ungated_per_patient),
-                "tumour_slice_dice": metrics.mean_over_scored(ungated_dice),
-                "pooled_dice": ungated_counts.dice,
-            },
-        },
+        "segmenter": segmenter.report(),
         "pipeline": {
             "detection": detection,  # slice calls before post-processing: the classifier's, or fused with the area
             "verdict": verdict,
