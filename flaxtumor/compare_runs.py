@@ -8,6 +8,9 @@ is scored as cross-validation scores (`crossval.score_seg`: per-patient volumetr
 post-processing), and every later run is compared with the first on the same patients: the mean per-patient
 difference with a percentile-bootstrap 95% interval over patients, and how many patients got better or worse.
 
+With `--ensemble` the runs' averaged probabilities are scored too, as one more run: what an ensemble of these
+recipes would buy on patients none of them trained on.
+
 A run is a training folder holding an exported `segmenter/` (as `train.py --out` writes it), or the export itself.
 """
 
@@ -64,8 +67,32 @@ def _epoch(meta: Any) -> str:
     return f"{chosen.get('epoch', '?')}/{len(meta.get('history') or [])}"
 
 
-def compare(runs: Sequence[Path], data: str | None = None) -> dict[str, Any]:
-    """Scores every run on the shared held-out patients; the first run is the baseline."""
+def _row(run: str, epoch: str, preprocessing: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
+    return {"run": run, "epoch": epoch, "preprocessing": preprocessing,
+            **{k: scores["volumetric_dice"][k] for k in ("mean", "mean_ci95", "median", "worst")},
+            "tumour_slice_dice": scores["tumour_slice_dice"]["value"],
+            "dice_loss": scores["dice_loss"]["mean"], "per_patient_dice": scores["per_patient_dice"]}
+
+
+def averaged(predictions: Sequence[Sequence[Any]], rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """Each patient's probabilities averaged over the runs (`crossval.OutOfFold` lists in the same patient order), as
+    a fold ensemble averages its members (`flaxtumor.ensemble`). The runs must share their output geometry: the image
+    size and the crop (2.5D input or deep supervision may differ, as they change only what a model sees)."""
+    geometry = {(r["preprocessing"]["image_size"], r["preprocessing"].get("crop", "none")) for r in rows}
+    if len(geometry) > 1:
+        raise ValueError(f"--ensemble: the runs' outputs differ in (image size, crop): {sorted(geometry)}; an "
+                         "ensemble averages probabilities pixel by pixel, so its members must share them")
+    out = []
+    for same_patient in zip(*predictions):
+        assert len({r.patient_id for r in same_patient}) == 1, "predictions in different patient orders"
+        mean = np.mean([r.probabilities.astype(np.float32) for r in same_patient], axis=0)
+        out.append(dataclasses.replace(same_patient[0], probabilities=mean, flipped=None))
+    return out
+
+
+def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = False) -> dict[str, Any]:
+    """Scores every run on the shared held-out patients; the first run is the baseline. With `ensemble`, also the
+    runs' averaged probabilities (`averaged`), as one more row."""
     from flaxtumor.checkpoint_metadata import read_metadata
     from flaxtumor.crossval import predict_fold, score_seg
     from flaxtumor.data.lgg import load_dataset, select
@@ -75,14 +102,15 @@ def compare(runs: Sequence[Path], data: str | None = None) -> dict[str, Any]:
     first = next(iter(metas.values()))
     config = dataclasses.replace(first.config.data, root=str(data or first.config.data.root), split_file=None)
     patients = {p.patient_id: p for p in select(load_dataset(config), patient_ids)}
-    rows = []
+    rows, predictions = [], []
     for run in runs:
         results, meta = predict_fold(0, export_of(run), list(patients.values()))
-        scores = score_seg(results, patients, meta.threshold)
-        rows.append({"run": str(run), "epoch": _epoch(meta), "preprocessing": meta.preprocessing.to_dict(),
-                     **{k: scores["volumetric_dice"][k] for k in ("mean", "mean_ci95", "median", "worst")},
-                     "tumour_slice_dice": scores["tumour_slice_dice"]["value"],
-                     "dice_loss": scores["dice_loss"]["mean"], "per_patient_dice": scores["per_patient_dice"]})
+        predictions.append(results)
+        rows.append(_row(str(run), _epoch(meta), meta.preprocessing.to_dict(),
+                         score_seg(results, patients, meta.threshold)))
+    if ensemble:
+        rows.append(_row(f"ensemble of the {len(runs)} runs", "-", rows[0]["preprocessing"],
+                         score_seg(averaged(predictions, rows), patients, first.threshold)))
     for row in rows[1:]:
         row["versus_first"] = paired(rows[0]["per_patient_dice"], row["per_patient_dice"])
     return {"patients": patient_ids, "protocol": "per-patient volumetric Dice of the raw masks (no gate, no "
@@ -108,11 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                        "baseline")
     ap.add_argument("--data", default=None, help="kaggle_3m folder (default: the first run's data root)")
     ap.add_argument("--out", type=Path, default=None, help="also write the report (JSON) here")
+    ap.add_argument("--ensemble", action="store_true",
+                    help="also score the runs as one ensemble (their probabilities averaged, as a fold ensemble "
+                    "does), compared with the first run like the others; the runs must share image size and crop")
     args = ap.parse_args(argv)
     if len(args.runs) < 2:
         ap.error("give at least two runs: the baseline first")
     try:
-        report = compare(args.runs, args.data)
+        report = compare(args.runs, args.data, args.ensemble)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2

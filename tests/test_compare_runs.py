@@ -3,6 +3,7 @@ difference and its interval, and the command end to end on two tiny runs of one 
 
 import json
 
+import numpy as np
 import pytest
 
 from flaxtumor import compare_runs as C
@@ -57,3 +58,26 @@ def test_two_tiny_runs_of_one_fold_compared_by_patient(tmp_path, capsys):
     assert "vs first" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         C.main([str(runs[0])])
+    # --ensemble: one more row, the runs' averaged probabilities; a run with itself is that run exactly
+    assert C.main([str(runs[0]), str(runs[0]), "--ensemble", "--out", str(report_file)]) == 0
+    *_, ensemble = json.loads(report_file.read_text())["runs"]
+    assert ensemble["run"] == "ensemble of the 2 runs"
+    assert ensemble["versus_first"]["mean_difference"] == 0.0 and ensemble["versus_first"]["same"] == scored
+    assert C.main([str(runs[0]), str(runs[1]), "--ensemble", "--out", str(report_file)]) == 0
+    assert len(json.loads(report_file.read_text())["runs"]) == 3
+
+
+def _oof(pid: str, value: float, size: int = 4):
+    from flaxtumor.crossval import OutOfFold
+
+    return OutOfFold(pid, 0, np.full((2, size, size), value, np.float16), np.arange(2))
+
+
+def test_ensemble_averages_each_patients_probabilities_and_refuses_other_geometries():
+    rows = [{"preprocessing": Preprocessing(32, "image_zscore").to_dict()}] * 2
+    mean = C.averaged([[_oof("a", 0.2), _oof("b", 1.0)], [_oof("a", 0.6), _oof("b", 0.0)]], rows)
+    assert [r.patient_id for r in mean] == ["a", "b"]
+    assert np.allclose(mean[0].probabilities, 0.4, atol=1e-3) and np.allclose(mean[1].probabilities, 0.5)
+    other = [rows[0], {"preprocessing": Preprocessing(64, "image_zscore").to_dict()}]
+    with pytest.raises(ValueError, match="image size, crop"):
+        C.averaged([[_oof("a", 0.2)], [_oof("a", 0.6, 8)]], other)
