@@ -195,7 +195,8 @@ def _model_and_data_args(p: argparse.ArgumentParser, d: Config) -> None:
     a("--train-patch", type=int, metavar="P",
       help="seg: train on P x P windows of the --image-size slices (around a tumour pixel when the slice has one, "
       "anywhere otherwise), so --image-size 256 --train-patch 128 costs per step what 128 did; validation and "
-      "inference see whole slices. A lever of issue 11 (default 0: whole slices)")
+      "inference see whole slices. A lever of issue 11, screened on fold 0 and not adopted "
+      "(checkpoints/MODEL_CARD.md; default 0: whole slices)")
     a("--normalisation", choices=["image_zscore", "volume_zscore", "imagenet", "caffe"],
       help=f"intensity normalisation (default {d.data.normalisation}; with --backbone-weights, the weights' own)")
     a("--no-augment", dest="augment", action="store_false", default=None, help="turn training augmentation off")
