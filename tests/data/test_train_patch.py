@@ -61,17 +61,14 @@ def test_train_batches_are_patches_of_the_normalised_whole_slice_and_eval_batche
     assert evaluation["image"].shape == (8, 32, 32, 3)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"data.train_patch": 64}, "from 0"),
-    ({"data.train_patch": -16}, "from 0"),
-    ({"data.train_patch": 12}, "multiple of 2"),
-    ({"data.train_patch": 16, "train.task": "cls"}, "segmenter lever"),
+@pytest.mark.parametrize("widths, overrides, message", [
+    ((4, 8, 16), {"data.train_patch": 64}, "from 0"),
+    ((4, 8, 16), {"data.train_patch": -16}, "from 0"),
+    ((4, 8, 16, 32), {"data.train_patch": 12}, "multiple of 8"),  # halves three times
+    ((4, 8, 16), {"data.train_patch": 16, "train.task": "cls"}, "segmenter lever"),
 ])
-def test_config_refuses_patches_that_cannot_work(tmp_path, overrides, message):
-    base = tiny_config(tmp_path, "seg", **{"model.resunet_widths": (4, 8, 16)})  # halves twice: multiples of 4
-    if overrides.get("data.train_patch") == 12:
-        base = tiny_config(tmp_path, "seg", **{"model.resunet_widths": (4, 8, 16, 32)})  # multiples of 8
-        message = "multiple of 8"
+def test_config_refuses_patches_that_cannot_work(tmp_path, widths, overrides, message):
+    base = tiny_config(tmp_path, "seg", **{"model.resunet_widths": widths})
     with pytest.raises(ValueError, match=message):
         base.override(**overrides)
 
