@@ -9,7 +9,9 @@ post-processing), and every later run is compared with the first on the same pat
 difference with a percentile-bootstrap 95% interval over patients, and how many patients got better or worse.
 
 With `--ensemble` the runs' averaged probabilities are scored too, as one more run: what an ensemble of these
-recipes would buy on patients none of them trained on.
+recipes would buy on patients none of them trained on. With `--flair-only` every held-out patient is scored as if it
+lacked both contrasts (pre- and post-contrast replaced by its FLAIR, as kaggle_3m stores such a patient): how the runs
+read the FLAIR-only patients of the dataset, with 16 patients instead of the 5 it has.
 
 A run is a training folder holding an exported `segmenter/` (as `train.py --out` writes it), or the export itself.
 """
@@ -90,9 +92,11 @@ def averaged(predictions: Sequence[Sequence[Any]], rows: Sequence[dict[str, Any]
     return out
 
 
-def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = False) -> dict[str, Any]:
+def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = False,
+            flair_only: bool = False) -> dict[str, Any]:
     """Scores every run on the shared held-out patients; the first run is the baseline. With `ensemble`, also the
-    runs' averaged probabilities (`averaged`), as one more row."""
+    runs' averaged probabilities (`averaged`), as one more row; with `flair_only`, on FLAIR-only copies of the
+    patients (`crossval.predict_fold`)."""
     from flaxtumor.checkpoint_metadata import read_metadata
     from flaxtumor.crossval import predict_fold, score_seg
     from flaxtumor.data.lgg import load_dataset, select
@@ -104,7 +108,7 @@ def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = Fals
     patients = {p.patient_id: p for p in select(load_dataset(config), patient_ids)}
     rows, predictions = [], []
     for run in runs:
-        results, meta = predict_fold(0, export_of(run), list(patients.values()))
+        results, meta = predict_fold(0, export_of(run), list(patients.values()), flair_only=flair_only)
         predictions.append(results)
         rows.append(_row(str(run), _epoch(meta), meta.preprocessing.to_dict(),
                          score_seg(results, patients, meta.threshold)))
@@ -113,13 +117,16 @@ def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = Fals
                          score_seg(averaged(predictions, rows), patients, first.threshold)))
     for row in rows[1:]:
         row["versus_first"] = paired(rows[0]["per_patient_dice"], row["per_patient_dice"])
-    return {"patients": patient_ids, "protocol": "per-patient volumetric Dice of the raw masks (no gate, no "
-            "post-processing) on the held-out patients every run shares; differences paired by patient, later run "
-            "minus the first, with a percentile-bootstrap 95% interval over patients (2000 resamples)", "runs": rows}
+    inputs = ("every patient as FLAIR only (pre- and post-contrast replaced by FLAIR)" if flair_only
+              else "the patients as stored")
+    return {"patients": patient_ids, "input": inputs, "protocol": "per-patient volumetric Dice of the raw masks (no "
+            "gate, no post-processing) on the held-out patients every run shares; differences paired by patient, "
+            "later run minus the first, with a percentile-bootstrap 95% interval over patients (2000 resamples)",
+            "runs": rows}
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{len(report['patients'])} held-out patients; {report['protocol']}",
+    lines = [f"{len(report['patients'])} held-out patients, {report['input']}; {report['protocol']}",
              f"{'run':<40} {'epoch':>6} {'mean':>7} {'median':>7} {'worst':>7}  vs first: Δmean [95% CI], better/worse"]
     for r in report["runs"]:
         line = f"{r['run'][-40:]:<40} {r['epoch']:>6} {r['mean']:7.4f} {r['median']:7.4f} {r['worst']:7.4f}"
@@ -139,11 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ensemble", action="store_true",
                     help="also score the runs as one ensemble (their probabilities averaged, as a fold ensemble "
                     "does), compared with the first run like the others; the runs must share image size and crop")
+    ap.add_argument("--flair-only", action="store_true",
+                    help="score every patient as if it lacked both contrasts (pre- and post-contrast replaced by its "
+                    "FLAIR, as kaggle_3m stores such a patient)")
     args = ap.parse_args(argv)
     if len(args.runs) < 2:
         ap.error("give at least two runs: the baseline first")
     try:
-        report = compare(args.runs, args.data, args.ensemble)
+        report = compare(args.runs, args.data, args.ensemble, args.flair_only)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,10 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.95, 1.05)
     flip_probability: float = 0.5
     intensity_jitter: float = 0.1
+    # Missing sequences (`augment.drop_sequences`): the probability that a training example lacks pre-contrast,
+    # post-contrast or both (equally likely), replaced by FLAIR as kaggle_3m fills a sequence a patient lacks.
+    # 0: off. Issue 11 lever.
+    missing_sequences: float = 0.0
     num_workers: int = 0  # grain worker processes; 0 decodes in the main process
     # Training sampler. "all": every slice once per epoch, shuffled. "tumour": slices drawn with replacement with
     # p = (1 - u) * area / sum(area) + u / N (Buda et al. 2019 use u ~ 0.09, per patient), u = sampling_uniform_share.
@@ -69,6 +73,9 @@ class DataConfig:
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= self.image_size:
             raise ValueError(f"--train-patch (data.train_patch) must be a whole number from 0 (whole slices) to "
                              f"--image-size {self.image_size}, got {p!r}")
+        if not 0.0 <= self.missing_sequences <= 1.0:
+            raise ValueError(f"--missing-sequences (data.missing_sequences) is a probability in [0, 1], got "
+                             f"{self.missing_sequences!r}")
 
 
 @dataclass

@@ -38,6 +38,7 @@ import numpy as np
 
 from flaxtumor import metrics as M
 from flaxtumor.config import Config
+from flaxtumor.data.augment import fill_with_flair
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Patient, load_split
 from flaxtumor.data.preprocess import Box, crop_box, preprocess, uncrop_mask
@@ -132,12 +133,13 @@ def _predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def predict_fold(
-    fold: int, checkpoint: Path, patients: Sequence[Patient], tta: bool = False
+    fold: int, checkpoint: Path, patients: Sequence[Patient], tta: bool = False, flair_only: bool = False
 ) -> tuple[list[OutOfFold], dict[str, Any]]:
     """The fold model's probability volumes for its held-out `patients` (whole volumes in slice order, normalised
     as in training; a 2.5D model's neighbours are the volume's slices, stacked by `preprocess`); with `tta` (seg)
     also flip-TTA volumes, averaged as the pipeline averages them (`compiled_model`: the sigmoid of the slice and of
-    its horizontal flip, flipped back)."""
+    its horizontal flip, flipped back). With `flair_only`, each volume's pre- and post-contrast are first replaced by
+    its FLAIR, as kaggle_3m stores a patient lacking both (a stress test: `compare_runs --flair-only`)."""
     from flaxtumor.checkpoints import load_inference
 
     model, metadata = load_inference(checkpoint)
@@ -146,6 +148,7 @@ def predict_fold(
     results = []
     for p in patients:
         volume = np.stack([read_image(s.image_path) for s in p.slices])
+        volume = fill_with_flair(volume) if flair_only else volume
         box = crop_box(volume, spec.crop)  # kept, so masks go back through the crop the model saw
         x = preprocess(volume, spec, box=box)
         probs = predict(x)

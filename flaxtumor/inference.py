@@ -82,8 +82,10 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported image shape {a.shape} (expected HxW, HxWx1, HxWx3 or HxWx4)")
 
 
-GRAY_WARNING = ("all three channels are equal (a grayscale image): the model expects the 3-channel "
-                "pre-contrast/FLAIR/post-contrast composite, so this result is unreliable")
+GRAY_WARNING = ("all three channels are equal: a grayscale image, or a patient whose pre- and post-contrast "
+                "sequences are missing and stored as copies of FLAIR (kaggle_3m's convention). The model reads the "
+                "3-channel pre-contrast/FLAIR/post-contrast composite and is much less accurate without the "
+                "contrasts (see the model card), so this result is unreliable")
 
 
 def input_warning(image: np.ndarray) -> str | None:
@@ -269,7 +271,8 @@ class Pipeline:
             if name in self.sources:
                 models[name]["source"] = str(self.sources[name])
             if ENSEMBLE_KEY in meta.extra:
-                models[name]["ensemble"] = {k: meta.extra[ENSEMBLE_KEY].get(k) for k in ("members", "combine")}
+                models[name]["ensemble"] = {k: meta.extra[ENSEMBLE_KEY].get(k)
+                                            for k in ("members", "describe", "combine")}
         return {"models": models, "pipeline": dataclasses.asdict(self.point), "operating_point": self.record}
 
     def warm_up(self, point: OperatingPoint | None = None) -> float:

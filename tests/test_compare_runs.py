@@ -1,5 +1,6 @@
 """Comparing recipes on the same held-out patients, paired by patient: which runs may be compared, the paired
-difference and its interval, and the command end to end on two tiny runs of one fold."""
+difference and its interval, the command end to end on two tiny runs of one fold, and the FLAIR-only stress
+test."""
 
 import json
 
@@ -65,6 +66,28 @@ def test_two_tiny_runs_of_one_fold_compared_by_patient(tmp_path, capsys):
     assert ensemble["versus_first"]["mean_difference"] == 0.0 and ensemble["versus_first"]["same"] == scored
     assert C.main([str(runs[0]), str(runs[1]), "--ensemble", "--out", str(report_file)]) == 0
     assert len(json.loads(report_file.read_text())["runs"]) == 3
+    assert C.main([str(runs[0]), str(runs[1]), "--flair-only", "--out", str(report_file)]) == 0
+    assert "FLAIR only" in json.loads(report_file.read_text())["input"]
+
+
+def test_flair_only_predicts_the_patients_with_both_contrasts_replaced_by_flair(tmp_path, monkeypatch):
+    from flaxtumor import crossval
+    from flaxtumor.data.augment import fill_with_flair
+    from flaxtumor.data.lgg import load_dataset
+    from flaxtumor.train import loop
+    from tests.train.helpers import tiny_config
+
+    cfg = tiny_config(tmp_path / "run", "seg", **{"train.epochs": 1})
+    checkpoint = loop.run(cfg)["checkpoint"]
+    patients = load_dataset(cfg.data)[:2]
+    stressed, _ = crossval.predict_fold(0, checkpoint, patients, flair_only=True)
+    as_stored, _ = crossval.predict_fold(0, checkpoint, patients)
+    read = crossval.read_image
+    monkeypatch.setattr(crossval, "read_image", lambda path: fill_with_flair(read(path)))
+    flair_patients, _ = crossval.predict_fold(0, checkpoint, patients)
+    for a, b, c in zip(stressed, flair_patients, as_stored):
+        assert np.array_equal(a.probabilities, b.probabilities)
+        assert not np.array_equal(a.probabilities, c.probabilities)  # the synthetic contrasts are not FLAIR
 
 
 def _oof(pid: str, value: float, size: int = 4):

@@ -1,4 +1,5 @@
-"""Training augmentation after Buda et al. (2019): rotation, scaling and horizontal flip, plus mild intensity jitter.
+"""Training augmentation after Buda et al. (2019): rotation, scaling and horizontal flip, plus mild intensity jitter;
+and, as an option, missing MRI sequences (`drop_sequences`).
 
 One affine map moves image and mask together (bilinear for the image, nearest-neighbour for the mask, so the mask stays
 binary and aligned). A 2.5D image (the slice and its neighbours, 3 channels each) moves as one: the same map for every
@@ -70,3 +71,30 @@ def patch_window(mask: np.ndarray, size: int, rng: np.random.Generator) -> tuple
     top = rng.integers(max(0, row - size + 1), min(row, height - size) + 1)
     left = rng.integers(max(0, col - size + 1), min(col, width - size) + 1)
     return int(top), int(left)
+
+
+FLAIR = 1  # channel order of a kaggle_3m slice: pre-contrast, FLAIR, post-contrast
+FILLED = (0, 2)  # the sequences kaggle_3m fills with FLAIR when a patient lacks them
+
+
+def drop_sequences(image: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...]]:
+    """kaggle_3m stores a sequence a patient lacks as a copy of FLAIR: 9 of the 81 patients here lack post-contrast
+    or both contrasts, and a model trained without such examples scores lower on them. This makes them: with
+    probability `p` the example lacks pre-contrast, post-contrast or both (equally likely), each replaced by FLAIR in
+    every slice of a context stack alike (a sequence is missing for the whole volume).
+
+    image (S, S, 3m) in any units; returns (image, the replaced channel indices within a slice's 3)."""
+    patterns = ((FILLED[0],), (FILLED[1],), FILLED)
+    dropped = patterns[rng.integers(len(patterns))] if rng.random() < p else ()
+    return fill_with_flair(image, dropped), dropped
+
+
+def fill_with_flair(image: np.ndarray, sequences: tuple[int, ...] = FILLED) -> np.ndarray:
+    """`image` (..., 3m) with the given sequences (channel indices within each slice's 3) replaced by that slice's
+    FLAIR, as kaggle_3m stores a patient that lacks them; by default both contrasts (a FLAIR-only patient)."""
+    if not sequences:
+        return image
+    image = image.copy()
+    for c in sequences:
+        image[..., c::3] = image[..., FLAIR::3]
+    return image

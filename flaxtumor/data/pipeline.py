@@ -1,12 +1,12 @@
 """Grain input pipeline: Slice records -> fixed-shape numpy batches for training (shuffled, augmented) and evaluation.
 
 Per slice: decode -> [crop to its patient's box, `DataConfig.crop` "brain"] -> resize to image_size (uint8) ->
-[stack with its neighbours, `DataConfig.context_slices` K > 0] -> [augment, train only] -> normalise -> [a patch,
-train only, `DataConfig.train_patch` P > 0: batches of (B,P,P,C)]. Crop, resize,
-normalise and the context are `preprocess`'s steps, with the box `crop_box` gives the patient's whole volume and the
-neighbours `stack_context` picks from its slices in slice_index order, so an evaluation batch equals
-`preprocess(patient volume)`. A neighbour is another decoded slice of the same patient, from the same cache; the
-sampler draws centre slices, and the mask, label and index are the centre slice's.
+[stack with its neighbours, `DataConfig.context_slices` K > 0] -> [augment, train only] -> [missing sequences, train
+only, `DataConfig.missing_sequences` > 0] -> normalise -> [a patch, train only, `DataConfig.train_patch` P > 0:
+batches of (B,P,P,C)]. Crop, resize, normalise and the context are `preprocess`'s steps, with the box `crop_box`
+gives the patient's whole volume and the neighbours `stack_context` picks from its slices in slice_index order, so an
+evaluation batch equals `preprocess(patient volume)`. A neighbour is another decoded slice of the same patient, from the
+same cache; the sampler draws centre slices, and the mask, label and index are the centre slice's.
 Batch: {"image": f32 (B,S,S,C) (C = 3(2K+1)), "mask": f32 (B,S,S,1) in {0,1}, "label": f32 (B,), "valid": bool (B,),
 "index": int32 (B,)}: `index` is each row's position in the given slice list (-1 on padding), so a consumer can tell
 which slices (and patients) reached it.
@@ -32,7 +32,7 @@ import grain
 import numpy as np
 
 from flaxtumor.config import DataConfig
-from flaxtumor.data.augment import augment, patch_window
+from flaxtumor.data.augment import FLAIR, augment, drop_sequences, patch_window
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Slice
 from flaxtumor.data.preprocess import (
@@ -201,6 +201,13 @@ class _ToExample:
             image, mask = augment(image, mask, rng, self.cfg)
         spec = Preprocessing.from_config(self.cfg)
         stats = self.stats[s.patient_id] if self.stats is not None else None
+        if self.train and self.cfg.augment and self.cfg.missing_sequences:
+            rng = np.random.default_rng([self.seed, self.epoch, position, 2])
+            image, dropped = drop_sequences(image, self.cfg.missing_sequences, rng)
+            if dropped and stats is not None:  # a filled sequence's volume statistics are FLAIR's, as at inference
+                mean, std = (v.copy() for v in stats)
+                mean[list(dropped)], std[list(dropped)] = mean[FLAIR], std[FLAIR]
+                stats = (mean, std)
         image = normalise(image[None], spec, stats)[0]  # the whole slice's statistics, as inference sees them
         if self.train and (size := self.cfg.train_patch):
             rng = np.random.default_rng([self.seed, self.epoch, position, 1])

@@ -74,6 +74,7 @@ FIELDS = {
     "crop": "data.crop",
     "context_slices": "data.context_slices",
     "train_patch": "data.train_patch",
+    "missing_sequences": "data.missing_sequences",
     "sampling": "data.sampling",
     "uniform_share": "data.sampling_uniform_share",
     "samples_per_epoch": "data.samples_per_epoch",
@@ -197,6 +198,10 @@ def _model_and_data_args(p: argparse.ArgumentParser, d: Config) -> None:
       "anywhere otherwise), so --image-size 256 --train-patch 128 costs per step what 128 did; validation and "
       "inference see whole slices. A lever of issue 11, screened on fold 0 and not adopted "
       "(checkpoints/MODEL_CARD.md; default 0: whole slices)")
+    a("--missing-sequences", type=float, metavar="P",
+      help="training augmentation: with probability P an example lacks pre-contrast, post-contrast or both, "
+      "replaced by FLAIR as kaggle_3m fills a sequence a patient lacks (9 of its 81 patients here), so the model "
+      "learns to read such patients. A lever of issue 11 (checkpoints/MODEL_CARD.md; default 0: off)")
     a("--normalisation", choices=["image_zscore", "volume_zscore", "imagenet", "caffe"],
       help=f"intensity normalisation (default {d.data.normalisation}; with --backbone-weights, the weights' own)")
     a("--no-augment", dest="augment", action="store_false", default=None, help="turn training augmentation off")
