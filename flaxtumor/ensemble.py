@@ -1,12 +1,12 @@
-"""Fold ensembles: the k cross-validation fold models shipped as one segmenter, their probabilities averaged
-(nnU-Net's default).
+"""Segmenter ensembles, their probabilities averaged (nnU-Net's default): the k cross-validation fold models, or
+models of one recipe trained on every patient with different seeds, shipped as one segmenter.
 
 An ensemble checkpoint is a folder with
 - `metadata.json`: an `InferenceMetadata` like any checkpoint's (config, preprocessing, threshold), whose `ensemble`
   key names the member folders; its `split` has `train` only (every patient trained at least one member, so none is
   held out from the ensemble) and `trained_patients` is their union;
-- one ordinary inference checkpoint per member (`fold_0/` ... `fold_<k-1>/`), each with its own metadata, history and
-  held-out patients.
+- one ordinary inference checkpoint per member (`fold_0/` ... `fold_<k-1>/`, or `member_0/` ...), each with its own
+  metadata, history and held-out patients (none for an all-patient model).
 
 Serving loads it wherever it loads a segmenter (`Pipeline.from_checkpoints`, hence predict, evaluate and the app):
 each member is a `CompiledModel` with its own serving-cache entry, and `EnsembleModel` averages their sigmoid outputs
@@ -16,6 +16,11 @@ each member is a `CompiledModel` with its own serving-cache entry, and `Ensemble
 
 builds one from a finished cross-validation (`python -m flaxtumor.crossval`): the exact fold models the
 cross-validation scored out of fold, stored in bfloat16 with `--bf16` (restored to float32 for serving).
+
+    python -m flaxtumor.ensemble --members runs/cv/fold_all runs/seed1_all --crossval runs/cv/crossval.json --out DIR
+
+builds one from any segmenters that read their input alike, e.g. all-patient models of the cross-validated recipe
+trained with different seeds (members `member_0`, ...).
 """
 
 from __future__ import annotations
@@ -58,11 +63,16 @@ def check_members(path: Path, metadata: InferenceMetadata, members: Sequence[Inf
     """Every member must read its input the way the ensemble's metadata says, and do the same task; otherwise their
     probabilities cannot be averaged (CheckpointError naming the member)."""
     for member_path, member in zip(member_paths(path, metadata), members):
-        for field in ("task", "preprocessing"):
-            if getattr(member, field) != getattr(metadata, field):
-                raise CheckpointError(
-                    f"{member_path / 'metadata.json'}: {field} {getattr(member, field)!r} differs from the ensemble's "
-                    f"{getattr(metadata, field)!r} ({path / 'metadata.json'})")
+        if why := mismatch(member, metadata, "the ensemble's"):
+            raise CheckpointError(f"{member_path / 'metadata.json'}: {why} ({path / 'metadata.json'})")
+
+
+def mismatch(member: InferenceMetadata, reference: InferenceMetadata, whose: str) -> str | None:
+    """Why `member` cannot be averaged with `reference` (another task, or input read another way), else None."""
+    for field in ("task", "preprocessing"):
+        if getattr(member, field) != getattr(reference, field):
+            return f"{field} {getattr(member, field)!r} differs from {whose} {getattr(reference, field)!r}"
+    return None
 
 
 class EnsembleModel:
@@ -90,24 +100,37 @@ class EnsembleModel:
         return total / len(self.members)
 
 
-# -- building one from a cross-validation (a command, not serving) ---------------------------------------------------
+# -- building one (a command, not serving) ----------------------------------------------------------------------
+def describe(members: Sequence[InferenceMetadata], from_cv: bool) -> str:
+    """What the members are, for the model card: "5 fold models", or "2 all-patient models (seeds 0, 1)"."""
+    if from_cv:
+        return f"{len(members)} fold models"
+    seeds = ", ".join(str(m.config.train.seed) for m in members)
+    everyone = all(not (m.split or {}).get("val") for m in members)
+    return f"{len(members)} {'all-patient ' if everyone else ''}models (seeds {seeds})"
+
+
 def ensemble_metadata(members: Sequence[InferenceMetadata], names: Sequence[str], source: str,
-                      crossval: dict | None) -> InferenceMetadata:
+                      crossval: dict | None, from_cv: bool = True) -> InferenceMetadata:
     """The ensemble's own metadata: the members' recipe and preprocessing, every patient any member trained on, and
     each member's held-out patients; `metrics` holds the cross-validation's out-of-fold headline when given."""
     first = members[0]
     trained = sorted({p for m in members for p in (m.extra.get("trained_patients") or (m.split or {}).get("train")
                                                     or [])})
     held_out = {name: list((m.split or {}).get("val") or []) for name, m in zip(names, members)}
+    scored = ("The cross-validation scored each member on its own held-out patients (crossval)." if from_cv else
+              "Its members' out-of-sample estimate is the cross-validation of their recipe (crossval), made with "
+              "one model per fold.")
     metrics: dict = {"protocol": "an ensemble has no held-out patients: every patient trained at least one member. "
-                                 "The cross-validation scored each member on its own held-out patients (crossval)."}
+                                 + scored}
     if crossval is not None:
         v = crossval.get("postprocessing", {}).get("volumetric_dice") or crossval.get("volumetric_dice") or {}
         metrics["crossval"] = {k: v[k] for k in ("mean", "mean_ci95", "median", "worst") if k in v}
     extra = {k: val for k, val in first.extra.items() if k not in ("history", "best", "trained_patients")}
     extra.update({
         "trained_patients": trained,
-        ENSEMBLE_KEY: {"members": list(names), "combine": COMBINE, "source": source, "held_out": held_out,
+        ENSEMBLE_KEY: {"members": list(names), "describe": describe(members, from_cv), "combine": COMBINE,
+                       "source": source, "held_out": held_out,
                        "best": {name: m.extra.get("best") for name, m in zip(names, members)}},
     })
     config = first.config.override(**{"data.fold": None})
@@ -115,31 +138,33 @@ def ensemble_metadata(members: Sequence[InferenceMetadata], names: Sequence[str]
                                metrics=metrics, extra=extra)
 
 
-def build(cv: Path, out: Path, task: str = "seg", bf16: bool = False) -> Path:
-    """Writes the ensemble of CV's fold models to `out` (atomically: a temporary folder, then a rename)."""
+def _write(out: Path, members: dict[str, Path], source: str, crossval: dict | None, from_cv: bool,
+           bf16: bool) -> Path:
+    """Writes the ensemble of the `members` (name -> inference checkpoint) to `out`, atomically: a temporary folder,
+    checked as serving will read it, then a rename."""
     from flaxtumor.checkpoints import export_inference, load_inference
-    from flaxtumor.crossval import CV_FILE, export_path, finished_folds
 
-    cv, out = Path(cv), Path(out).absolute()
-    folds = json.loads((cv / "config.json").read_text())["data"]["folds"]
-    done = finished_folds(cv, folds, task)
-    if len(done) != folds:
-        raise ValueError(f"{cv}: only folds {done} of {folds} are finished; finish the cross-validation first "
-                         f"(python -m flaxtumor.crossval --out {cv} --resume)")
-    names = [f"fold_{k}" for k in range(folds)]
+    out = Path(out).absolute()
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    members = []
-    for k, name in zip(range(folds), names):
-        model, meta = load_inference(export_path(cv, k, task))
-        export_inference(tmp / name, model, meta, bf16=bf16)
-        members.append(meta)
-    crossval = json.loads((cv / CV_FILE).read_text()) if (cv / CV_FILE).is_file() else None
-    meta = ensemble_metadata(members, names, str(cv), crossval)
-    meta = dataclasses.replace(meta, dtype="bfloat16" if bf16 else "float32")
-    (tmp / "metadata.json").write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
-    written = read_metadata(tmp)  # what serving will read: checked before it replaces anything
-    check_members(tmp, written, [read_metadata(p) for p in member_paths(tmp, written)])
+    loaded = {name: load_inference(checkpoint) for name, checkpoint in members.items()}
+    metas = [meta for _, meta in loaded.values()]
+    first, *others = members.values()
+    for path, meta in zip(others, metas[1:]):  # named by their source, before anything is written
+        if why := mismatch(meta, metas[0], f"{first / 'metadata.json'}'s"):
+            raise CheckpointError(f"{path / 'metadata.json'}: {why}; an ensemble averages probabilities pixel by "
+                                  "pixel, so its members must read their input alike")
+    try:
+        for name, (model, meta) in loaded.items():
+            export_inference(tmp / name, model, meta, bf16=bf16)
+        meta = ensemble_metadata(metas, list(members), source, crossval, from_cv)
+        meta = dataclasses.replace(meta, dtype="bfloat16" if bf16 else "float32")
+        (tmp / "metadata.json").write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+        written = read_metadata(tmp)  # what serving will read: checked before it replaces anything
+        check_members(tmp, written, [read_metadata(p) for p in member_paths(tmp, written)])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -149,24 +174,65 @@ def build(cv: Path, out: Path, task: str = "seg", bf16: bool = False) -> Path:
     return out
 
 
+def build(cv: Path, out: Path, task: str = "seg", bf16: bool = False) -> Path:
+    """The ensemble of a finished cross-validation's fold models, written to `out`."""
+    from flaxtumor.crossval import CV_FILE, export_path, finished_folds
+
+    cv = Path(cv)
+    folds = json.loads((cv / "config.json").read_text())["data"]["folds"]
+    done = finished_folds(cv, folds, task)
+    if len(done) != folds:
+        raise ValueError(f"{cv}: only folds {done} of {folds} are finished; finish the cross-validation first "
+                         f"(python -m flaxtumor.crossval --out {cv} --resume)")
+    crossval = json.loads((cv / CV_FILE).read_text()) if (cv / CV_FILE).is_file() else None
+    members = {f"fold_{k}": export_path(cv, k, task) for k in range(folds)}
+    return _write(out, members, str(cv), crossval, from_cv=True, bf16=bf16)
+
+
+def build_from_members(paths: Sequence[Path], out: Path, crossval: Path | None = None, bf16: bool = False) -> Path:
+    """The ensemble of any segmenters that read their input alike (e.g. all-patient models of one recipe with
+    different seeds), written to `out` with members `member_0`, ...; a training folder stands for its `segmenter/`
+    export. `crossval`: the recipe's cross-validation report (crossval.json), quoted as the estimate."""
+    if len(paths) < 2:
+        raise ValueError("an ensemble needs at least two members")
+    exports = [Path(p) / "segmenter" if (Path(p) / "segmenter" / "metadata.json").is_file() else Path(p)
+               for p in paths]
+    for e in exports:
+        if not (e / "metadata.json").is_file():
+            raise ValueError(f"{e}: not a segmenter checkpoint (no metadata.json)")
+    report = json.loads(Path(crossval).read_text()) if crossval is not None else None
+    members = {f"member_{k}": e for k, e in enumerate(exports)}
+    return _write(out, members, ", ".join(str(p) for p in paths), report, from_cv=False, bf16=bf16)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flaxtumor.ensemble",
-                                 description="Ship a finished cross-validation's fold models as one ensemble "
-                                             "segmenter (probabilities averaged).")
-    ap.add_argument("--cv", type=Path, default=Path("runs/cv"), help="the cross-validation folder (default runs/cv)")
+                                 description="Ship segmenters as one ensemble (probabilities averaged): a finished "
+                                             "cross-validation's fold models (--cv), or any models that read their "
+                                             "input alike (--members), e.g. all-patient runs with different seeds.")
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--cv", type=Path, default=None, help="the cross-validation folder (default runs/cv)")
+    source.add_argument("--members", type=Path, nargs="+", metavar="DIR",
+                        help="training folders or segmenter exports, two or more")
+    ap.add_argument("--crossval", type=Path, default=None, metavar="FILE",
+                    help="--members: their recipe's cross-validation report (crossval.json), quoted as the estimate")
     ap.add_argument("--out", type=Path, required=True, help="the ensemble checkpoint folder to write")
     ap.add_argument("--bf16", action="store_true", help="store the members' weights in bfloat16 (half the size)")
     args = ap.parse_args(argv)
-    if not (args.cv / "config.json").is_file():
-        ap.error(f"--cv {args.cv}: no cross-validation there (no config.json)")
+    if args.crossval is not None and not args.members:
+        ap.error("--crossval goes with --members (a --cv ensemble quotes its own cross-validation)")
+    cv = args.cv or Path("runs/cv")
+    if not args.members and not (cv / "config.json").is_file():
+        ap.error(f"--cv {cv}: no cross-validation there (no config.json)")
     try:
-        out = build(args.cv, args.out, bf16=args.bf16)
+        out = (build_from_members(args.members, args.out, args.crossval, bf16=args.bf16) if args.members
+               else build(cv, args.out, bf16=args.bf16))
     except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = read_metadata(out)
-    print(f"wrote {out}: {len(member_paths(out, meta))} members, {meta.dtype}, trained on "
-          f"{len(meta.extra['trained_patients'])} patients")
+    print(f"wrote {out}: {len(member_paths(out, meta))} members ({meta.extra[ENSEMBLE_KEY]['describe']}), "
+          f"{meta.dtype}, trained on {len(meta.extra['trained_patients'])} patients")
     return 0
 
 

@@ -69,7 +69,7 @@ def shipped(tiny_cv):
 
 def test_the_command_writes_an_ensemble_of_every_fold(tiny_cv, tmp_path, capsys):
     assert E.main(["--cv", str(tiny_cv / "cv"), "--out", str(tmp_path / "segmenter"), "--bf16"]) == 0
-    assert "2 members, bfloat16" in capsys.readouterr().out
+    assert "2 members (2 fold models), bfloat16" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "segmenter").iterdir()) == ["fold_0", "fold_1", "metadata.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["segmenter"]  # no temporary folder left behind
 
@@ -130,3 +130,54 @@ def test_an_unfinished_cross_validation_is_refused(tiny_cv, tmp_path, capsys):
     assert E.main(["--cv", str(cv), "--out", str(tmp_path / "segmenter")]) == 2
     assert "only folds [0] of 2 are finished" in capsys.readouterr().err
     assert not (tmp_path / "segmenter").exists()
+
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory):
+    """Two tiny all-patient runs of one recipe, seeds 0 and 1, and a third at another image size."""
+    from flaxtumor.train import loop
+    from tests.train.helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("seeds")
+    for name, seed, size in (("seed0", 0, 32), ("seed1", 1, 32), ("size64", 0, 64)):
+        loop.run(tiny_config(root / name, "seg", **{"train.epochs": 1, "data.fold": "all", "train.seed": seed,
+                                                     "data.image_size": size}))
+    return root
+
+
+def test_members_of_one_recipe_make_an_ensemble_the_pipeline_loads(seed_runs, tiny_cv, tmp_path, capsys):
+    out = tmp_path / "checkpoints" / "segmenter"
+    report = tiny_cv / "cv" / "crossval.json"
+    assert E.main(["--members", str(seed_runs / "seed0"), str(seed_runs / "seed1" / "segmenter"),
+                   "--crossval", str(report), "--out", str(out)]) == 0
+    assert "2 members (2 all-patient models (seeds 0, 1)), float32" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["member_0", "member_1", "metadata.json"]
+    meta = read_metadata(out)
+    assert meta.extra["ensemble"]["held_out"] == {"member_0": [], "member_1": []}
+    assert meta.metrics["crossval"]["mean"] == json.loads(report.read_text())["postprocessing"]["volumetric_dice"][
+        "mean"]
+    assert "one model per fold" in meta.metrics["protocol"]
+    ids = meta.extra["trained_patients"]
+    export_tiny(out.parent / "classifier", "cls", "image_zscore", 0.5, {"train": ids, "val": [], "test": []})
+    pipeline = Pipeline.from_checkpoints(out.parent)
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    singles = [Pipeline.from_checkpoints(out.parent, segmenter=seed_runs / s / "segmenter")._segment
+               for s in ("seed0", "seed1")]
+    np.testing.assert_allclose(pipeline._segment(x, False), (singles[0](x, False) + singles[1](x, False)) / 2,
+                               atol=1e-6)
+    from flaxtumor.app.model_card import model_card_markdown
+
+    assert "| ensemble | 2 all-patient models (seeds 0, 1); mean" in model_card_markdown(pipeline.summary())
+
+
+def test_members_that_cannot_be_averaged_are_refused_by_name(seed_runs, tmp_path, capsys):
+    out = tmp_path / "segmenter"
+    assert E.main(["--members", str(seed_runs / "seed0"), str(seed_runs / "size64"), "--out", str(out)]) == 2
+    assert f"{seed_runs / 'size64' / 'segmenter' / 'metadata.json'}: preprocessing" in capsys.readouterr().err
+    assert E.main(["--members", str(seed_runs / "seed0"), "--out", str(out)]) == 2
+    assert "at least two members" in capsys.readouterr().err
+    assert E.main(["--members", str(seed_runs / "seed0"), str(tmp_path), "--out", str(out)]) == 2
+    assert f"{tmp_path}: not a segmenter checkpoint" in capsys.readouterr().err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []  # nothing half-written left behind
+    with pytest.raises(SystemExit):
+        E.main(["--crossval", "x.json", "--out", str(out)])

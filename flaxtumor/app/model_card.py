@@ -186,7 +186,8 @@ def _models_section(models: dict[str, Any]) -> str:
                  "patients per split": ", ".join(f"{k} {v}" for k, v in sizes.items()) or None}
         ensemble = info.get("ensemble")
         if isinstance(ensemble, dict) and isinstance(ensemble.get("members"), list):
-            facts["ensemble"] = f"{len(ensemble['members'])} fold models; {ensemble.get('combine')}"
+            what = ensemble.get("describe") or f"{len(ensemble['members'])} fold models"  # older folders: folds
+            facts["ensemble"] = f"{what}; {ensemble.get('combine')}"
         if info.get("source"):
             facts["loaded from"] = "/".join(Path(str(info["source"])).parts[-2:])
         metrics = dict(info.get("metrics") or {})
