@@ -7,8 +7,9 @@ script that does the same work (both models, masks written) in the same run.
 flaxtumor runs on the bundled checkpoints: once with empty caches (cold: what the very first run on a machine costs)
 and `--runs` times with the caches filled (warm: every later run); see runtime.py for the compilation and serving
 caches. The PyTorch reference
-(bench/torch_predict.py) builds the same two architectures, loads their weights from .pt files, reads the slices,
-resizes them to the checkpoints' size, classifies and segments every slice and writes the masks. Runs alternate between
+(bench/torch_predict.py) builds the same two architectures (as many ResUNets as the checkpoints' segmenter has
+members, their probabilities averaged), loads their weights from .pt files, reads the slices, resizes them to the
+checkpoints' size, classifies and segments every slice and writes the masks. Runs alternate between
 the two programs; each row gives min and median wall seconds. flaxtumor's own `--verbose` breakdown of its last warm
 run is printed too.
 """
@@ -40,6 +41,16 @@ def patient_folder(work: Path) -> tuple[Path, str]:
     return next(p for p in Path(root).rglob("TCGA_*") if p.is_dir()), "synthetic"
 
 
+def segmenter_members(checkpoints: Path) -> int:
+    """How many models the bundled segmenter averages (1 unless it is an ensemble folder)."""
+    sys.path.insert(0, str(REPO))
+    from flaxtumor.checkpoint_metadata import read_metadata
+    from flaxtumor.ensemble import member_paths
+
+    folder = checkpoints / "segmenter"
+    return len(member_paths(folder, read_metadata(folder))) or 1
+
+
 def wall(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -62,10 +73,11 @@ def main() -> None:
         ours = [sys.executable, "-m", "flaxtumor.predict", str(patient), "--out", str(work / "ours"),
                 "--checkpoints", str(args.checkpoints), "--verbose"]
         torch_cmd = [sys.executable, str(REPO / "bench" / "torch_predict.py"), str(patient), "--out",
-                     str(work / "torch"), "--weights", str(work / "torch-weights")]
+                     str(work / "torch"), "--weights", str(work / "torch-weights"),
+                     "--segmenters", str(segmenter_members(args.checkpoints))]
         subprocess.run([*torch_cmd, "--save-weights-only"], check=True, cwd=REPO, env=env)
         print(f"patient: {kind}, {sum(1 for p in patient.iterdir() if not p.stem.endswith('_mask'))} slices; "
-              f"{os.cpu_count()} cpus; wall seconds from process start to exit")
+              f"segmenter members: {torch_cmd[-1]}; {os.cpu_count()} cpus; wall seconds from process start to exit")
         cold, _ = wall(ours, env)
         times: dict[str, list[float]] = {"flaxtumor (warm cache)": [], "pytorch script": []}
         breakdown = ""

@@ -2,7 +2,9 @@
 
 The pipeline calls each model through a `CompiledModel`: sigmoid(model(x)) in float32 at batch `batch_size` (the last
 batch is padded, so one shape compiles once), optionally averaged with its horizontal flip (TTA); and the classifier's
-Grad-CAM, one image at a time.
+Grad-CAM, one image at a time. A call's batches run on a small thread pool: XLA:CPU spreads one small convolution
+badly over the cores, and two batches at once took a 40-slice ResUNet pass from 0.94 s to 0.66 s on 2 cores (the
+outputs are the same, batch by batch).
 
 The serving cache (`runtime.serving_cache_dir()`, on only where a command line or the app enabled the caches) keeps,
 per checkpoint, the weights as flat arrays and each compiled XLA executable. A later process loads those two instead of
@@ -22,6 +24,7 @@ import os
 import platform
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +39,7 @@ KEEP_ENTRIES = 16  # the newest entries kept: each new checkpoint (or retrained 
 # Bump when the cached file formats or the forward below change in a way the source hash would not see.
 CACHE_FORMAT = 1
 _CODE = [Path(__file__), *sorted((Path(__file__).parent / "models").glob("*.py"))]
+_BATCHES = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="flaxtumor-batch")
 
 
 def _forward(model: Any, x: jax.Array, tta: bool) -> jax.Array:
@@ -172,14 +176,18 @@ class CompiledModel:
 
     def _batched(self, program: Program, x: np.ndarray) -> np.ndarray:
         n, b = len(x), program.batch
-        out = []
-        for start in range(0, n, b):
+        if not n:
+            return np.zeros((0,), np.float32)
+
+        def one(start: int) -> np.ndarray:
             chunk = x[start : start + b]
             pad = b - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            out.append(self._run(program, jnp.asarray(chunk, jnp.float32))[: b - pad])
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+            return self._run(program, jnp.asarray(chunk, jnp.float32))[: b - pad]
+
+        # The first batch alone: it builds or verifies the executable; the rest share the pool (see the docstring).
+        return np.concatenate([one(0), *_BATCHES.map(one, range(b, n, b))])
 
     def _run(self, program: Program, x: jax.Array) -> np.ndarray:
         run = self._executable(program)

@@ -128,3 +128,14 @@ def test_an_entry_written_after_a_persistent_cache_hit_runs_in_a_new_process(tin
     restored, warm = _run(tiny.checkpoints, cache)
     assert restored == "True", "a warm run built a model or imported flax/Orbax: the entry did not load and run"
     assert warm == cold
+
+
+def test_batches_run_on_the_pool_come_back_in_order_and_equal_one_at_a_time(tiny):  # noqa: F811
+    segmenter = tiny.checkpoints / "segmenter"
+    model = CompiledModel(lambda: load_inference(segmenter)[0], 4, IMAGE_SIZE)
+    x = _batch(n=11, seed=3)  # three batches of 4, the last one padded
+    together = model(x, tta=False)
+    assert together.shape[0] == 11
+    for k in range(11):  # each slice alone (its own padded batch) gives the same output, in the same place
+        np.testing.assert_array_equal(model(x[k : k + 1], tta=False)[0], together[k])
+    assert model(x[:0], tta=False).shape == (0,)
