@@ -103,6 +103,17 @@ def _mib(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
+def _members() -> list[tuple[Path, dict[str, Any]]]:
+    """The shipped segmenter's members (an ensemble of all-patient seeds): (folder, metadata) each."""
+    from flaxtumor.ensemble import member_paths
+    from flaxtumor.checkpoint_metadata import read_metadata
+
+    folder = CHECKPOINTS / "segmenter"
+    paths = member_paths(folder, read_metadata(folder))
+    assert paths, "the card describes an ensemble of seeds: checkpoints/segmenter must be one"
+    return [(p, json.loads((p / "metadata.json").read_text())) for p in paths]
+
+
 def test_bundled_checkpoints_fit_the_budget_and_match_what_ships(pipeline) -> None:
     assert _mib(CHECKPOINTS) <= 64
     assert pipeline.metadata["segmenter"]["backbone_init"] == "none"  # the card: "Segmenter: from scratch"
@@ -118,14 +129,18 @@ def test_bundled_checkpoints_fit_the_budget_and_match_what_ships(pipeline) -> No
                  [len(provenance["patients"]), provenance["pretraining_metrics"]["volumetric_dice"],
                   provenance["image_size"]])
     classifier, _ = load_inference(CHECKPOINTS / "classifier")
-    segmenter, _ = load_inference(CHECKPOINTS / "segmenter")
-    cls_params, seg_params = _params(classifier), _params(segmenter)
+    members = _members()
+    cls_params = _params(classifier)
+    seg_params = {_params(load_inference(path)[0]) for path, _ in members}
+    assert len(seg_params) == 1  # the members are one architecture
     rows = {r[0]: r for r in table("| file | what | size |")}
     assert_shown("classifier/ row", NUMBER.findall(rows["`classifier/`"][1])[-1:] + NUMBER.findall(rows["`classifier/`"][2]),
                  [cls_params, _mib(CHECKPOINTS / "classifier")])
-    seg_row = NUMBER.findall(rows["`segmenter/`"][1])
-    assert_shown("segmenter/ row", seg_row[-2:] + NUMBER.findall(rows["`segmenter/`"][2]),
-                 [len(pipeline.metadata["segmenter"]["trained_patients"]), seg_params, _mib(CHECKPOINTS / "segmenter")])
+    n, seeds, patients, params = claim(r"\| `segmenter/` \| (\d+) ResUNets .*?seeds ([\d, and]+), each trained on all "
+                                       r"(\d+) patients.*?; ([\d,]+) params each")
+    assert_shown("segmenter/ row", [n, *NUMBER.findall(seeds), patients, params, *NUMBER.findall(rows["`segmenter/`"][2])],
+                 [len(members), *[m["config"]["train"]["seed"] for _, m in members],
+                  len(pipeline.metadata["segmenter"]["trained_patients"]), *seg_params, _mib(CHECKPOINTS / "segmenter")])
     head = cls_params - _params(classifier.backbone)
     assert_shown("backbone size", claim(r"classifier's ([\d.]+) M-parameter backbone"), [(cls_params - head) / 1e6])
     assert_shown("segmenter in float32", claim(r"segmenter stays in float32 \(([\d.]+) MiB\)"),
@@ -144,8 +159,13 @@ def test_no_patient_a_number_is_claimed_on_was_seen_in_training(pipeline, crossv
     patients = sorted(crossval["fold_of"])
     seg = pipeline.metadata["segmenter"]
     assert sorted(seg["trained_patients"]) == patients == sorted(seg["split"]["train"]) and not seg["split"].get("val")
+    for _, member in _members():  # every member trained on all of them, and claims nothing on them
+        assert sorted(member["trained_patients"]) == patients and not member["split"].get("val")
+        assert "no validation metrics" in member["metrics"]["protocol"] and set(member["metrics"]) == {"protocol"}
     assert sorted(crossval["per_patient_dice"]) == patients and crossval["n_patients"] == len(patients)
-    assert "no validation metrics" in seg["metrics"]["protocol"] and set(seg["metrics"]) == {"protocol"}
+    assert "no held-out patients" in seg["metrics"]["protocol"]  # the ensemble quotes the cross-validation only
+    headline = crossval["postprocessing"]["volumetric_dice"]
+    assert seg["metrics"]["crossval"] == {k: headline[k] for k in ("mean", "mean_ci95", "median", "worst")}
     assert pipeline.record["tuned_on"]["patients"] == patients  # the operating point: chosen out of fold
     assert pipeline.record["classifier_gate"]["patients"] == split["val"]  # the gate: on the classifier's held-out
     sizes = [sum(f == k for f in crossval["fold_of"].values()) for k in range(crossval["folds"])]
@@ -284,13 +304,15 @@ def test_the_operating_point_is_the_cross_validated_choice_and_the_gate_decision
 
 
 def test_the_training_history_claims(pipeline, crossval) -> None:
-    seg = pipeline.metadata["segmenter"]
     epochs = crossval["recommended_epochs"]["epochs"]
-    assert seg["exported"]["epoch"] == len(seg["history"]) == seg["config"]["train"]["epochs"] == epochs
+    members = [m for _, m in _members()]
+    for seg in members:  # each all-patient run exported its last epoch of the recommended schedule
+        assert seg["exported"]["epoch"] == len(seg["history"]) == seg["config"]["train"]["epochs"] == epochs
     best = [f["best_epoch"] for f in crossval["recommended_epochs"]["per_fold"]]
-    shown = claim(r"trained on all (\d+) patients for (\d+) epochs, the median of the folds' best epochs \(([\d, ]+)\)")
-    assert_shown("all-patient run", [shown[0], shown[1], *shown[2].split(", ")],
-                 [len(seg["trained_patients"]), epochs, *best])
+    shown = claim(r"The shipped models \(seeds ([\d, and]+)\) each trained on all (\d+) patients for (\d+) epochs, the "
+                  r"median of the folds' best epochs \(([\d, ]+)\)")
+    assert_shown("all-patient runs", [*NUMBER.findall(shown[0]), shown[1], shown[2], *shown[3].split(", ")],
+                 [*[m["config"]["train"]["seed"] for m in members], len(members[0]["trained_patients"]), epochs, *best])
     cls = pipeline.metadata["classifier"]
     auc = [h["val_auc"] for h in cls["history"]]  # the shipped run is phase 3
     assert len(auc) == cls["config"]["train"]["epochs"] and auc == sorted(auc) and len(set(auc)) == len(auc)
@@ -317,8 +339,12 @@ def test_architecture_and_recipe_are_the_recorded_configs(pipeline) -> None:
     # differs only in what --fold all --epochs N sets.
     recipe = json.loads((REPO / "configs" / "segmenter_crossval.json").read_text())
     assert Config.from_dict(recipe).model == Config.from_dict(seg).model
-    assert {k: v for k, v in recipe["train"].items() if k not in ("epochs", "out_dir")} == \
-        {k: v for k, v in seg["train"].items() if k not in ("epochs", "out_dir")}
+    run_only = ("epochs", "out_dir", "seed", "resume")  # what --fold all --epochs N --seed S [--resume] sets
+    for _, member in _members():  # every member: the recipe, up to those
+        assert {k: v for k, v in recipe["train"].items() if k not in run_only} == \
+            {k: v for k, v in member["config"]["train"].items() if k not in run_only}
+        same = {"data.fold": None, "data.root": "", **{f"train.{k}": recipe["train"][k] for k in run_only}}
+        assert Config.from_dict(member["config"]).override(**same) == Config.from_dict(recipe).override(**same)
     lr, share, per_epoch, max_epochs, patience = claim(
         r"BCE \+ soft Dice, lr ([\de.-]+), tumour-aware sampling \(uniform share ([\d.]+), (\d+) slices per epoch\); "
         r"each fold up to (\d+) epochs with early stopping on its held-out patients' per-patient Dice \(patience (\d+)\)")
