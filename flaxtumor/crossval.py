@@ -41,7 +41,7 @@ from flaxtumor.config import Config
 from flaxtumor.data.augment import fill_with_flair
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Patient, load_split
-from flaxtumor.data.preprocess import Box, crop_box, preprocess, uncrop_mask
+from flaxtumor.data.preprocess import Box, crop_box, preprocess, sequence_group, uncrop_mask
 from flaxtumor.operating_point import OPERATING_POINT_FILE, choice_key, gate_and_postprocess, write_operating_point
 
 CV_FILE = "crossval.json"
@@ -417,7 +417,8 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
             f"Dice); scored on the same predictions, so slightly optimistic (as nnU-Net's); as an operating point in "
             f"{OPERATING_POINT_FILE}",
             "chosen": choice["chosen"], "candidates": choice["candidates"], **scored,
-        }, "levers": levers(results, patients, threshold, choice["point"], raw_scores, scored)}
+        }, "levers": levers(results, patients, threshold, choice["point"], raw_scores, scored),
+            "by_sequences": by_sequences(patients, scored["per_patient_dice"])}
         if not preview:
             write_pipeline(out, choice, scored, base.data.folds)
     report = {
@@ -438,6 +439,15 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
     (Path(out) / (PREVIEW_FILE if preview else CV_FILE)).write_text(json.dumps(report, indent=2, default=_jsonable)
                                                                    + "\n")
     return report
+
+
+def by_sequences(patients: dict[str, Patient], per_patient_dice: dict[str, float]) -> dict[str, Any]:
+    """Per-patient Dice by which MRI sequences each patient really has (`preprocess.sequence_group`): kaggle_3m fills
+    a missing contrast with FLAIR, and such patients are a known weak spot."""
+    group_of = {pid: sequence_group(np.stack([read_image(s.image_path) for s in patients[pid].slices]))
+                for pid in per_patient_dice}
+    return {"rule": "a contrast stored as an exact copy of FLAIR on every pixel is missing",
+            **M.dice_by_group(per_patient_dice, group_of)}
 
 
 def _jsonable(x: Any) -> Any:

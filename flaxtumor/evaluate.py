@@ -39,6 +39,7 @@ from flaxtumor import metrics, plots
 from flaxtumor.checkpoint_metadata import InferenceMetadata
 from flaxtumor.data.io import DataError, read_image, read_mask
 from flaxtumor.data.lgg import Patient, Split, load_dataset, load_split, select
+from flaxtumor.data.preprocess import sequence_group
 from flaxtumor.inference import Pipeline
 from flaxtumor.operating_point import OperatingPoint, gate_and_postprocess, jsonable
 
@@ -161,11 +162,13 @@ def evaluate_patients(
     segmenter = _SegmenterTally()
     slice_dice, slice_iou, pipe_counts = [], [], metrics.PixelCounts()
     per_patient: dict[str, float] = {}
+    sequences: dict[str, str] = {}  # which MRI sequences each patient has (a FLAIR-only one is a known weak spot)
     loss_parts: dict[str, dict[str, float]] = {}  # where each patient's Dice goes (metrics.dice_loss_parts)
     heatmaps, heat_targets = [], []  # Grad-CAM pointing: tumour slices large enough to score
     ranked = _Ranked(gallery_size)
     for patient in tqdm(patients, unit="patient", desc="evaluate"):
         images, target_vol = load_volume(patient)
+        sequences[patient.patient_id] = sequence_group(np.stack(images))
         probs = pipeline.tumour_probabilities(images, volume=True, point=point)
         seg_vol = np.stack(pipeline.segment(images, volume=True, point=point))
         calls, final = gate_and_postprocess(probs, seg_vol, point)
@@ -203,6 +206,7 @@ def evaluate_patients(
             "verdict": verdict,
             "per_patient_dice": metrics.summarise_patient_dice(per_patient),
             "per_patient": per_patient,
+            "by_sequences": metrics.dice_by_group(per_patient, sequences),
             "dice_loss": {"mean": metrics.mean_dice_loss_parts(loss_parts), "per_patient": loss_parts},
             "tumour_slice_dice": metrics.mean_over_scored(slice_dice),
             "tumour_slice_iou": metrics.mean_over_scored(slice_iou),

@@ -99,6 +99,16 @@ def summarise_patient_dice(per_patient: Mapping[str, float]) -> dict[str, float 
     return {**stats, "n_scored": int(values.size), "n_empty_both": len(empty), "empty_both_patients": empty}
 
 
+def dice_by_group(per_patient: Mapping[str, float], group_of: Mapping[str, str]) -> dict[str, dict]:
+    """`summarise_patient_dice` within each group of patients (e.g. by which MRI sequences they have), with the
+    group's patient ids."""
+    groups: dict[str, list[str]] = {}
+    for pid in sorted(per_patient):
+        groups.setdefault(group_of[pid], []).append(pid)
+    return {name: {"patients": ids, **summarise_patient_dice({pid: per_patient[pid] for pid in ids})}
+            for name, ids in sorted(groups.items())}
+
+
 def call_rates(calls: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(sensitivity, specificity) of boolean slice calls against boolean truth; nan where a class has no slice."""
     calls, labels = np.asarray(calls, bool), np.asarray(labels, bool)

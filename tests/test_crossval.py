@@ -111,6 +111,10 @@ def test_report_headline_and_intervals(cv):
     # where the shortfall lies: the mean parts add up to 1 - the mean Dice
     assert sum(report["dice_loss"]["mean"].values()) == pytest.approx(1 - v["mean"])
     assert sorted(report["dice_loss"]["per_patient"]) == sorted(report["per_patient_dice"])
+    # by which sequences each patient has: every patient in one group (synthetic ones are complete)
+    groups = {k: g for k, g in report["by_sequences"].items() if k != "rule"}
+    assert list(groups) == ["complete"] and groups["complete"]["patients"] == sorted(report["per_patient_dice"])
+    assert groups["complete"]["mean"] == pytest.approx(report["postprocessing"]["volumetric_dice"]["mean"])
 
 
 def test_load_oof_reads_back_what_save_oof_wrote(tmp_path):

@@ -80,6 +80,7 @@ def test_known_answer_when_every_slice_is_fully_segmented(tiny, tmp_path):  # no
     target = np.stack([read_mask(s.mask_path) for s in patient.slices])
     expected = metrics.dice(np.ones_like(target), target)
     assert m["pipeline"]["per_patient"][pid] == pytest.approx(expected)
+    assert m["pipeline"]["by_sequences"]["complete"]["patients"] == [pid]  # synthetic slices have three sequences
     assert m["pipeline"]["pooled_dice"] == pytest.approx(expected)
     assert m["pipeline"]["pooled_pixel_accuracy"] == pytest.approx(target.mean())
     slice_dice = metrics.tumour_slice_dice(list(np.ones_like(target)), list(target))

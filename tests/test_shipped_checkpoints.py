@@ -509,3 +509,16 @@ def test_the_cards_prose_numbers_on_the_real_data(evaluated, lgg_root: Path) -> 
                                    r"[\d.]+ to ([\d.]+)"), [auc, c["gradcam"]["pointing_score"]])
     assert_shown("recall at 0.5", claim(r"At 0.5 it misses about one tumour slice in eight \(recall ([\d.]+)\)"),
                  [h["recall"]])
+
+
+def test_the_missing_sequence_claims(crossval) -> None:
+    groups = crossval["by_sequences"]
+    shown = claim(r"the (\d+) FLAIR-only patients average ([\d.]+) \(median ([\d.]+)\), the (\d+) without "
+                  r"post-contrast ([\d.]+) and the (\d+) complete ones ([\d.]+)")
+    flair, post, complete = groups["FLAIR only"], groups["no post-contrast"], groups["complete"]
+    assert_shown("by sequences", shown, [flair["n_scored"], flair["mean"], flair["median"], post["n_scored"],
+                                         post["mean"], complete["n_scored"], complete["mean"]])
+    assert set(groups) == {"rule", "FLAIR only", "no post-contrast", "complete"}
+    assert sum(g["n_scored"] for k, g in groups.items() if k != "rule") == crossval["n_patients"]
+    zero = claim(r"one of the two zeros is FLAIR only \((TCGA_\w+)\)")
+    assert zero[0] in flair["patients"] and crossval["postprocessing"]["per_patient_dice"][zero[0]] == 0

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from flaxtumor.config import DataConfig
+from flaxtumor.data.preprocess import FLAIR, POST_CONTRAST, PRE_CONTRAST
 
 
 def _affine(shape: tuple[int, int], degrees: float, scale: float, flip: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +74,7 @@ def patch_window(mask: np.ndarray, size: int, rng: np.random.Generator) -> tuple
     return int(top), int(left)
 
 
-FLAIR = 1  # channel order of a kaggle_3m slice: pre-contrast, FLAIR, post-contrast
-FILLED = (0, 2)  # the sequences kaggle_3m fills with FLAIR when a patient lacks them
+FILLED = (PRE_CONTRAST, POST_CONTRAST)  # the sequences kaggle_3m fills with FLAIR when a patient lacks them
 
 
 def drop_sequences(image: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...]]:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 NORMALISATIONS = ("image_zscore", "volume_zscore", "imagenet", "caffe")
 CROPS = ("none", "brain")
 CHANNELS = 3  # per slice: pre-contrast, FLAIR, post-contrast
+PRE_CONTRAST, FLAIR, POST_CONTRAST = range(CHANNELS)
 # kaggle_3m's background reads 0-7 in uint8, tissue well above; the margin keeps the skull edge off the border.
 BRAIN_THRESHOLD = 10
 CROP_MARGIN = 8
@@ -38,6 +39,17 @@ _CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 _EPS = 1e-6  # an all-black slice has zero variance
 
 Stats = tuple[np.ndarray, np.ndarray]  # per-channel mean and std, each (3,)
+
+
+def sequence_group(volume: np.ndarray) -> str:
+    """Which MRI sequences a kaggle_3m volume (D, H, W, 3) really has. The dataset stores a sequence a patient lacks
+    as an exact copy of FLAIR, so a contrast equal to FLAIR on every pixel is missing: "complete", "no
+    pre-contrast", "no post-contrast" or "FLAIR only" (9 of our 81 patients are not complete, 5 FLAIR only)."""
+    v = np.asarray(volume)
+    if not v[..., FLAIR].any():  # an empty volume: nothing to tell
+        return "complete"
+    pre, post = (np.array_equal(v[..., c], v[..., FLAIR]) for c in (PRE_CONTRAST, POST_CONTRAST))
+    return "FLAIR only" if pre and post else "no pre-contrast" if pre else "no post-contrast" if post else "complete"
 
 
 def input_channels(context_slices: int) -> int:

@@ -1,7 +1,7 @@
 """Missing-sequence augmentation (`--missing-sequences P`, issue 11): kaggle_3m stores a sequence a patient lacks as a
 copy of FLAIR, and this teaches the model such patients. The rule (which channels, how often, every slice of a stack
 alike), the pipeline (only training examples, the same geometry as without it, volume statistics that match a filled
-channel) and the config's and CLI's errors."""
+channel) and the config's and CLI's errors; and telling which sequences a stored volume really has."""
 
 import numpy as np
 import pytest
@@ -10,6 +10,8 @@ from flaxtumor.config import Config
 from flaxtumor.data.augment import drop_sequences, fill_with_flair
 from flaxtumor.data.lgg import load_dataset
 from flaxtumor.data.pipeline import eval_batches, train_batches
+from flaxtumor.data.preprocess import sequence_group
+from flaxtumor.metrics import dice_by_group
 from flaxtumor.train.cli import main as train_main
 from tests.train.helpers import tiny_config
 
@@ -94,3 +96,37 @@ def test_the_cli_flag_lands_in_the_config(tmp_path):
                                                  "--out", str(tmp_path / "run")]))
     assert cfg.data.missing_sequences == 0.3
     assert Config.from_dict(cfg.to_dict()).data.missing_sequences == 0.3
+
+
+def test_sequence_group_tells_which_contrasts_are_flair_copies():
+    volume = np.random.default_rng(0).integers(1, 255, (4, 8, 8, 3), np.uint8)
+    assert sequence_group(volume) == "complete"
+    assert sequence_group(fill_with_flair(volume, (2,))) == "no post-contrast"
+    assert sequence_group(fill_with_flair(volume, (0,))) == "no pre-contrast"
+    assert sequence_group(fill_with_flair(volume)) == "FLAIR only"
+    assert sequence_group(np.zeros((2, 8, 8, 3), np.uint8)) == "complete"  # nothing to tell
+    one_slice_differs = fill_with_flair(volume)
+    one_slice_differs[1, 0, 0, 0] ^= 1  # a contrast equal to FLAIR on all but one pixel is a real sequence
+    assert sequence_group(one_slice_differs) == "no post-contrast"
+
+
+def test_dice_by_group_summarises_each_group_and_leaves_empty_patients_unscored():
+    report = dice_by_group({"a": 0.8, "b": 0.6, "c": 0.2, "d": float("nan")},
+                           {"a": "complete", "b": "complete", "c": "FLAIR only", "d": "FLAIR only"})
+    assert list(report) == ["FLAIR only", "complete"]
+    assert report["complete"]["patients"] == ["a", "b"] and report["complete"]["mean"] == pytest.approx(0.7)
+    assert report["FLAIR only"]["n_scored"] == 1 and report["FLAIR only"]["empty_both_patients"] == ["d"]
+
+
+@pytest.mark.realdata
+def test_real_patients_that_lack_sequences_are_told_apart(lgg_root):
+    from flaxtumor.data.io import read_image
+    from flaxtumor.data.lgg import discover
+
+    known = {"TCGA_FG_A60K_20040224": "FLAIR only", "TCGA_HT_7877_19980917": "FLAIR only",
+             "TCGA_DU_6407_19860514": "no post-contrast", "TCGA_CS_4941_19960909": "complete"}
+    patients = [p for p in discover(lgg_root) if p.patient_id in known]
+    if not patients:
+        pytest.skip(f"none of {sorted(known)} in {lgg_root}")
+    for p in patients:
+        assert sequence_group(np.stack([read_image(s.image_path) for s in p.slices])) == known[p.patient_id]
