@@ -71,7 +71,9 @@ def test_bad_metadata_is_refused():
 
 @pytest.mark.skipif(not (SHIPPED / "classifier" / "metadata.json").is_file(), reason="no shipped checkpoints")
 def test_shipped_metadata_with_the_old_threshold_key_reads_as_typed_metadata():
-    for name, field in (("classifier", "cls_threshold"), ("segmenter", "mask_threshold")):
+    members = sorted(p.parent.name for p in (SHIPPED / "segmenter").glob("*/metadata.json"))  # an ensemble's
+    segmenters = [f"segmenter/{m}" for m in members] or ["segmenter"]
+    for name, field in (("classifier", "cls_threshold"), *((seg, "mask_threshold") for seg in segmenters)):
         raw = json.loads((SHIPPED / name / "metadata.json").read_text())
         train = raw["config"]["train"]
         if "threshold" not in train:  # the classifier was retrained since: write it the old way, as before the split
