@@ -138,9 +138,11 @@ def test_bundled_checkpoints_fit_the_budget_and_match_what_ships(pipeline) -> No
                  [cls_params, _mib(CHECKPOINTS / "classifier")])
     n, seeds, patients, params = claim(r"\| `segmenter/` \| (\d+) ResUNets .*?seeds ([\d, and]+), each trained on all "
                                        r"(\d+) patients.*?; ([\d,]+) params each")
-    assert_shown("segmenter/ row", [n, *NUMBER.findall(seeds), patients, params, *NUMBER.findall(rows["`segmenter/`"][2])],
+    shown = [n, *NUMBER.findall(seeds), patients, params, *NUMBER.findall(rows["`segmenter/`"][2])]
+    assert_shown("segmenter/ row", shown,
                  [len(members), *[m["config"]["train"]["seed"] for _, m in members],
-                  len(pipeline.metadata["segmenter"]["trained_patients"]), *seg_params, _mib(CHECKPOINTS / "segmenter")])
+                  len(pipeline.metadata["segmenter"]["trained_patients"]), *seg_params,
+                  _mib(CHECKPOINTS / "segmenter")])
     head = cls_params - _params(classifier.backbone)
     assert_shown("backbone size", claim(r"classifier's ([\d.]+) M-parameter backbone"), [(cls_params - head) / 1e6])
     assert_shown("segmenter in float32", claim(r"segmenter stays in float32 \(([\d.]+) MiB\)"),

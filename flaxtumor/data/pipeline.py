@@ -36,7 +36,8 @@ from flaxtumor.data.augment import augment, drop_sequences, patch_window
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Slice
 from flaxtumor.data.preprocess import (
-    FLAIR, Box, Preprocessing, Stats, crop, crop_box, normalise, resize_images, resize_mask, stack_context, volume_stats,
+    FLAIR, Box, Preprocessing, Stats, crop, crop_box, normalise, resize_images, resize_mask, stack_context,
+    volume_stats,
 )
 
 _READ_THREADS = 2  # 2-core machine: more threads only contend for the GIL
