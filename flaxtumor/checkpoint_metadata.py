@@ -75,6 +75,13 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
+def segmenter_export(run: str | Path) -> Path:
+    """The segmenter checkpoint of a training folder (RUN/segmenter, as `train.py --out` writes it), or RUN itself
+    when it is one."""
+    run = Path(run)
+    return run / "segmenter" if (run / "segmenter" / "metadata.json").is_file() else run
+
+
 def read_metadata(path: str | Path) -> InferenceMetadata:
     """The metadata of the inference checkpoint folder `path`; CheckpointError (one line) when the folder is missing
     or its metadata.json is unreadable."""

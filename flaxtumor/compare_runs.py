@@ -32,12 +32,6 @@ from flaxtumor import metrics as M
 TIE = 1e-4  # a per-patient difference smaller than this counts as neither better nor worse
 
 
-def export_of(run: Path) -> Path:
-    """The inference checkpoint of a run folder (RUN/segmenter), or RUN itself when it is one."""
-    run = Path(run)
-    return run / "segmenter" if (run / "segmenter" / "metadata.json").is_file() else run
-
-
 def held_out_patients(metas: dict[str, Any]) -> list[str]:
     """The validation patients every run shares; an error naming the runs when they differ or one trained on them."""
     first, *rest = metas.items()
@@ -97,18 +91,18 @@ def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = Fals
     """Scores every run on the shared held-out patients; the first run is the baseline. With `ensemble`, also the
     runs' averaged probabilities (`averaged`), as one more row; with `flair_only`, on FLAIR-only copies of the
     patients (`crossval.predict_fold`)."""
-    from flaxtumor.checkpoint_metadata import read_metadata
+    from flaxtumor.checkpoint_metadata import read_metadata, segmenter_export
     from flaxtumor.crossval import predict_fold, score_seg
     from flaxtumor.data.lgg import load_dataset, select
 
-    metas = {str(run): read_metadata(export_of(run)) for run in runs}
+    metas = {str(run): read_metadata(segmenter_export(run)) for run in runs}
     patient_ids = held_out_patients(metas)
     first = next(iter(metas.values()))
     config = dataclasses.replace(first.config.data, root=str(data or first.config.data.root), split_file=None)
     patients = {p.patient_id: p for p in select(load_dataset(config), patient_ids)}
     rows, predictions = [], []
     for run in runs:
-        results, meta = predict_fold(0, export_of(run), list(patients.values()), flair_only=flair_only)
+        results, meta = predict_fold(0, segmenter_export(run), list(patients.values()), flair_only=flair_only)
         predictions.append(results)
         rows.append(_row(str(run), _epoch(meta), meta.preprocessing.to_dict(),
                          score_seg(results, patients, meta.threshold)))

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flaxtumor.checkpoint_metadata import CheckpointError, InferenceMetadata, read_metadata
+from flaxtumor.checkpoint_metadata import CheckpointError, InferenceMetadata, read_metadata, segmenter_export
 from flaxtumor.compiled_model import CompiledModel
 
 ENSEMBLE_KEY = "ensemble"
@@ -195,8 +195,7 @@ def build_from_members(paths: Sequence[Path], out: Path, crossval: Path | None =
     export. `crossval`: the recipe's cross-validation report (crossval.json), quoted as the estimate."""
     if len(paths) < 2:
         raise ValueError("an ensemble needs at least two members")
-    exports = [Path(p) / "segmenter" if (Path(p) / "segmenter" / "metadata.json").is_file() else Path(p)
-               for p in paths]
+    exports = [segmenter_export(p) for p in paths]
     for e in exports:
         if not (e / "metadata.json").is_file():
             raise ValueError(f"{e}: not a segmenter checkpoint (no metadata.json)")

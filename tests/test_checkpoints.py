@@ -71,8 +71,11 @@ def test_bad_metadata_is_refused():
 
 @pytest.mark.skipif(not (SHIPPED / "classifier" / "metadata.json").is_file(), reason="no shipped checkpoints")
 def test_shipped_metadata_with_the_old_threshold_key_reads_as_typed_metadata():
-    members = sorted(p.parent.name for p in (SHIPPED / "segmenter").glob("*/metadata.json"))  # an ensemble's
-    segmenters = [f"segmenter/{m}" for m in members] or ["segmenter"]
+    from flaxtumor.checkpoint_metadata import read_metadata
+    from flaxtumor.ensemble import member_paths
+
+    members = member_paths(SHIPPED / "segmenter", read_metadata(SHIPPED / "segmenter"))  # [] for a single model
+    segmenters = [f"segmenter/{m.name}" for m in members] or ["segmenter"]
     for name, field in (("classifier", "cls_threshold"), *((seg, "mask_threshold") for seg in segmenters)):
         raw = json.loads((SHIPPED / name / "metadata.json").read_text())
         train = raw["config"]["train"]
