@@ -4,6 +4,9 @@
     python bench/train_step.py --tasks seg --rows 128x16 --runs 1 --steps 2     # a quick look
     python bench/train_step.py --torch-variants nchw,channels_last             # skip torch.compile
 
+On a GPU (JAX and torch both see it), both frameworks run there, in fp32 and in bf16 (JAX: bf16 compute with fp32
+master weights, as `--precision bf16` trains; torch: autocast), each precision against its own kind.
+
 JAX runs `flaxtumor.train.loop.make_train_step`: the training loss, clipping + AdamW, the batch sharded over all
 devices, donated state. PyTorch runs the same architectures (tests/models/torch_reference.py, checked against the Flax
 models in tests/models/test_torch_twins.py) with the same loss and optimizer, in every variant of
@@ -26,15 +29,15 @@ import torch_baseline  # noqa: E402
 
 
 def jax_step(task: str, batch: int, size: int, precision: str) -> Callable[[], object]:
-    """One call = one real train step on a fixed random batch (warm it up before timing)."""
-    import jax
+    """One call = one real train step on a fixed random batch (warm it up before timing). It returns without waiting
+    for the device, as in the training loop; `timed_calls` waits for the last result."""
     import numpy as np
     from flax import nnx
 
     from flaxtumor.config import Config
     from flaxtumor.models import build_model
     from flaxtumor.train import sharding
-    from flaxtumor.train.loop import compute_dtype, make_optimizer, make_train_step
+    from flaxtumor.train.loop import bind_train_step, compute_dtype, make_optimizer, make_train_step
     from flaxtumor.train.losses import make_loss
 
     cfg = Config().override(**{"train.task": task, "train.precision": precision})
@@ -54,7 +57,8 @@ def jax_step(task: str, batch: int, size: int, precision: str) -> Callable[[], o
         },
         mesh,
     )
-    return lambda: jax.block_until_ready(step(model, optimizer, data))
+    bound = bind_train_step(step, model, optimizer)  # as the training loop calls it
+    return lambda: bound(data)
 
 
 def torch_step(task: str, batch: int, size: int, variant: str) -> Callable[[], object]:
@@ -64,6 +68,7 @@ def torch_step(task: str, batch: int, size: int, variant: str) -> Callable[[], o
     model = torch_baseline.torch_model(task)
     target = (torch.rand(batch) > 0.5).float() if task == "cls" else (torch.rand(batch, 1, size, size) > 0.9).float()
     model, x, call = torch_baseline.prepare(model, torch.randn(batch, 3, size, size), variant)
+    target = target.to(x.device)
     bce = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
 
@@ -99,7 +104,7 @@ def candidates(task: str, batch: int, size: int, precisions: list[str], variants
     for label, fn in steps.items():
         if label.startswith("jax"):
             fn()
-            fn()  # compiles, then one more step on donated buffers
+            torch_baseline.block(fn())  # compiles, then one more step on donated buffers
     return steps
 
 
@@ -109,7 +114,7 @@ def bench_row(task: str, batch: int, size: int, args: argparse.Namespace, precis
     for _ in range(args.runs):
         for label, fn in steps.items():  # interleaved: every framework sees the same load in each round
             rates[label].append(batch / torch_baseline.timed_calls(fn, args.steps))
-    torch_baseline.print_rates(f"{task:4s} {size:4d} {batch:3d}", rates, ratios=not args.gpu)
+    torch_baseline.print_rates(f"{task:4s} {size:4d} {batch:3d}", rates)
 
 
 def main() -> None:
@@ -118,11 +123,13 @@ def main() -> None:
     parser.add_argument("--rows", default="256x8,128x16", help="comma list of SIZExBATCH (global batch)")
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds; min and median are reported")
     parser.add_argument("--steps", type=int, default=5, help="timed consecutive steps per framework per round")
-    parser.add_argument("--torch-variants", default=",".join(torch_baseline.VARIANTS))
+    parser.add_argument("--torch-variants", default=None, help="default: every variant of this device")
     parser.add_argument("--no-torch", action="store_true", help="JAX only")
     args = parser.parse_args()
     if args.no_torch:
         args.torch_variants = ""
+    elif args.torch_variants is None:
+        args.torch_variants = torch_baseline.default_variants()
     args.torch_variants = args.torch_variants.strip(",")
 
     cpus = torch_baseline.pin_threads() if args.torch_variants else None
@@ -135,8 +142,6 @@ def main() -> None:
           f"timed steps per framework, images/s")
     if cpus:
         print(torch_baseline.thread_report())
-        if args.gpu:
-            print("torch here is CPU-only: its rows are a CPU reference and no ratio is printed on a GPU")
     for task in args.tasks.split(","):
         for row in args.rows.split(","):
             size, batch = (int(v) for v in row.split("x"))

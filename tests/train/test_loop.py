@@ -173,6 +173,36 @@ def test_deep_supervision_train_step_trains_the_heads_too(tmp_path, precision):
     assert not np.array_equal(np.asarray(model.aux_heads[0].kernel[...]), head)  # the auxiliary loss reached its head
 
 
+def test_bound_train_step_updates_the_model_as_the_plain_step_does(tmp_path):
+    """The loop calls the step through `bind_train_step` (nnx.cached_partial): the weights, BatchNorm statistics and
+    optimizer state it leaves in the model must be exactly those of the plain step, donation included."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from flaxtumor.models import build_model
+    from flaxtumor.train.losses import make_loss
+
+    cfg = tiny_config(tmp_path, "seg", **{"model.resunet_widths": (4, 8, 16)})
+    step = loop.make_train_step(make_loss(cfg.train), nnx.Param, loop.compute_dtype("fp32"))
+    rng = np.random.default_rng(0)
+    batches = [{"image": jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32),
+                "mask": jnp.asarray(rng.random((2, 16, 16, 1)) > 0.8, jnp.float32), "label": jnp.ones((2,))}
+               for _ in range(3)]
+    states = []
+    for bound in (False, True):
+        model = build_model(cfg, nnx.Rngs(0))
+        model.train()
+        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+        call = loop.bind_train_step(step, model, optimizer) if bound else lambda b: step(model, optimizer, b)
+        losses = [float(call(b)["loss"]) for b in batches]
+        states.append((losses, nnx.state(model), nnx.state(optimizer)))
+    (plain_losses, *plain), (bound_losses, *bound_state) = states
+    assert bound_losses == plain_losses and plain_losses[0] != plain_losses[-1]
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(bound_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_deep_supervision_and_brain_crop_run_export_and_serve(tmp_path):
     from flaxtumor.data.io import read_image
     from flaxtumor.data.preprocess import crop_box
