@@ -35,7 +35,9 @@ from PIL import Image
 
 from flaxtumor.checkpoint_metadata import CheckpointError, InferenceMetadata, read_metadata
 from flaxtumor.compiled_model import CompiledModel, cache_entry
-from flaxtumor.data.preprocess import Box, Preprocessing, crop_box, preprocess, uncrop, uncrop_mask
+from flaxtumor.data.preprocess import (
+    SEQUENCE_NAMES, Background, Box, Preprocessing, crop_box, grey_background, preprocess, uncrop, uncrop_mask,
+)
 from flaxtumor.ensemble import ENSEMBLE_KEY, EnsembleModel, check_members, member_paths
 from flaxtumor.operating_point import (
     OPERATING_POINT_FILE, OperatingPoint, gate_and_postprocess, largest_connected_component, read_operating_point,
@@ -46,7 +48,7 @@ __all__ = [
     "SlicePrediction", "Pipeline", "as_rgb", "gate_and_postprocess", "largest_connected_component",
     "read_operating_point", "slice_calls", "OperatingPoint", "OPERATING_POINT_FILE", "input_warning",
     "looks_like_mask", "GRAY_WARNING", "MASK_REFUSAL", "ContextWarning", "LONE_SLICE_WARNING", "context_warning",
-    "slice_warning",
+    "background_warning", "slice_warnings",
 ]
 
 if TYPE_CHECKING:  # flax and Orbax load only when a model must be built (a warm serving cache needs neither)
@@ -120,9 +122,23 @@ def context_warning(spec: Preprocessing, n_slices: int, volume: bool) -> str | N
     return LONE_SLICE_WARNING if spec.context_slices and (not volume or n_slices == 1) else None
 
 
-def slice_warning(image: np.ndarray, spec: Preprocessing, n_slices: int, volume: bool) -> str:
-    """What a report says of one input slice ("" when nothing): `input_warning`, then `context_warning`."""
-    return "; ".join(w for w in (input_warning(image), context_warning(spec, n_slices, volume)) if w)
+def background_warning(background: Background) -> str | None:
+    """What a report says of a grey background that preprocessing made black (`grey_background`), else None."""
+    if not background:
+        return None
+    what = " and ".join(f"{SEQUENCE_NAMES[c]} reads {level}" for c, level in background)
+    return (f"a grey background: outside the head the {what} (about 0 in the training data); it was made black "
+            "before the models read it (see the model card), so check the result")
+
+
+def slice_warnings(images: Sequence[np.ndarray], spec: Preprocessing, volume: bool) -> list[str]:
+    """What a report says of each input slice ("" when nothing): `input_warning`, `background_warning` (decided over
+    the volume, or each loose slice, as `preprocess` decides it) and `context_warning`."""
+    images = [as_rgb(im) for im in images]
+    shared = background_warning(grey_background(images)) if volume else None
+    return ["; ".join(w for w in (input_warning(im), shared if volume else background_warning(grey_background([im])),
+                                  context_warning(spec, len(images), volume)) if w)
+            for im in images]
 
 
 MASK_REFUSAL = ("looks like a segmentation mask, not an MRI slice (only two values: 0 and one other); upload the "

@@ -386,7 +386,7 @@ def _read_truth(mask_path: Path | None, shape: tuple[int, ...], failures: list[s
 
 def _predict_group(pipeline, group: Group, masks: dict[Path, Path], failures: list[str], args: argparse.Namespace,
                    timer: Timer, outcome: Outcome) -> None:
-    from flaxtumor.inference import slice_warning
+    from flaxtumor.inference import slice_warnings
 
     images, readable, truths = _read_group(group, masks, failures)
     timer.lap("write")
@@ -395,11 +395,11 @@ def _predict_group(pipeline, group: Group, masks: dict[Path, Path], failures: li
     as_volume = group.volume and len({im.shape for im in images}) == 1
     preds = pipeline.predict_volume(images) if as_volume else pipeline.predict_slices(images)
     timer.lap("compute")
-    for path, image, pred, truth in zip(readable, images, preds, truths):
+    notes = slice_warnings(images, pipeline.segmenter_spec, as_volume)
+    for path, image, pred, truth, warning in zip(readable, images, preds, truths, notes):
         write_mask(pred.mask, args.out / f"{path.stem}_pred.png")
         if args.gradcam is not None:
             write_heatmap(pipeline.gradcam(image), args.gradcam / f"{path.stem}_gradcam.png")
-        warning = slice_warning(image, pipeline.segmenter_spec, len(images), as_volume)
         if warning:
             print(f"warning: {path}: {warning}", file=sys.stderr)
         outcome.rows[path] = _row(str(path.resolve()), pred, group.patient if group.volume else "", warning, truth)
@@ -423,7 +423,8 @@ def _predict_group(pipeline, group: Group, masks: dict[Path, Path], failures: li
 def _predict_case(pipeline, item: NiftiInput, failures: list[str], args: argparse.Namespace, timer: Timer,
                   outcome: Outcome, bar) -> None:
     """One NIfTI case as one volume: <case>_pred.nii.gz, a row per axial slice, its score when it has a truth."""
-    from flaxtumor.inference import GRAY_WARNING, input_warning
+    from flaxtumor.data.preprocess import grey_background
+    from flaxtumor.inference import GRAY_WARNING, background_warning, input_warning
     from flaxtumor.predict_nifti import read_case, slice_name, write_case_mask
 
     try:
@@ -453,6 +454,8 @@ def _predict_case(pipeline, item: NiftiInput, failures: list[str], args: argpars
         outcome.case_rows.append(_row(slice_name(case, k), pred, case.patient, warning, truth))
     if warned:  # once per case, not once per slice
         print(f"warning: {case.reference}: {warned} slice(s): {GRAY_WARNING}", file=sys.stderr)
+    if grey := background_warning(grey_background(case.slices)):
+        print(f"warning: {case.reference}: {grey}", file=sys.stderr)
     if case.truth is not None:
         outcome.scores.append(PatientScore.of(case.patient, masks, truths))
     bar.update(len(case.slices))

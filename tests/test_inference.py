@@ -242,13 +242,23 @@ def test_train_config_threshold_is_two_fields_and_old_configs_still_load():
         Config.from_dict({"train": {"task": "cls", "threshold": 0.3, "cls_threshold": 0.6}})
 
 
-def test_slice_warning_names_gray_input_and_a_lone_slice_for_a_2_5d_segmenter():
+def test_slice_warnings_name_gray_input_a_grey_background_and_a_lone_slice_for_a_2_5d_segmenter():
     from flaxtumor.data.preprocess import Preprocessing
-    from flaxtumor.inference import GRAY_WARNING, LONE_SLICE_WARNING, context_warning, slice_warning
+    from flaxtumor.inference import GRAY_WARNING, LONE_SLICE_WARNING, background_warning, context_warning, slice_warnings
 
     flat, context = Preprocessing(32, "image_zscore"), Preprocessing(32, "image_zscore", context_slices=1)
     colour, gray = _random_images([(8, 8, 3)])[0], np.zeros((8, 8), np.uint8)
-    assert slice_warning(colour, flat, 1, False) == "" and slice_warning(gray, flat, 5, True) == GRAY_WARNING
+    assert slice_warnings([colour], flat, False) == [""] and slice_warnings([gray] * 5, flat, True) == [GRAY_WARNING] * 5
     assert context_warning(flat, 1, False) is None and context_warning(context, 5, True) is None
     assert context_warning(context, 1, True) == context_warning(context, 5, False) == LONE_SLICE_WARNING
-    assert slice_warning(gray, context, 2, False) == f"{GRAY_WARNING}; {LONE_SLICE_WARNING}"
+    assert slice_warnings([gray, gray], context, False) == [f"{GRAY_WARNING}; {LONE_SLICE_WARNING}"] * 2
+    # A head (FLAIR 100) on a background whose pre-contrast reads 80: named with its level, per volume or per slice.
+    head = np.zeros((32, 32, 3), np.uint8)
+    head[8:24, 8:24] = (90, 100, 110)
+    grey = head.copy()
+    grey[..., 0] = np.where(head[..., 1] > 0, 120, 80)
+    note = background_warning(((0, 80),))
+    assert "pre-contrast reads 80" in note and background_warning(()) is None
+    assert slice_warnings([head, grey], flat, False) == ["", note]  # loose slices: each its own
+    assert slice_warnings([head, head, grey], flat, True) == [""] * 3  # one grey slice of three: the volume is not
+    assert slice_warnings([grey, grey, head], flat, True) == [note] * 3

@@ -247,3 +247,20 @@ def test_missing_checkpoints_name_the_flag(loose, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no such checkpoint folder" in err and "--checkpoints" in err and "repository root" in err
     assert err.strip().count("\n") == 0  # one line, no traceback
+
+
+def test_a_volume_with_a_grey_background_is_warned_about_on_every_slice(tiny, tmp_path, capsys):  # noqa: F811
+    from flaxtumor.data.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", n_patients=1, n_slices=4, size=64, seed=2)
+    folder = next(p for p in root.iterdir() if p.is_dir())
+    for path in sorted(folder.glob("*[0-9].tif")):
+        image = tifffile.imread(path)
+        image[..., 0] = np.clip(image[..., 0].astype(np.int16) + 80, 0, 255).astype(np.uint8)  # pre-contrast grey
+        tifffile.imwrite(path, image, photometric="rgb")
+    out = tmp_path / "out"
+    assert main([str(folder), "--out", str(out), "--checkpoints", str(tiny.checkpoints)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("a grey background: outside the head the pre-contrast reads 80") == 4
+    _, rows = _read_csv(out / "predictions.csv")
+    assert len(rows) == 4 and all("pre-contrast reads 80" in r[7] for r in rows)

@@ -319,7 +319,8 @@ def test_the_training_history_claims(pipeline, crossval) -> None:
     auc = [h["val_auc"] for h in cls["history"]]  # the shipped run is phase 3
     assert len(auc) == cls["config"]["train"]["epochs"] and auc == sorted(auc) and len(set(auc)) == len(auc)
     assert claim(r"It was kept because validation said so:\s+its AUC (rose at every epoch)")
-    assert_shown("float32 AUC in training", claim(r"bfloat16 classifiers give AUC ([\d.]+) vs [\d.]+\.")[:1],
+    assert_shown("float32 AUC in training", claim(r"bfloat16 classifiers give AUC ([\d.]+) vs [\d.]+ as their "
+                                                  r"training measured it")[:1],
                  [cls["metrics"]["auc"]])
 
 
@@ -501,7 +502,7 @@ def test_the_cards_prose_numbers_on_the_real_data(evaluated, lgg_root: Path) -> 
         assert_shown("data", claim(r"Of the public 110 patients, (\d+) were available to us \((\d+) slices, (\d+) "
                                    r"with tumour\)"), [len(patients), len(slices), sum(s.has_tumour for s in slices)])
     auc = m["classifier"]["auc"]
-    assert_shown("bfloat16", claim(r"bfloat16 classifiers give AUC [\d.]+ vs ([\d.]+)\."), [auc])
+    assert_shown("bfloat16", claim(r"and [\d.]+ vs ([\d.]+) with the grey-background repair"), [auc])
     c, h = m["classifier"], evaluated["at 0.5"]["classifier"]
     shown = claim(r"\| \*\*\(c\) \(b\) \+ phase 3 \(shipped, bfloat16\)\*\* \| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \| "
                   r"([\d.]+) / ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \|")
@@ -509,7 +510,7 @@ def test_the_cards_prose_numbers_on_the_real_data(evaluated, lgg_root: Path) -> 
                                               c["gradcam"]["pointing_score"]])
     assert_shown("progress", claim(r"lifted AUC from\s+[\d.]+ to ([\d.]+) and the Grad-CAM pointing score from "
                                    r"[\d.]+ to ([\d.]+)"), [auc, c["gradcam"]["pointing_score"]])
-    assert_shown("recall at 0.5", claim(r"At 0.5 it misses about one tumour slice in eight \(recall ([\d.]+)\)"),
+    assert_shown("recall at 0.5", claim(r"At 0.5 it misses about one tumour slice in \w+ \(recall ([\d.]+)\)"),
                  [h["recall"]])
 
 
@@ -522,5 +523,6 @@ def test_the_missing_sequence_claims(crossval) -> None:
                                          post["mean"], complete["n_scored"], complete["mean"]])
     assert set(groups) == {"rule", "FLAIR only", "no post-contrast", "complete"}
     assert sum(g["n_scored"] for k, g in groups.items() if k != "rule") == crossval["n_patients"]
-    zero = claim(r"one of the two zeros is FLAIR only \((TCGA_\w+)\)")
-    assert zero[0] in flair["patients"] and crossval["postprocessing"]["per_patient_dice"][zero[0]] == 0
+    zero = claim(r"the one zero is FLAIR only \((TCGA_\w+)\)")
+    dice = crossval["postprocessing"]["per_patient_dice"]
+    assert zero[0] in flair["patients"] and [p for p, v in dice.items() if v == 0] == [zero[0]]

@@ -31,7 +31,7 @@ from flaxtumor.app.render import Display, compose, for_display, heatmap_overlay,
 from flaxtumor.app.report import brain_mask, file_stem, mask_png_bytes, tumour_area
 from flaxtumor.app.state import RequestDirs, UploadJanitor, private_root
 from flaxtumor.app.uploads import Submission, UploadError, UploadedImage, UploadLimits, load_many, load_single
-from flaxtumor.inference import MASK_REFUSAL, looks_like_mask, slice_warning
+from flaxtumor.inference import MASK_REFUSAL, looks_like_mask, slice_warnings
 from flaxtumor.operating_point import POSTPROCESS_RULES, VERDICT_MEANINGS, OperatingPoint, verdicts
 from flaxtumor.truth import slice_dice
 
@@ -208,7 +208,7 @@ class App:
         with self._gradcam_lock:
             heat = self.pipeline.gradcam(upload.image)
         volume = Volume(upload.name, (upload.name,), upload.image.shape[:2], tuple(map(float, probabilities)),
-                        warnings=(slice_warning(upload.image, self.pipeline.segmenter_spec, 1, False),))
+                        warnings=tuple(slice_warnings([upload.image], self.pipeline.segmenter_spec, False)))
         new = NewVolume(volume, [upload.image], raw, brain_mask(upload.image)[None],
                         heat=[heatmap_overlay(upload.image, heat)])
         return self._render_slice(self._analysis(self.store.put("slice", [new])), point, display)
@@ -354,7 +354,7 @@ class App:
                     marks: tuple[bool, ...] | None, write_reference: Any = None) -> NewVolume:
         probabilities, raw = self._raw(images)
         volume = Volume(patient, tuple(names), images[0].shape[:2], tuple(map(float, probabilities)), marks,
-                        tuple(slice_warning(im, self.pipeline.segmenter_spec, len(images), True) for im in images),
+                        tuple(slice_warnings(images, self.pipeline.segmenter_spec, True)),
                         nifti=write_reference is not None)
         brain = np.stack([brain_mask(im) for im in images])
         return NewVolume(volume, images, raw, brain, truth, write_reference=write_reference)

@@ -1,11 +1,13 @@
 """Grain input pipeline: Slice records -> fixed-shape numpy batches for training (shuffled, augmented) and evaluation.
 
-Per slice: decode -> [crop to its patient's box, `DataConfig.crop` "brain"] -> resize to image_size (uint8) ->
+Per slice: decode -> its patient's grey background made black -> [crop to its patient's box, `DataConfig.crop`
+"brain"] -> resize to image_size (uint8) ->
 [stack with its neighbours, `DataConfig.context_slices` K > 0] -> [augment, train only] -> [missing sequences, train
 only, `DataConfig.missing_sequences` > 0] -> normalise -> [a patch, train only, `DataConfig.train_patch` P > 0:
-batches of (B,P,P,C)]. Crop, resize, normalise and the context are `preprocess`'s steps, with the box `crop_box`
-gives the patient's whole volume and the neighbours `stack_context` picks from its slices in slice_index order, so an
-evaluation batch equals `preprocess(patient volume)`. A neighbour is another decoded slice of the same patient, from the
+batches of (B,P,P,C)]. Background, crop, resize, normalise and the context are `preprocess`'s steps, with the
+background and box that `grey_background` and `crop_box` give the patient's whole volume (`patient_readings`) and the
+neighbours `stack_context` picks from its slices in slice_index order, so an evaluation batch equals
+`preprocess(patient volume)`. A neighbour is another decoded slice of the same patient, from the
 same cache; the sampler draws centre slices, and the mask, label and index are the centre slice's.
 Batch: {"image": f32 (B,S,S,C) (C = 3(2K+1)), "mask": f32 (B,S,S,1) in {0,1}, "label": f32 (B,), "valid": bool (B,),
 "index": int32 (B,)}: `index` is each row's position in the given slice list (-1 on padding), so a consumer can tell
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import grain
 import numpy as np
@@ -36,12 +38,12 @@ from flaxtumor.data.augment import augment, drop_sequences, patch_window
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Slice
 from flaxtumor.data.preprocess import (
-    FLAIR, Box, Preprocessing, Stats, crop, crop_box, normalise, resize_images, resize_mask, stack_context,
-    volume_stats,
+    FLAIR, Background, Box, Preprocessing, Stats, crop, crop_box, grey_background, normalise, remove_grey_background,
+    resize_images, resize_mask, stack_context, volume_stats,
 )
 
 _READ_THREADS = 2  # 2-core machine: more threads only contend for the GIL
-_MEMO_ENTRIES = 8  # decoded slices, stats and crop boxes of the train, val and test sets of one run, plus spares
+_MEMO_ENTRIES = 12  # decoded slices, stats and readings of the train, val and test sets of one run, plus spares
 _memo: dict[tuple, object] = {}
 T = TypeVar("T")
 
@@ -54,13 +56,22 @@ class Decoded:
     masks: np.ndarray
 
 
-Boxes = tuple[Box, ...] | None  # per slice, its patient's crop box; None: no crop
+class Reading(NamedTuple):
+    """How one slice is read: its patient's grey background (`grey_background`) and, with the brain crop, its
+    patient's box (None: no crop)."""
+
+    background: Background = ()
+    box: Box | None = None
 
 
-def _load(s: Slice, size: int, box: Box | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded, cropped (to `box`, when given), resized image and mask of one slice; a slice without a mask
-    (unlabelled data) gets an empty one. Image and mask are cut by the same box."""
-    image = read_image(s.image_path)[None]
+Readings = tuple[Reading, ...]  # one per slice
+
+
+def _load(s: Slice, size: int, reading: Reading = Reading()) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded, repaired (its patient's grey background), cropped (its patient's box, when given), resized image and
+    mask of one slice; a slice without a mask (unlabelled data) gets an empty one. Image and mask are cut alike."""
+    box = reading.box
+    image = remove_grey_background(read_image(s.image_path)[None], reading.background)
     image = resize_images(crop(image, box) if box else image, size)[0]
     if s.mask_path is None:
         return image, np.zeros((size, size), bool)
@@ -68,45 +79,48 @@ def _load(s: Slice, size: int, box: Box | None = None) -> tuple[np.ndarray, np.n
     return image, resize_mask(mask[box.rows, box.cols] if box else mask, (size, size))
 
 
-def _load_many(slices: Sequence[Slice], size: int, boxes: Boxes = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Decodes slices on threads (TIFF inflate and PIL resize release the GIL); `boxes[i]` crops `slices[i]`."""
+def _load_many(slices: Sequence[Slice], size: int, readings: Readings) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Decodes slices on threads (TIFF inflate and PIL resize release the GIL); `readings[i]` says how `slices[i]`
+    is read."""
     with ThreadPoolExecutor(_READ_THREADS) as pool:
-        return list(pool.map(lambda i: _load(slices[i], size, boxes[i] if boxes else None), range(len(slices))))
+        return list(pool.map(lambda i: _load(slices[i], size, readings[i]), range(len(slices))))
 
 
-def decode_all(slices: Sequence[Slice], size: int, boxes: Boxes = None) -> Decoded:
-    """Decodes every slice once."""
-    pairs = _load_many(slices, size, boxes)
+def decode_all(slices: Sequence[Slice], size: int, crop_mode: str = "none") -> Decoded:
+    """Decodes every slice once, as training reads it (pass whole patients)."""
+    pairs = _load_many(slices, size, patient_readings(slices, crop_mode))
     return Decoded(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
 
 
-def patient_boxes(slices: Sequence[Slice]) -> tuple[Box, ...]:
-    """The brain crop box of each slice: its patient's (`crop_box` over the patient's given slices, so pass whole
-    patients), one box per volume so a patient's slices stay aligned. Reads each image once per slice list."""
+def patient_readings(slices: Sequence[Slice], crop_mode: str = "none") -> Readings:
+    """Each slice's `Reading`: its patient's grey background and (crop_mode "brain") crop box, each decided once over
+    the patient's given slices (so pass whole patients), so a patient's slices are read alike and stay aligned. Reads
+    each image once per slice list."""
 
-    def build() -> tuple[Box, ...]:
+    def build() -> Readings:
         rows: dict[str, list[int]] = {}
         for i, s in enumerate(slices):
             rows.setdefault(s.patient_id, []).append(i)
-        boxes: list[Box | None] = [None] * len(slices)
+        readings: list[Reading] = [Reading()] * len(slices)
         with ThreadPoolExecutor(_READ_THREADS) as pool:
             for indices in rows.values():
-                box = crop_box(list(pool.map(lambda i: read_image(slices[i].image_path), indices)), "brain")
+                volume = list(pool.map(lambda i: read_image(slices[i].image_path), indices))
+                reading = Reading(grey_background(volume), crop_box(volume, "brain") if crop_mode == "brain" else None)
                 for i in indices:
-                    boxes[i] = box
-        return tuple(boxes)
+                    readings[i] = reading
+        return tuple(readings)
 
-    return _memoised("boxes", slices, 0, build)
+    return _memoised(f"readings-{crop_mode}", slices, 0, build)
 
 
 class _DecodedCache:
     """Decoded, resized slices kept for the run, filled on demand: a process decodes only the slices its shard of the
     batches reads (arrays from np.zeros take memory only where written)."""
 
-    def __init__(self, slices: Sequence[Slice], size: int, boxes: Boxes = None):
+    def __init__(self, slices: Sequence[Slice], size: int, readings: Readings):
         self.slices = tuple(slices)
         self.size = size
-        self.boxes = boxes
+        self.readings = readings
         self.images = np.zeros((len(self.slices), size, size, 3), np.uint8)
         self.masks = np.zeros((len(self.slices), size, size), bool)
         self.filled = np.zeros(len(self.slices), bool)
@@ -114,8 +128,8 @@ class _DecodedCache:
     def fill(self, indices: Iterable[int]) -> None:
         """Decodes the given slices that are not cached yet."""
         missing = [i for i in dict.fromkeys(int(i) for i in indices) if not self.filled[i]]
-        boxes = [self.boxes[i] for i in missing] if self.boxes else None
-        for i, (image, mask) in zip(missing, _load_many([self.slices[i] for i in missing], self.size, boxes)):
+        readings = [self.readings[i] for i in missing]
+        for i, (image, mask) in zip(missing, _load_many([self.slices[i] for i in missing], self.size, readings)):
             self.images[i], self.masks[i] = image, mask
             self.filled[i] = True
 
@@ -160,7 +174,7 @@ class _SliceSource:
     slices: tuple[Slice, ...]
     size: int
     decoded: _DecodedCache | None
-    boxes: Boxes = None
+    readings: Readings
     context: np.ndarray | None = None  # (N, 2K+1) `context_rows`; None: each slice alone
 
     def __len__(self) -> int:
@@ -175,7 +189,7 @@ class _SliceSource:
         """(i, centre slice, uint8 image (S, S, 3) or its context stack (S, S, 3(2K+1)), the centre's mask)."""
         s, rows = self.slices[i], list(self.reads([i]))
         if self.decoded is None:
-            pairs = {j: _load(self.slices[j], self.size, self.boxes[j] if self.boxes else None) for j in rows}
+            pairs = {j: _load(self.slices[j], self.size, self.readings[j]) for j in rows}
             return i, s, np.concatenate([pairs[j][0] for j in rows], axis=-1), pairs[i][1]
         if not self.decoded.filled[rows].all():  # the pipelines pre-fill what they read; this is only a fallback
             self.decoded.fill(rows)
@@ -228,16 +242,16 @@ def _source(slices: Sequence[Slice], cfg: DataConfig) -> tuple[_SliceSource, dic
     if not slices:
         raise ValueError("no slices to batch")
     size = cfg.image_size
-    boxes = patient_boxes(slices) if cfg.crop == "brain" else None
-    kind = "" if boxes is None else f"-{cfg.crop}"  # cropped and uncropped decodings never share an entry
-    cache = (_memoised(f"decoded{kind}", slices, size, lambda: _DecodedCache(slices, size, boxes))
+    readings = patient_readings(slices, cfg.crop)
+    kind = "" if cfg.crop == "none" else f"-{cfg.crop}"  # cropped and uncropped decodings never share an entry
+    cache = (_memoised(f"decoded{kind}", slices, size, lambda: _DecodedCache(slices, size, readings))
              if cfg.cache_decoded else None)
     stats = None
     if cfg.normalisation == "volume_zscore":  # whole patient volumes, so every slice (once per run, memoised)
         stats = _memoised(f"stats{kind}", slices, size,
-                          lambda: patient_stats(slices, cache.all() if cache else decode_all(slices, size, boxes)))
+                          lambda: patient_stats(slices, cache.all() if cache else decode_all(slices, size, cfg.crop)))
     context = context_rows(slices, cfg.context_slices) if cfg.context_slices else None
-    return _SliceSource(slices, size, cache, boxes, context), stats
+    return _SliceSource(slices, size, cache, readings, context), stats
 
 
 def _check_shard(batch_size: int, shard_index: int, shard_count: int) -> int:

@@ -8,6 +8,11 @@ every pixel brighter than `BRAIN_THRESHOLD` (any channel, any slice of the volum
 pixels go to the head rather than the black background. `crop_box` is the one place a box is computed, and
 `uncrop_mask` the one place a model-size mask goes back to the input size; training and serving both use them.
 
+Grey background: kaggle_3m's background reads 0-7, but two of our 81 patients (TCGA_FG_7637, TCGA_FG_A4MU) have a
+pre-contrast whose background reads 103 and 61, and the models missed their tumours. `preprocess` and `crop_box` first
+make such a background black (`remove_grey_background`), deciding once per volume (`grey_background`); training reads
+its slices the same way (`flaxtumor.data.pipeline`).
+
 Context (`Preprocessing.context_slices` K, 2.5D input): the model sees slice i with its K neighbours on each side of
 the patient volume, slices i-K..i+K concatenated on the channel axis in that order, 3(2K+1) channels. `stack_context`
 is the one place neighbours are chosen (the nearest slice repeats past either end of the volume); `preprocess` ends
@@ -30,15 +35,58 @@ NORMALISATIONS = ("image_zscore", "volume_zscore", "imagenet", "caffe")
 CROPS = ("none", "brain")
 CHANNELS = 3  # per slice: pre-contrast, FLAIR, post-contrast
 PRE_CONTRAST, FLAIR, POST_CONTRAST = range(CHANNELS)
+SEQUENCE_NAMES = ("pre-contrast", "FLAIR", "post-contrast")
 # kaggle_3m's background reads 0-7 in uint8, tissue well above; the margin keeps the skull edge off the border.
 BRAIN_THRESHOLD = 10
 CROP_MARGIN = 8
+# A sequence whose median outside the head (FLAIR <= BRAIN_THRESHOLD) is above this has a grey background. In our 81
+# patients the per-volume median reads at most 6 where it is black and 61 or 103 where it is grey; one edge slice read
+# alone reads 38, and the grey volumes' slices at least 60.
+GREY_BACKGROUND = 50
+# ... and only where a background exists: at least this share of the pixels outside the head (in our 81 volumes 35-80%,
+# in any one slice at least 25%; a noise image has about 4%).
+MIN_BACKGROUND = 0.2
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 _EPS = 1e-6  # an all-black slice has zero variance
 
 Stats = tuple[np.ndarray, np.ndarray]  # per-channel mean and std, each (3,)
+Background = tuple[tuple[int, int], ...]  # (channel, level) of each sequence whose background is grey; () if none
+
+
+def grey_background(slices: np.ndarray | Sequence[np.ndarray]) -> Background:
+    """Which contrasts of one volume (uint8 (H, W, 3) slices, stacked or listed) have a grey background, and its
+    level: the median of the channel over every pixel outside the head (FLAIR <= BRAIN_THRESHOLD) of every slice,
+    where that median is above GREY_BACKGROUND and the outside at least MIN_BACKGROUND of the pixels. FLAIR itself
+    defines the outside and is never grey here."""
+    histograms = {PRE_CONTRAST: np.zeros(256, np.int64), POST_CONTRAST: np.zeros(256, np.int64)}
+    pixels = 0
+    for image in slices:  # one slice at a time, as crop_box reads a volume; a histogram: uint8 medians are cheap
+        a = np.asarray(image)
+        outside = a[..., FLAIR] <= BRAIN_THRESHOLD
+        for c, histogram in histograms.items():
+            histogram += np.bincount(a[..., c][outside], minlength=256)
+        pixels += outside.size
+    if histograms[PRE_CONTRAST].sum() < MIN_BACKGROUND * max(pixels, 1):
+        return ()
+    levels = {c: int(np.searchsorted(np.cumsum(h), h.sum() / 2)) for c, h in histograms.items()}
+    return tuple((c, level) for c, level in levels.items() if level > GREY_BACKGROUND)
+
+
+def remove_grey_background(images: np.ndarray, background: Background | None = None) -> np.ndarray:
+    """uint8 (..., H, W, 3) with each grey `background` (default: `grey_background(images)`, the whole stack as one
+    volume) made black: the level is subtracted inside the head and the outside set to 0, as in the rest of the data.
+    Returns `images` itself when there is nothing to change."""
+    background = grey_background(np.reshape(images, (-1, *np.shape(images)[-3:]))) if background is None else background
+    if not background:
+        return images
+    out = np.array(images, copy=True)
+    outside = out[..., FLAIR] <= BRAIN_THRESHOLD
+    for c, level in background:
+        inside = np.clip(out[..., c].astype(np.int16) - level, 0, 255).astype(np.uint8)
+        out[..., c] = np.where(outside, np.uint8(0), inside)
+    return out
 
 
 def sequence_group(volume: np.ndarray) -> str:
@@ -130,16 +178,18 @@ def crop_box(slices: np.ndarray | Sequence[np.ndarray], mode: str) -> Box:
     """THE crop box of one volume: uint8 slices (H, W, 3), stacked (N, H, W, 3) or listed (a loose slice: `[image]`).
 
     "none": the whole slice. "brain": the bounding box of the pixels above `BRAIN_THRESHOLD` in any channel of any
-    slice, grown by `CROP_MARGIN` on each side and to a square (so resizing keeps the aspect ratio), then shifted into
-    the image; a square larger than the image is cut to it. No such pixel (all background): the whole slice."""
+    slice (a grey background made black first, `remove_grey_background`), grown by `CROP_MARGIN` on each side and to
+    a square (so resizing keeps the aspect ratio), then shifted into the image; a square larger than the image is cut
+    to it. No such pixel (all background): the whole slice."""
     h, w = slices[0].shape[:2]
     if mode == "none":
         return Box(0, 0, h, w)
     if mode != "brain":
         raise ValueError(f"crop {mode!r} is not one of {CROPS}")
+    background = grey_background(slices)
     brain = np.zeros((h, w), bool)
     for image in slices:  # one slice at a time: no (N, H, W, 3) boolean temporary
-        brain |= (np.asarray(image) > BRAIN_THRESHOLD).any(axis=-1)
+        brain |= (remove_grey_background(np.asarray(image), background) > BRAIN_THRESHOLD).any(axis=-1)
     rows, cols = np.flatnonzero(brain.any(axis=1)), np.flatnonzero(brain.any(axis=0))
     if not rows.size:
         return Box(0, 0, h, w)
@@ -250,14 +300,16 @@ def stack_context(volume: np.ndarray, k: int) -> np.ndarray:
 
 def preprocess(images: np.ndarray, spec: Preprocessing, stats: Stats | None = None, box: Box | None = None
                ) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, S, S, spec.channels): crop to `box` (default: `crop_box` of the stack as
-    spec.crop says), bilinear resize to spec.image_size, normalise, then (spec.context_slices K > 0) stack each slice
-    with its K neighbours on each side (`stack_context`).
+    """uint8 (N, H, W, 3) -> float32 (N, S, S, spec.channels): a grey background made black
+    (`remove_grey_background`), crop to `box` (default: `crop_box` of the stack as spec.crop says), bilinear resize to
+    spec.image_size, normalise, then (spec.context_slices K > 0) stack each slice with its K neighbours on each side
+    (`stack_context`).
 
-    volume_zscore uses the statistics of the whole N stack, the brain crop its one box, and the context the stack's
-    slices as neighbours, so pass a patient's full volume in slice order (or its `stats` and `box`). Map masks back
-    with `uncrop_mask` and the same box.
+    The background, volume_zscore and the brain crop are decided over the whole N stack, and the context takes the
+    stack's slices as neighbours, so pass a patient's full volume in slice order (or its `stats` and `box`). Map masks
+    back with `uncrop_mask` and the same box.
     """
+    images = remove_grey_background(images)
     box = crop_box(images, spec.crop) if box is None else box
     x = normalise(resize_images(crop(images, box), spec.image_size), spec, stats)
     return stack_context(x, spec.context_slices)

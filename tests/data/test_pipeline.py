@@ -88,7 +88,8 @@ def test_brain_crop_cuts_image_and_mask_with_the_patients_one_box(synthetic_pati
     boxes = [crop_box(v, "brain") for v in volumes]
     assert boxes[0] != (0, 0, 256, 256)  # this patient's head leaves a border to crop
     slices = [s for p in synthetic_patients[:2] for s in p.slices]
-    assert pipeline.patient_boxes(slices) == tuple(b for b, p in zip(boxes, synthetic_patients) for _ in p.slices)
+    readings = pipeline.patient_readings(slices, "brain")
+    assert tuple(r.box for r in readings) == tuple(b for b, p in zip(boxes, synthetic_patients) for _ in p.slices)
     batches = list(eval_batches(slices, cfg, 8))
     images = np.concatenate([b["image"] for b in batches])[: len(slices)]
     masks = np.concatenate([b["mask"] for b in batches])[: len(slices), ..., 0] > 0.5
@@ -125,9 +126,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list:
     seen: list = []
     load = pipeline._load
 
-    def counting(s, size, box=None):
+    def counting(s, size, reading=pipeline.Reading()):
         seen.append(s.image_path)
-        return load(s, size, box)
+        return load(s, size, reading)
 
     monkeypatch.setattr(pipeline, "_load", counting)
     monkeypatch.setattr(pipeline, "_memo", {})
