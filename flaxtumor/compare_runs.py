@@ -11,7 +11,10 @@ difference with a percentile-bootstrap 95% interval over patients, and how many 
 With `--ensemble` the runs' averaged probabilities are scored too, as one more run: what an ensemble of these
 recipes would buy on patients none of them trained on. With `--flair-only` every held-out patient is scored as if it
 lacked both contrasts (pre- and post-contrast replaced by its FLAIR, as kaggle_3m stores such a patient): how the runs
-read the FLAIR-only patients of the dataset, with 16 patients instead of the 5 it has.
+read the FLAIR-only patients of the dataset, with 16 patients instead of the 5 it has. With `--versus-crossval
+CV.json` the baseline is a finished cross-validation's recorded out-of-fold Dice of the same patients (its
+`per_patient_dice`, scored the same way), for when that cross-validation's fold models are gone or a new recipe's fold
+is set against the shipped cross-validation.
 
 A run is a training folder holding an exported `segmenter/` (as `train.py --out` writes it), or the export itself.
 """
@@ -58,6 +61,32 @@ def paired(base: dict[str, float], other: dict[str, float], seed: int = 0) -> di
     }
 
 
+def recorded_row(cv_file: Path, patient_ids: Sequence[str], threshold: float) -> dict[str, Any]:
+    """The baseline row from a finished cross-validation (`crossval.json`): the out-of-fold Dice its fold models gave
+    these patients. They must be exactly the patients one of its folds held out, scored at the same mask threshold."""
+    cv = json.loads(Path(cv_file).read_text())
+    if cv.get("task") != "seg" or "per_patient_dice" not in cv:
+        raise ValueError(f"{cv_file}: not a segmenter cross-validation's crossval.json")
+    folds = {cv["fold_of"].get(pid) for pid in patient_ids}
+    if None in folds or len(folds) != 1:
+        raise ValueError(f"{cv_file}: the runs' held-out patients are not one fold of that cross-validation "
+                         f"(its folds {sorted(map(str, folds))}); compare runs made with its folds and split seed")
+    fold = folds.pop()
+    if sorted(pid for pid, k in cv["fold_of"].items() if k == fold) != sorted(patient_ids):
+        raise ValueError(f"{cv_file}: its fold {fold} holds out other patients than the runs do")
+    if cv["threshold"] != threshold:
+        raise ValueError(f"{cv_file}: scored at mask threshold {cv['threshold']}, the runs at {threshold}")
+    dice = {pid: float("nan") if cv["per_patient_dice"][pid] is None else cv["per_patient_dice"][pid]
+            for pid in patient_ids}
+    scored = [v for v in dice.values() if not np.isnan(v)]
+    per_fold = {f["fold"]: f for f in (cv.get("recommended_epochs") or {}).get("per_fold", [])}
+    epoch = f"{per_fold[fold]['best_epoch']}/{per_fold[fold]['epochs_trained']}" if fold in per_fold else "?"
+    return {"run": f"{cv_file} (fold {fold}, recorded)", "epoch": epoch, "preprocessing": None,
+            "mean": float(np.mean(scored)), "mean_ci95": M.bootstrap_interval(scored, np.mean),
+            "median": float(np.median(scored)), "worst": float(np.min(scored)), "tumour_slice_dice": None,
+            "dice_loss": None, "per_patient_dice": dice}
+
+
 def _epoch(meta: Any) -> str:
     chosen = meta.get("best") or meta.get("exported") or {}
     return f"{chosen.get('epoch', '?')}/{len(meta.get('history') or [])}"
@@ -87,10 +116,13 @@ def averaged(predictions: Sequence[Sequence[Any]], rows: Sequence[dict[str, Any]
 
 
 def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = False,
-            flair_only: bool = False) -> dict[str, Any]:
+            flair_only: bool = False, versus_crossval: Path | None = None) -> dict[str, Any]:
     """Scores every run on the shared held-out patients; the first run is the baseline. With `ensemble`, also the
     runs' averaged probabilities (`averaged`), as one more row; with `flair_only`, on FLAIR-only copies of the
-    patients (`crossval.predict_fold`)."""
+    patients (`crossval.predict_fold`); with `versus_crossval`, the baseline is that cross-validation's recorded
+    out-of-fold Dice of these patients (`recorded_row`), before the runs."""
+    if flair_only and versus_crossval:
+        raise ValueError("--flair-only with --versus-crossval: the recorded Dice is of the patients as stored")
     from flaxtumor.checkpoint_metadata import read_metadata, segmenter_export
     from flaxtumor.crossval import predict_fold, score_seg
     from flaxtumor.data.lgg import load_dataset, select
@@ -109,6 +141,8 @@ def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = Fals
     if ensemble:
         rows.append(_row(f"ensemble of the {len(runs)} runs", "-", rows[0]["preprocessing"],
                          score_seg(averaged(predictions, rows), patients, first.threshold)))
+    if versus_crossval:
+        rows.insert(0, recorded_row(versus_crossval, patient_ids, first.threshold))
     for row in rows[1:]:
         row["versus_first"] = paired(rows[0]["per_patient_dice"], row["per_patient_dice"])
     inputs = ("every patient as FLAIR only (pre- and post-contrast replaced by FLAIR)" if flair_only
@@ -143,11 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--flair-only", action="store_true",
                     help="score every patient as if it lacked both contrasts (pre- and post-contrast replaced by its "
                     "FLAIR, as kaggle_3m stores such a patient)")
+    ap.add_argument("--versus-crossval", type=Path, default=None, metavar="CV.json",
+                    help="the baseline is this finished cross-validation's recorded out-of-fold Dice of the runs' "
+                    "held-out patients (e.g. checkpoints/crossval.json), not a run: then one run is enough")
     args = ap.parse_args(argv)
-    if len(args.runs) < 2:
-        ap.error("give at least two runs: the baseline first")
+    if len(args.runs) < (1 if args.versus_crossval else 2):
+        ap.error("give at least two runs: the baseline first (or one run and --versus-crossval)")
     try:
-        report = compare(args.runs, args.data, args.ensemble, args.flair_only)
+        report = compare(args.runs, args.data, args.ensemble, args.flair_only, args.versus_crossval)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors with one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2

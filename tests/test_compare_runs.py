@@ -68,6 +68,41 @@ def test_two_tiny_runs_of_one_fold_compared_by_patient(tmp_path, capsys):
     assert len(json.loads(report_file.read_text())["runs"]) == 3
     assert C.main([str(runs[0]), str(runs[1]), "--flair-only", "--out", str(report_file)]) == 0
     assert "FLAIR only" in json.loads(report_file.read_text())["input"]
+    # --versus-crossval: the first run's Dice recorded as a cross-validation's out-of-fold result is the same baseline
+    cv_file = tmp_path / "crossval.json"
+    cv_file.write_text(json.dumps(_crossval(report["patients"], first["per_patient_dice"])))
+    assert C.main([str(runs[1]), "--versus-crossval", str(cv_file), "--out", str(report_file)]) == 0
+    recorded, run = json.loads(report_file.read_text())["runs"]
+    assert recorded["run"].endswith("(fold 0, recorded)") and recorded["epoch"] == "1/2"
+    assert recorded["mean"] == pytest.approx(first["mean"]) and recorded["worst"] == pytest.approx(first["worst"])
+    assert run["versus_first"] == second["versus_first"]
+    assert C.main([str(runs[0]), "--versus-crossval", str(cv_file), "--flair-only"]) == 2
+
+
+def _crossval(held_out, dice, threshold=0.5):
+    """A finished cross-validation's crossval.json, as much of it as `recorded_row` reads: `held_out` was fold 0."""
+    return {"task": "seg", "threshold": threshold, "fold_of": {**{p: 0 for p in held_out}, "other": 1},
+            "per_patient_dice": {**dice, "other": 0.5},
+            "recommended_epochs": {"per_fold": [{"fold": 0, "best_epoch": 1, "epochs_trained": 2}]}}
+
+
+def test_a_recorded_cross_validation_is_a_baseline_only_for_exactly_one_of_its_folds(tmp_path):
+    cv_file = tmp_path / "crossval.json"
+    cv_file.write_text(json.dumps(_crossval(["a", "b", "c"], {"a": 0.2, "b": None, "c": 0.8})))
+    row = C.recorded_row(cv_file, ["a", "b", "c"], 0.5)
+    assert row["mean"] == pytest.approx(0.5) and row["worst"] == 0.2 and np.isnan(row["per_patient_dice"]["b"])
+    assert C.paired(row["per_patient_dice"], {"a": 0.3, "b": 0.9, "c": 0.8})["n_patients"] == 2
+    with pytest.raises(ValueError, match="other patients"):
+        C.recorded_row(cv_file, ["a", "b"], 0.5)
+    with pytest.raises(ValueError, match="not one fold"):
+        C.recorded_row(cv_file, ["a", "other"], 0.5)
+    with pytest.raises(ValueError, match="not one fold"):
+        C.recorded_row(cv_file, ["a", "z"], 0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        C.recorded_row(cv_file, ["a", "b", "c"], 0.4)
+    cv_file.write_text(json.dumps({"task": "cls"}))
+    with pytest.raises(ValueError, match="not a segmenter"):
+        C.recorded_row(cv_file, ["a"], 0.5)
 
 
 def test_flair_only_predicts_the_patients_with_both_contrasts_replaced_by_flair(tmp_path, monkeypatch):
