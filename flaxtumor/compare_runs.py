@@ -130,6 +130,8 @@ def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = Fals
     metas = {str(run): read_metadata(segmenter_export(run)) for run in runs}
     patient_ids = held_out_patients(metas)
     first = next(iter(metas.values()))
+    # checked before any prediction, so a mismatched cross-validation fails at once
+    recorded = recorded_row(versus_crossval, patient_ids, first.threshold) if versus_crossval else None
     config = dataclasses.replace(first.config.data, root=str(data or first.config.data.root), split_file=None)
     patients = {p.patient_id: p for p in select(load_dataset(config), patient_ids)}
     rows, predictions = [], []
@@ -141,8 +143,8 @@ def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = Fals
     if ensemble:
         rows.append(_row(f"ensemble of the {len(runs)} runs", "-", rows[0]["preprocessing"],
                          score_seg(averaged(predictions, rows), patients, first.threshold)))
-    if versus_crossval:
-        rows.insert(0, recorded_row(versus_crossval, patient_ids, first.threshold))
+    if recorded:
+        rows.insert(0, recorded)
     for row in rows[1:]:
         row["versus_first"] = paired(rows[0]["per_patient_dice"], row["per_patient_dice"])
     inputs = ("every patient as FLAIR only (pre- and post-contrast replaced by FLAIR)" if flair_only
