@@ -1,0 +1,142 @@
+"""Train on a machine that has no copy of the dataset (a lent GPU), from one compressed pack of the slices.
+
+kaggle_3m is 237 MB of compressed TIFFs, more than such a machine's transfer limit. Training never reads them past
+the first epoch anyway: it reads each slice as `decode_all` leaves it (its patient's grey background removed, resized
+to the run's image size, uint8) and, for tumour sampling, each slice's tumour area at full resolution. The pack holds
+exactly those, lzma-compressed, plus the slice list; `train` serves the data pipeline from it and otherwise runs
+`train.py` unchanged, so a fold trained from the pack is the fold `train.py` would train from the TIFFs (the test in
+tests/test_data_pack.py checks the batches are identical). Scoring at full resolution (crossval's out-of-fold step,
+compare_runs) still needs the TIFFs, so it runs where the dataset is.
+
+    python tools/data_pack.py pack --data ../shared/lgg --size 128 --out .remote/lgg128.pack
+    python tools/data_pack.py train --pack .remote/lgg128.pack -- --config runs/cv/config.json --fold 0 --out ...
+
+Only the whole-slice preprocessing (crop "none", no context slices) is packed: the other crops and 2.5D inputs read
+differently and are refused rather than approximated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import lzma
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flaxtumor.config import DataConfig  # noqa: E402
+from flaxtumor.data import pipeline  # noqa: E402
+from flaxtumor.data.lgg import Patient, Slice, load_dataset  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Pack:
+    """Every slice of a dataset as training reads it at one image size."""
+
+    size: int
+    patients: tuple[Patient, ...]
+    images: np.ndarray  # uint8 (N, S, S, 3), in the order of the patients' slices
+    masks: np.ndarray  # bool (N, S, S)
+    areas: np.ndarray  # int64 (N,) tumour pixels at full resolution
+
+    def rows(self) -> dict[Path, int]:
+        return {s.image_path: i for i, s in enumerate(s for p in self.patients for s in p.slices)}
+
+
+def build(data: DataConfig) -> Pack:
+    if data.crop != "none" or data.context_slices:
+        raise ValueError("a pack holds whole slices alone: crop 'none' and no context slices")
+    patients = tuple(load_dataset(data))
+    slices = [s for p in patients for s in p.slices]
+    decoded = pipeline.decode_all(slices, data.image_size, "none")
+    return Pack(data.image_size, patients, decoded.images, decoded.masks, pipeline.tumour_areas(slices))
+
+
+def save(pack: Pack, path: Path) -> Path:
+    slices = [s for p in pack.patients for s in p.slices]
+    table = {
+        "size": np.int64(pack.size),
+        "patient_id": np.array([s.patient_id for s in slices]),
+        "slice_index": np.array([s.slice_index for s in slices], np.int64),
+        "image_path": np.array([str(s.image_path) for s in slices]),
+        "mask_path": np.array(["" if s.mask_path is None else str(s.mask_path) for s in slices]),
+        "has_tumour": np.array([s.has_tumour for s in slices]),
+        "images": pack.images,
+        "masks": np.packbits(pack.masks, axis=-1),
+        "areas": pack.areas,
+    }
+    raw = io.BytesIO()
+    np.savez(raw, **table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lzma.compress(raw.getvalue(), preset=6))
+    return path
+
+
+def load(path: Path) -> Pack:
+    t = np.load(io.BytesIO(lzma.decompress(path.read_bytes())))
+    size = int(t["size"])
+    slices = [Slice(str(pid), int(k), Path(str(ip)), Path(str(mp)) if str(mp) else None, bool(h))
+              for pid, k, ip, mp, h in zip(t["patient_id"], t["slice_index"], t["image_path"], t["mask_path"],
+                                           t["has_tumour"])]
+    by_patient: dict[str, list[Slice]] = {}
+    for s in slices:
+        by_patient.setdefault(s.patient_id, []).append(s)
+    patients = tuple(Patient(pid, tuple(ss)) for pid, ss in by_patient.items())
+    masks = np.unpackbits(t["masks"], axis=-1, count=size).astype(bool)
+    return Pack(size, patients, t["images"], masks, t["areas"])
+
+
+def serve(pack: Pack, patch: Callable[[object, str, object], None] = setattr) -> None:
+    """Points the data pipeline and the training loop at the pack instead of the dataset folder (`patch`: the tests
+    pass pytest's monkeypatch.setattr, which undoes it)."""
+    from flaxtumor.data import lgg
+    from flaxtumor.train import loop
+
+    rows = pack.rows()
+
+    def dataset(data: DataConfig) -> list[Patient]:
+        if data.image_size != pack.size or data.crop != "none" or data.context_slices:
+            raise ValueError(f"the pack holds whole {pack.size}² slices; this run reads {data.image_size}² slices "
+                             f"with crop {data.crop!r} and {data.context_slices} context slices")
+        return list(pack.patients)
+
+    def read(s: Slice, size: int, reading: pipeline.Reading = pipeline.Reading()) -> tuple[np.ndarray, np.ndarray]:
+        i = rows[s.image_path]  # the grey background was removed when the pack was built, over the whole patient
+        return pack.images[i], pack.masks[i]
+
+    patch(lgg, "resolve_root", Path)  # train.py checks the dataset folder exists; here it need not
+    patch(loop, "load_dataset", dataset)
+    patch(pipeline, "_load", read)
+    patch(pipeline, "patient_readings", lambda slices, crop_mode="none": tuple(pipeline.Reading() for _ in slices))
+    patch(pipeline, "tumour_areas", lambda slices: pack.areas[[rows[s.image_path] for s in slices]])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("pack", help="write the pack of a dataset folder")
+    a.add_argument("--data", required=True)
+    a.add_argument("--size", type=int, default=128)
+    a.add_argument("--out", type=Path, required=True)
+    b = sub.add_parser("train", help="train.py, reading the pack; train.py's arguments follow --")
+    b.add_argument("--pack", type=Path, required=True)
+    b.add_argument("train_args", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.command == "pack":
+        path = save(build(DataConfig(root=args.data, image_size=args.size)), args.out)
+        print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB")
+        return 0
+    serve(load(args.pack))
+    from flaxtumor.train.cli import main as train_main
+
+    rest = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    return train_main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
