@@ -1,18 +1,19 @@
 """Train on a machine that has no copy of the dataset (a lent GPU), from one compressed pack of the slices.
 
 kaggle_3m is 237 MB of compressed TIFFs, more than such a machine's transfer limit. Training never reads them past
-the first epoch anyway: it reads each slice as `decode_all` leaves it (its patient's grey background removed, resized
-to the run's image size, uint8) and, for tumour sampling, each slice's tumour area at full resolution. The pack holds
+the first epoch anyway: it reads each slice as `decode_all` leaves it (its patient's grey background removed, cropped
+to its patient's box with crop "brain", resized to the run's image size, uint8) and, for tumour sampling, each
+slice's tumour area at full resolution. The pack holds
 exactly those, lzma-compressed, plus the slice list; `train` serves the data pipeline from it and otherwise runs
 `train.py` unchanged, so a fold trained from the pack is the fold `train.py` would train from the TIFFs (the test in
 tests/test_data_pack.py checks the batches are identical). Scoring at full resolution (crossval's out-of-fold step,
 compare_runs) still needs the TIFFs, so it runs where the dataset is.
 
-    python tools/data_pack.py pack --data ../shared/lgg --size 128 --out .remote/lgg128.pack
+    python tools/data_pack.py pack --data ../shared/lgg --size 128 [--crop brain] --out .remote/lgg128.pack
     python tools/data_pack.py train --pack .remote/lgg128.pack -- --config runs/cv/config.json --fold 0 --out ...
 
-Only the whole-slice preprocessing (crop "none", no context slices) is packed: the other crops and 2.5D inputs read
-differently and are refused rather than approximated.
+A pack serves runs at its own image size and crop (`--crop`); 2.5D runs (context slices) stack its slices as they
+stack the decoded ones. A run that reads slices otherwise is refused, never approximated.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Pack:
     """Every slice of a dataset as training reads it at one image size."""
 
     size: int
+    crop: str  # the preprocessing's crop mode ("none" or "brain")
     patients: tuple[Patient, ...]
     images: np.ndarray  # uint8 (N, S, S, 3), in the order of the patients' slices
     masks: np.ndarray  # bool (N, S, S)
@@ -49,18 +51,17 @@ class Pack:
 
 
 def build(data: DataConfig) -> Pack:
-    if data.crop != "none" or data.context_slices:
-        raise ValueError("a pack holds whole slices alone: crop 'none' and no context slices")
     patients = tuple(load_dataset(data))
     slices = [s for p in patients for s in p.slices]
-    decoded = pipeline.decode_all(slices, data.image_size, "none")
-    return Pack(data.image_size, patients, decoded.images, decoded.masks, pipeline.tumour_areas(slices))
+    decoded = pipeline.decode_all(slices, data.image_size, data.crop)  # whole patients: their readings as training's
+    return Pack(data.image_size, data.crop, patients, decoded.images, decoded.masks, pipeline.tumour_areas(slices))
 
 
 def save(pack: Pack, path: Path) -> Path:
     slices = [s for p in pack.patients for s in p.slices]
     table = {
         "size": np.int64(pack.size),
+        "crop": np.array(pack.crop),
         "patient_id": np.array([s.patient_id for s in slices]),
         "slice_index": np.array([s.slice_index for s in slices], np.int64),
         "image_path": np.array([str(s.image_path) for s in slices]),
@@ -88,7 +89,7 @@ def load(path: Path) -> Pack:
         by_patient.setdefault(s.patient_id, []).append(s)
     patients = tuple(Patient(pid, tuple(ss)) for pid, ss in by_patient.items())
     masks = np.unpackbits(t["masks"], axis=-1, count=size).astype(bool)
-    return Pack(size, patients, t["images"], masks, t["areas"])
+    return Pack(size, str(t["crop"]), patients, t["images"], masks, t["areas"])
 
 
 def serve(pack: Pack, patch: Callable[[object, str, object], None] = setattr) -> None:
@@ -100,13 +101,13 @@ def serve(pack: Pack, patch: Callable[[object, str, object], None] = setattr) ->
     rows = pack.rows()
 
     def dataset(data: DataConfig) -> list[Patient]:
-        if data.image_size != pack.size or data.crop != "none" or data.context_slices:
-            raise ValueError(f"the pack holds whole {pack.size}² slices; this run reads {data.image_size}² slices "
-                             f"with crop {data.crop!r} and {data.context_slices} context slices")
+        if (data.image_size, data.crop) != (pack.size, pack.crop):
+            raise ValueError(f"the pack holds {pack.size}² slices with crop {pack.crop!r}; this run reads "
+                             f"{data.image_size}² slices with crop {data.crop!r}")
         return list(pack.patients)
 
     def read(s: Slice, size: int, reading: pipeline.Reading = pipeline.Reading()) -> tuple[np.ndarray, np.ndarray]:
-        i = rows[s.image_path]  # the grey background was removed when the pack was built, over the whole patient
+        i = rows[s.image_path]  # background repair and crop were applied when the pack was built, per whole patient
         return pack.images[i], pack.masks[i]
 
     patch(lgg, "resolve_root", Path)  # train.py checks the dataset folder exists; here it need not
@@ -122,13 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = sub.add_parser("pack", help="write the pack of a dataset folder")
     a.add_argument("--data", required=True)
     a.add_argument("--size", type=int, default=128)
+    a.add_argument("--crop", choices=("none", "brain"), default="none")
     a.add_argument("--out", type=Path, required=True)
     b = sub.add_parser("train", help="train.py, reading the pack; train.py's arguments follow --")
     b.add_argument("--pack", type=Path, required=True)
     b.add_argument("train_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command == "pack":
-        path = save(build(DataConfig(root=args.data, image_size=args.size)), args.out)
+        path = save(build(DataConfig(root=args.data, image_size=args.size, crop=args.crop)), args.out)
         print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB")
         return 0
     serve(load(args.pack))
