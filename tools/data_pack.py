@@ -37,7 +37,7 @@ from flaxtumor.data.lgg import Patient, Slice, load_dataset  # noqa: E402
 
 @dataclass(frozen=True)
 class Pack:
-    """Every slice of a dataset as training reads it at one image size."""
+    """Every slice of a dataset as training reads it at one image size and crop."""
 
     size: int
     crop: str  # the preprocessing's crop mode ("none" or "brain")
