@@ -3,10 +3,9 @@
 kaggle_3m is 237 MB of compressed TIFFs, more than such a machine's transfer limit. Training never reads them past
 the first epoch anyway: it reads each slice as `decode_all` leaves it (its patient's grey background removed, cropped
 to its patient's box with crop "brain", resized to the run's image size, uint8) and, for tumour sampling, each
-slice's tumour area at full resolution. The pack holds
-exactly those, lzma-compressed, plus the slice list; `train` serves the data pipeline from it and otherwise runs
-`train.py` unchanged, so a fold trained from the pack is the fold `train.py` would train from the TIFFs (the test in
-tests/test_data_pack.py checks the batches are identical). Scoring at full resolution (crossval's out-of-fold step,
+slice's tumour area at full resolution. The pack holds exactly those, lzma-compressed, plus the slice list; `train`
+serves the data pipeline from it and otherwise runs `train.py` unchanged, so a fold trained from the pack is the fold
+`train.py` would train from the TIFFs (tests/test_data_pack.py checks the batches and a whole run are identical). Scoring at full resolution (crossval's out-of-fold step,
 compare_runs) still needs the TIFFs, so it runs where the dataset is.
 
     python tools/data_pack.py pack --data ../shared/lgg --size 128 [--crop brain] --out .remote/lgg128.pack
@@ -46,8 +45,13 @@ class Pack:
     masks: np.ndarray  # bool (N, S, S)
     areas: np.ndarray  # int64 (N,) tumour pixels at full resolution
 
+    @property
+    def slices(self) -> list[Slice]:
+        """Every slice, in the order of the rows of `images`, `masks` and `areas`."""
+        return [s for p in self.patients for s in p.slices]
+
     def rows(self) -> dict[Path, int]:
-        return {s.image_path: i for i, s in enumerate(s for p in self.patients for s in p.slices)}
+        return {s.image_path: i for i, s in enumerate(self.slices)}
 
 
 def build(data: DataConfig) -> Pack:
@@ -58,7 +62,7 @@ def build(data: DataConfig) -> Pack:
 
 
 def save(pack: Pack, path: Path) -> Path:
-    slices = [s for p in pack.patients for s in p.slices]
+    slices = pack.slices
     table = {
         "size": np.int64(pack.size),
         "crop": np.array(pack.crop),
