@@ -108,6 +108,10 @@ class TrainConfig:
     schedule: Literal["cosine", "onecycle"] = "cosine"
     grad_clip: float = 1.0
     patience: int = 8  # early stopping, in epochs without a better validation metric
+    # Which epoch is exported when the split holds validation patients: "best" on them (and early stopping), or
+    # "last" (nnU-Net's fixed schedule: validation is reported, never selected on, so a fold's held-out patients
+    # stay unseen by every choice). --fold all always exports the last epoch.
+    export_epoch: Literal["best", "last"] = "best"
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     resume: bool = False

@@ -8,17 +8,18 @@ the one fold model that never trained on it, and the results go to
   height, width in input pixels; masks go back to the slices' size through it, as in the pipeline);
 - OUT/crossval.json: per-patient scores and the headline metrics with bootstrap 95% intervals over patients; for seg
   the post-processing chosen on the out-of-fold predictions (`postprocessing`); and `recommended_epochs`, the median
-  over folds of each fold's best epoch, for the model trained on every patient (`train.py --fold all`), whose command
-  is printed at the end; for seg, `levers`: what the chosen post-processing bought over the raw masks and what flip
-  TTA would add to it, each paired by patient with a bootstrap interval (TTA is measured, not chosen);
+  over folds of each fold's exported epoch, for the model trained on every patient (`train.py --fold all`), whose
+  command is printed at the end; for seg, `levers`: what the chosen post-processing bought over the raw masks and
+  what flip TTA would add to it, each paired by patient with a bootstrap interval (TTA is measured, not chosen);
 - OUT/pipeline.json (seg): the chosen post-processing as the pipeline's operating point, in the format
   `flaxtumor.operating_point.read_operating_point` reads, with its provenance (`tuned_on`).
 
 What ships is either the fold models as one ensemble (`python -m flaxtumor.ensemble`, nnU-Net's default: exactly the
 models scored here) or one model trained on every patient for `recommended_epochs` (`train.py --fold all`).
 
-Note: each fold also picks its best epoch (and stops early) on its held-out patients, so out-of-fold scores carry that
-small selection optimism (as nnU-Net's do).
+Note: by default each fold also picks its best epoch (and stops early) on its held-out patients, so out-of-fold
+scores carry that small selection optimism. With `--export-epoch last` (nnU-Net's fixed schedule) each fold exports
+its last epoch and its held-out patients choose nothing; `recommended_epochs` is then the schedule's length.
 
 Resume (--resume): finished folds (exported checkpoint present) are skipped, an interrupted fold continues from its
 latest checkpoint, and the out-of-fold step is redone. Single process: train folds multi-host with train.py --fold.
@@ -306,7 +307,14 @@ def levers(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold
     return out
 
 
-def write_pipeline(out: Path, choice: dict, scores: dict, folds: int) -> Path:
+def epoch_note(export_epoch: str) -> str:
+    """How the folds' exported epoch was chosen, for the notes on out-of-fold scores."""
+    if export_epoch == "last":
+        return "each fold exported the last epoch of a fixed schedule: its held-out patients chose nothing"
+    return "each fold also chose its best epoch on its held-out patients"
+
+
+def write_pipeline(out: Path, choice: dict, scores: dict, folds: int, export_epoch: str = "best") -> Path:
     """OUT/pipeline.json: the chosen candidate as the pipeline's operating point, with how it was chosen."""
     patients = sorted(scores["per_patient_dice"])
     v = scores["volumetric_dice"]
@@ -323,7 +331,7 @@ def write_pipeline(out: Path, choice: dict, scores: dict, folds: int) -> Path:
                       "or every mask is kept (gate off: the segmenter alone)",
         "scores": {"volumetric_dice": v, "tumour_slice_dice": scores["tumour_slice_dice"]},
         "note": "chosen and scored on the same out-of-fold predictions: slightly optimistic (as nnU-Net's choice of "
-                "post-processing); each fold also chose its best epoch on its held-out patients",
+                f"post-processing); {epoch_note(export_epoch)}",
     }
     validation = {"per_patient_dice_mean": v["mean"], "per_patient_dice_median": v["median"],
                   "per_patient_dice_min": v["worst"], "tumour_slice_dice": scores["tumour_slice_dice"]["value"]}
@@ -332,20 +340,24 @@ def write_pipeline(out: Path, choice: dict, scores: dict, folds: int) -> Path:
 
 
 def recommended_epochs(out: Path, folds: int | Sequence[int], task: str) -> dict[str, Any]:
-    """The epochs for the model trained on every patient: the median over folds of each fold's best epoch (its
-    export's `best`, chosen on its held-out patients), rounded half up. None for multi-phase runs (cls from pretrained
-    weights), whose best epoch does not map onto one --epochs."""
-    per_fold = []
+    """The epochs for the model trained on every patient: the median over folds of each fold's exported epoch, rounded
+    half up. That is its export's `best` (chosen on its held-out patients), or `exported` with --export-epoch last
+    (the last epoch of the fixed schedule, so the median is the schedule's length). None for multi-phase runs (cls
+    from pretrained weights), whose exported epoch does not map onto one --epochs."""
+    per_fold, last = [], []
     for fold in (range(folds) if isinstance(folds, int) else folds):
         meta = json.loads((export_path(out, fold, task) / "metadata.json").read_text())
-        best = meta["best"]
-        per_fold.append({"fold": fold, "phase": best["phase"], "best_epoch": best["epoch"],
+        chosen = meta.get("best") or meta["exported"]
+        last.append("best" not in meta)
+        per_fold.append({"fold": fold, "phase": chosen["phase"], "best_epoch": chosen["epoch"],
                          "epochs_trained": len(meta.get("history") or [])})
     epochs = [f["best_epoch"] for f in per_fold]
     single_phase = all(f["phase"] == 0 for f in per_fold)
+    how = ("each fold's last epoch (a fixed schedule: nothing chosen on its held-out patients)" if all(last)
+           else "each fold's best epoch (chosen on its held-out patients)")
     return {
         "epochs": int(math.floor(float(np.median(epochs)) + 0.5)) if single_phase else None,
-        "rule": "median over folds of each fold's best epoch (chosen on its held-out patients), rounded half up"
+        "rule": f"median over folds of {how}, rounded half up"
                 + ("" if single_phase else "; not given for multi-phase runs: set each phase's epochs from per_fold"),
         "per_fold": per_fold,
         "note": "--epochs also sets the length of the learning-rate schedule, so the all-patient run anneals over "
@@ -420,7 +432,7 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
         }, "levers": levers(results, patients, threshold, choice["point"], raw_scores, scored),
             "by_sequences": by_sequences(patients, scored["per_patient_dice"])}
         if not preview:
-            write_pipeline(out, choice, scored, base.data.folds)
+            write_pipeline(out, choice, scored, base.data.folds, base.train.export_epoch)
     report = {
         "task": base.train.task,
         "folds": base.data.folds,
@@ -490,7 +502,7 @@ def _next_step(report: dict[str, Any], out: Path) -> str:
     if epochs is None:
         return ship + (f"no single --epochs for an all-patient model (multi-phase runs): see recommended_epochs in "
                        f"{CV_FILE}")
-    return (ship + f"one model on every patient, this recipe, the folds' median best epoch ({epochs})\n"
+    return (ship + f"one model on every patient, this recipe, the folds' median exported epoch ({epochs})\n"
             f"  {all_fold_command(out, epochs)}")
 
 

@@ -240,6 +240,13 @@ def test_recommended_epochs_is_the_median_of_the_folds_best_epochs(cv, tmp_path)
                                                                "history": history}))
         rec = crossval.recommended_epochs(tmp_path, len(bests), "seg")
         assert rec["epochs"] == expected and [f["best_epoch"] for f in rec["per_fold"]] == bests
+    # Fixed-schedule folds (--export-epoch last) export their last epoch: the schedule's length, chosen on nothing.
+    for fold in range(3):
+        folder = crossval.export_path(tmp_path, fold, "seg")
+        (folder / "metadata.json").write_text(json.dumps({"exported": {"phase": 0, "epoch": 30, "step": 9},
+                                                           "history": [{"epoch": e} for e in range(1, 31)]}))
+    rec = crossval.recommended_epochs(tmp_path, 3, "seg")
+    assert rec["epochs"] == 30 and "last epoch" in rec["rule"] and "held-out patients" in rec["rule"]
     # The printed command trains on every patient with the cross-validation's own config.
     from flaxtumor.train.cli import build_parser, make_config
 

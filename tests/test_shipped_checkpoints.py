@@ -258,15 +258,25 @@ def test_the_lever_table_is_crossval_json(crossval) -> None:
     and are not."""
     levers = crossval["levers"]
     rows = table("| lever | measured on |")
-    # The shipped recipe's own lever: its cross-validation paired with the one it replaced, recomputed from the
-    # committed report, whose lever side must be exactly what ships.
+    # Cross-validations paired patient by patient, recomputed from the committed reports. The fixed-schedule report's
+    # 30-epoch side is exactly what ships; its "best epoch" side is the missing-sequence report's lever side (the
+    # cross-validation shipped before, which chose each fold's best epoch on its held-out patients).
     from flaxtumor.compare_runs import paired
 
     report = json.loads((REPO / "reports" / "missing_sequences_crossval.json").read_text())["chosen post-processing"]
-    assert report["lever"] == crossval["postprocessing"]["per_patient_dice"]
-    assert sorted(report["baseline"]) == sorted(report["lever"])
+    schedule = json.loads((REPO / "reports" / "fixed_schedule_crossval.json").read_text())
+    shipped = crossval["postprocessing"]["per_patient_dice"]
+    assert sorted(report["baseline"]) == sorted(report["lever"]) == sorted(shipped)
+    fixed_15, best_epoch = schedule["fixed_15_per_patient"], report["lever"]
     checked = {"post-processing": levers["postprocessing"], "flip TTA": levers["flip_tta"],
-               "missing sequences, cross-validated": paired(report["baseline"], report["lever"])}
+               "missing sequences, cross-validated": paired(report["baseline"], report["lever"]),
+               "fixed schedule, 30 against 15 epochs": paired(fixed_15, shipped),
+               "no selection on held-out patients": paired(best_epoch, fixed_15)}
+    for name, pair in (("fixed_30 vs fixed_15", checked["fixed schedule, 30 against 15 epochs"]),
+                       ("fixed_15 vs best_epoch", checked["no selection on held-out patients"])):
+        recorded = schedule["paired"][name]
+        assert recorded["mean_difference"] == pytest.approx(pair["mean_difference"]), name
+        assert (recorded["better"], recorded["worse"]) == (pair["better"], pair["worse"]), name
     seen = set()
     for cells in rows:
         name = next((k for k in checked if cells[0].startswith(k)), None)
@@ -318,11 +328,15 @@ def test_the_training_history_claims(pipeline, crossval) -> None:
     members = [m for _, m in _members()]
     for seg in members:  # each all-patient run exported its last epoch of the recommended schedule
         assert seg["exported"]["epoch"] == len(seg["history"]) == seg["config"]["train"]["epochs"] == epochs
-    best = [f["best_epoch"] for f in crossval["recommended_epochs"]["per_fold"]]
+    # ... which is the folds' own fixed schedule: every fold ran it whole and exported its last epoch
+    assert {(f["best_epoch"], f["epochs_trained"]) for f in crossval["recommended_epochs"]["per_fold"]} == {(epochs,
+                                                                                                              epochs)}
+    assert "last epoch" in crossval["recommended_epochs"]["rule"]
+    assert members[0]["config"]["train"]["export_epoch"] == "last"
     shown = claim(r"The shipped models \(seeds ([\d, and]+)\) each trained on all (\d+) patients for (\d+) epochs, the "
-                  r"median of the folds' best epochs \(([\d, ]+)\)")
-    assert_shown("all-patient runs", [*NUMBER.findall(shown[0]), shown[1], shown[2], *shown[3].split(", ")],
-                 [*[m["config"]["train"]["seed"] for m in members], len(members[0]["trained_patients"]), epochs, *best])
+                  r"folds' own schedule")
+    assert_shown("all-patient runs", [*NUMBER.findall(shown[0]), shown[1], shown[2]],
+                 [*[m["config"]["train"]["seed"] for m in members], len(members[0]["trained_patients"]), epochs])
     cls = pipeline.metadata["classifier"]
     auc = [h["val_auc"] for h in cls["history"]]  # the shipped run is phase 3
     assert len(auc) == cls["config"]["train"]["epochs"] and auc == sorted(auc) and len(set(auc)) == len(auc)
@@ -350,18 +364,19 @@ def test_architecture_and_recipe_are_the_recorded_configs(pipeline) -> None:
     # differs only in what --fold all --epochs N sets.
     recipe = json.loads((REPO / "configs" / "segmenter_crossval.json").read_text())
     assert Config.from_dict(recipe).model == Config.from_dict(seg).model
-    run_only = ("epochs", "out_dir", "seed", "resume")  # what --fold all --epochs N --seed S [--resume] sets
+    # what --fold all --epochs N --seed S [--resume] sets, and how often a run saves and plots (not the model)
+    run_only = ("epochs", "out_dir", "seed", "resume", "save_every_steps", "plot")
     for _, member in _members():  # every member: the recipe, up to those
         assert {k: v for k, v in recipe["train"].items() if k not in run_only} == \
             {k: v for k, v in member["config"]["train"].items() if k not in run_only}
         same = {"data.fold": None, "data.root": "", **{f"train.{k}": recipe["train"][k] for k in run_only}}
         assert Config.from_dict(member["config"]).override(**same) == Config.from_dict(recipe).override(**same)
-    lr, share, per_epoch, max_epochs, patience = claim(
+    lr, share, per_epoch, epochs, export_epoch = claim(
         r"BCE \+ soft Dice, lr ([\de.-]+), tumour-aware sampling \(uniform share ([\d.]+), (\d+) slices per epoch\); "
-        r"each fold up to (\d+) epochs with early stopping on its held-out patients' per-patient Dice \(patience (\d+)\)")
-    assert (float(lr), float(share), int(per_epoch), int(max_epochs), int(patience)) == (
+        r"each fold a fixed (\d+)-epoch schedule, exporting its last epoch \(`export_epoch: (\w+)`")
+    assert (float(lr), float(share), int(per_epoch), int(epochs), export_epoch) == (
         seg["train"]["lr"], seg["data"]["sampling_uniform_share"], seg["data"]["samples_per_epoch"],
-        recipe["train"]["epochs"], seg["train"]["patience"])
+        recipe["train"]["epochs"], seg["train"]["export_epoch"]) and export_epoch == "last"
     assert seg["data"]["sampling"] == "tumour" and seg["train"]["loss"] == "bce_dice"
     phases = json.loads((REPO / "configs" / "classifier_indomain.json").read_text())["train"]
     e1, lr1, e2, lr2 = claim(r"the head on the frozen backbone \(its BatchNorm statistics too\) for (\d+) epochs at lr "

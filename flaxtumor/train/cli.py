@@ -50,6 +50,7 @@ FIELDS = {
     "loss": "train.loss",
     "class_weight": "train.class_weight",
     "patience": "train.patience",
+    "export_epoch": "train.export_epoch",
     "phase2_epochs": "train.phase2_epochs",
     "phase2_lr_factor": "train.phase2_lr_factor",
     "phase3_epochs": "train.phase3_epochs",
@@ -154,6 +155,9 @@ def _optimisation_args(p: argparse.ArgumentParser, d: Config) -> None:
     a("--patience", type=int, metavar="N",
       help=f"early stopping: epochs without a better validation metric; none with --fold all (default "
            f"{d.train.patience})")
+    a("--export-epoch", choices=["best", "last"],
+      help="the epoch exported when validation patients exist: the best on them (with early stopping), or the last "
+           f"of a fixed schedule, validation only reported (default {d.train.export_epoch})")
     a("--phase2-epochs", type=int, metavar="N",
       help=f"cls: epochs with the last stage unfrozen; 0 skips (default {d.train.phase2_epochs})")
     a("--phase2-lr-factor", type=float, metavar="F",

@@ -3,9 +3,11 @@
 - `BestOnValidation` (the split holds validation patients): every epoch is scored on them; a phase stops early after
   `patience` epochs without a better score, the next phase starts from the best checkpoint so far, and the export is
   the best epoch.
-- `LastEpoch` (`--fold all`, nnU-Net's "all" fold: every patient trains): there is nothing to select on, so no epoch is
-  scored, nothing stops early, each phase continues from the previous phase's last epoch, and the export is the last
-  epoch. The number of epochs comes from cross-validation (crossval.json's `recommended_epochs`).
+- `LastEpoch`: nothing stops early, each phase continues from the previous phase's last epoch, and the export is the
+  last epoch. Either `--fold all` (nnU-Net's "all" fold: every patient trains, so no epoch is scored; the number of
+  epochs comes from cross-validation, crossval.json's `recommended_epochs`), or `--export-epoch last` (nnU-Net's fixed
+  schedule: the validation patients are scored every epoch for the record, and no choice is made on them, so a
+  cross-validation fold's held-out patients stay unseen by every choice).
 
 Either way the chosen epoch is the training checkpoints' "best" step (`TrainCheckpoints` ranks epoch ends by
 `metric`): the validation metric, or the epoch number, so the newest epoch end is kept and chosen even after later
@@ -79,50 +81,66 @@ class BestOnValidation:
 
 
 class LastEpoch:
-    """No held-out patients: every epoch runs and the last is exported (see the module docstring)."""
+    """Every epoch runs and the last is exported; validation patients, if given, are scored for the record only (see
+    the module docstring)."""
 
     metric = "global_epoch"  # what TrainCheckpoints ranks epoch ends by: the newest wins
 
+    def __init__(self, patients: Sequence[Patient] = (), task: str = "seg"):
+        self.patients, self.task = list(patients), task
+
     def validate(self, model: nnx.Module, eval_step: Callable, cfg: Config, batch_size: int, mesh: Mesh
                  ) -> dict[str, float]:
-        return {}
+        return evaluate(model, eval_step, self.patients, cfg, batch_size, mesh) if self.patients else {}
 
     def judge(self, val: dict[str, float], best: float, bad_epochs: int) -> Judgement:
         return Judgement(None, best, 0, False, False)
 
     def checkpoint_metrics(self, entry: dict[str, Any], score: float | None) -> dict[str, float]:
-        return {self.metric: entry["global_epoch"]}
+        return {**_val(entry), self.metric: entry["global_epoch"]}
 
     def epoch_line(self, entry: dict[str, Any], improved: bool) -> str:
+        if self.patients:
+            return f"train_loss={entry['train_loss']:.4f} val {format_metrics(_val(entry))} (reported, not selected on)"
         return f"train_loss={entry['train_loss']:.4f} (not validated: no held-out patients)"
 
     def record(self, entry: dict[str, Any], step: int, n_trained: int) -> dict[str, Any]:
-        """The export metadata's `metrics` (none: only a protocol that says why) and `exported` (not `best`)."""
-        protocol = (f"no held-out patients: trained on all {n_trained} patients, so there are no validation metrics; "
-                    "see crossval.json for the cross-validated estimate")
-        return {"metrics": {"protocol": protocol},
-                "exported": {"phase": entry["phase"], "epoch": entry["epoch"], "step": step,
-                             "chosen_by": "the last epoch (--fold all: nothing held out to select on)"}}
+        """The export metadata's `metrics` (the last epoch's validation, or only a protocol that says why there is
+        none) and `exported` (not `best`)."""
+        if self.patients:
+            metrics = {**_val(entry), "protocol": f"the last epoch on the {len(self.patients)} validation patients, "
+                                                  "which chose nothing (fixed schedule, --export-epoch last)"}
+            chosen_by = "the last epoch of a fixed schedule (--export-epoch last: validation reported, not selected on)"
+        else:
+            metrics = {"protocol": f"no held-out patients: trained on all {n_trained} patients, so there are no "
+                                   "validation metrics; see crossval.json for the cross-validated estimate"}
+            chosen_by = "the last epoch (--fold all: nothing held out to select on)"
+        return {"metrics": metrics,
+                "exported": {"phase": entry["phase"], "epoch": entry["epoch"], "step": step, "chosen_by": chosen_by}}
 
     def summary(self, entry: dict[str, Any], step: int) -> dict[str, Any]:
         return {"exported_phase": entry["phase"], "exported_epoch": entry["epoch"], "exported_step": step,
                 "metric": None}
 
     def describe(self, entry: dict[str, Any], step: int, phase_label: str) -> str:
-        return f"last epoch: {phase_label}epoch {entry['epoch']} (step {step}), exported without validation"
+        how = "validation reported, not selected on" if self.patients else "exported without validation"
+        return f"last epoch: {phase_label}epoch {entry['epoch']} (step {step}), {how}"
 
 
 Selection = BestOnValidation | LastEpoch
 
 
 def make_selection(cfg: Config, val_patients: Sequence[Patient]) -> Selection:
-    """`LastEpoch` for `--fold all`; otherwise `BestOnValidation`, which needs validation patients."""
+    """`LastEpoch` for `--fold all` (no validation patients) or `--export-epoch last` (validation reported); otherwise
+    `BestOnValidation`, which needs validation patients."""
     if cfg.data.fold == ALL_FOLDS:
         if val_patients:  # a resumed run's saved split, made without --fold all
             where = cfg.train.out_dir or f"runs/{cfg.train.task}"
             raise DataError(where, f"--fold all, but this run's split holds {len(val_patients)} validation patients: "
                                    "start the all-patient run in a new --out")
         return LastEpoch()
+    if cfg.train.export_epoch == "last":
+        return LastEpoch(val_patients, cfg.train.task)
     if not val_patients:
         raise DataError(cfg.data.root, "the split has no validation patients to choose the best epoch on; to train on "
                                        "every patient without validation, use --fold all")

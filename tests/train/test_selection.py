@@ -1,5 +1,7 @@
 """`--fold all` (nnU-Net's all fold): every patient trains, nothing is validated, no epoch is "best", and the export is
-the last epoch, also after an interruption and --resume. A split without validation patients needs --fold all."""
+the last epoch, also after an interruption and --resume. A split without validation patients needs --fold all.
+`--export-epoch last` (nnU-Net's fixed schedule): the validation patients are scored for the record, choose nothing,
+and the last epoch is exported."""
 
 import json
 from pathlib import Path
@@ -80,3 +82,28 @@ def test_the_selection_follows_the_fold_and_refuses_a_mismatched_split(tmp_path)
     # --fold all resumed onto a run whose saved split validates on patients: not silently a different run
     with pytest.raises(DataError, match="new --out"):
         make_selection(cfg.override(**{"data.fold": "all"}), patients)
+
+
+def test_export_epoch_last_runs_the_whole_schedule_validates_for_the_record_and_exports_the_last(tmp_path):
+    # patience 1 would stop a best-on-validation run at its first flat epoch; a fixed schedule ignores it
+    cfg = tiny_config(tmp_path, "seg", **{"train.export_epoch": "last", "train.patience": 1, "train.epochs": 3})
+    summary = loop.run(cfg)
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all("val_volumetric_dice" in h for h in history)  # scored every epoch, for the record
+    assert summary["exported_step"] == history[-1]["step"] and summary["metric"] is None
+    meta = _metadata(summary)
+    assert "best" not in meta and meta["exported"]["epoch"] == 3 and "fixed schedule" in meta["exported"]["chosen_by"]
+    assert meta["metrics"]["volumetric_dice"] == history[-1]["val_volumetric_dice"]  # the last epoch's, not the best
+    assert "chose nothing" in meta["metrics"]["protocol"] and meta["split"]["val"]
+
+
+def test_the_export_epoch_flag_picks_the_selection(tmp_path):
+    from flaxtumor.train.cli import build_parser, make_config
+
+    cfg = make_config(build_parser().parse_args(["--export-epoch", "last"]))
+    patients = load_dataset(tiny_config(tmp_path).data)[:1]
+    assert cfg.train.export_epoch == "last"
+    chosen = make_selection(cfg.override(**{"data.fold": 0}), patients)
+    assert isinstance(chosen, LastEpoch) and chosen.patients == patients
+    assert not chosen.judge({"volumetric_dice": 0.0}, best=0.9, bad_epochs=50).stop  # never stops early
