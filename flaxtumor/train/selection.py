@@ -86,8 +86,8 @@ class LastEpoch:
 
     metric = "global_epoch"  # what TrainCheckpoints ranks epoch ends by: the newest wins
 
-    def __init__(self, patients: Sequence[Patient] = (), task: str = "seg"):
-        self.patients, self.task = list(patients), task
+    def __init__(self, patients: Sequence[Patient] = ()):
+        self.patients = list(patients)
 
     def validate(self, model: nnx.Module, eval_step: Callable, cfg: Config, batch_size: int, mesh: Mesh
                  ) -> dict[str, float]:
@@ -140,7 +140,7 @@ def make_selection(cfg: Config, val_patients: Sequence[Patient]) -> Selection:
                                    "start the all-patient run in a new --out")
         return LastEpoch()
     if cfg.train.export_epoch == "last":
-        return LastEpoch(val_patients, cfg.train.task)
+        return LastEpoch(val_patients)
     if not val_patients:
         raise DataError(cfg.data.root, "the split has no validation patients to choose the best epoch on; to train on "
                                        "every patient without validation, use --fold all")
