@@ -22,7 +22,7 @@ ALL_FOLDS = "all"  # `data.fold` for nnU-Net's "all" fold: every patient trains,
 @dataclass
 class DataConfig:
     root: str = "synthetic"  # a kaggle_3m folder (or its parent), or "synthetic"
-    image_size: int = 128  # models see image_size x image_size; masks are resized back with nearest-neighbour
+    image_size: int = 128  # models see image_size x image_size; probabilities are resized back, then thresholded
     normalisation: Normalisation = "image_zscore"
     # "brain": crop each patient volume (a loose slice alone) to the square around the head before resizing, so
     # image_size pixels go to the head, not the black background (flaxtumor.data.preprocess.crop_box). Issue 11 lever.

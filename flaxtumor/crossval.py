@@ -42,7 +42,7 @@ from flaxtumor.config import Config
 from flaxtumor.data.augment import fill_with_flair
 from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Patient, load_split
-from flaxtumor.data.preprocess import Box, crop_box, preprocess, sequence_group, uncrop_mask
+from flaxtumor.data.preprocess import Box, crop_box, mask_at_input_size, preprocess, sequence_group
 from flaxtumor.operating_point import OPERATING_POINT_FILE, choice_key, gate_and_postprocess, write_operating_point
 
 CV_FILE = "crossval.json"
@@ -213,7 +213,7 @@ def oof_masks(r: OutOfFold, patient: Patient, threshold: float, tta: bool = Fals
     truth = _truth(patient)
     truth = np.stack([t if t is not None else np.zeros(probabilities.shape[1:], bool) for t in truth])
     box = r.box or Box(0, 0, *truth.shape[1:])
-    preds = np.stack([uncrop_mask(p >= threshold, box, t.shape) for p, t in zip(probabilities, truth)])
+    preds = np.stack([mask_at_input_size(p, threshold, box, t.shape) for p, t in zip(probabilities, truth)])
     return preds, truth
 
 

@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tta": point.tta,
         "preprocessing": {"classifier": cls_meta.preprocessing.to_dict(), "segmenter": seg_meta.preprocessing.to_dict()},
         "volume_normalisation": "volume_zscore statistics over each patient's full stack",
-        "masks_scored_at": "input resolution (predictions resized back with nearest-neighbour); training's "
+        "masks_scored_at": "input resolution (probabilities resized back bilinearly, then thresholded); training's "
         "validation metrics score at the model resolution instead, so they differ slightly",
         "segmenter_all_slices": "segmenter alone, ungated, no LCC, every slice: the definitions training uses for "
         "the segmenter's validation metrics (volumetric_dice = per_patient_dice.mean, dice = tumour_slice_dice)",

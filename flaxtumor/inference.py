@@ -7,9 +7,10 @@ training. A segmenter folder may hold a fold ensemble (`flaxtumor.ensemble`): it
 Input conventions (the same as `flaxtumor.data.io.read_image`, for arrays already in memory):
 - uint8 arrays of any height and width; (H, W) and (H, W, 1) gray is replicated to 3 channels, (H, W, 4) RGBA drops
   alpha. Read files with `read_image`, which also rescales uint16.
-- Every slice is resized (bilinear) to each model's size; masks come back at the INPUT size with nearest-neighbour.
-  A checkpoint whose preprocessing crops ("brain") sees its crop box resized instead; its masks go back into that box
-  (`uncrop_mask`) and are empty outside it. A volume has one box, a loose slice its own.
+- Every slice is resized (bilinear) to each model's size; the segmenter's probabilities come back at the INPUT size
+  (bilinear) and are thresholded there (`mask_at_input_size`). A checkpoint whose preprocessing crops ("brain") sees
+  its crop box resized instead; its masks go back into that box and are empty outside it. A volume has one box, a
+  loose slice its own.
 
 Normalisation `volume_zscore` needs a patient volume: `predict_volume` uses the stats of the whole stack, as training
 did. `predict_slices` treats each slice as a volume of one (per-slice stats), the documented fallback for loose slices.
@@ -31,12 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from flaxtumor.checkpoint_metadata import CheckpointError, InferenceMetadata, read_metadata
 from flaxtumor.compiled_model import CompiledModel, cache_entry
 from flaxtumor.data.preprocess import (
-    SEQUENCE_NAMES, Background, Box, Preprocessing, crop_box, grey_background, preprocess, uncrop, uncrop_mask,
+    SEQUENCE_NAMES, Background, Box, Preprocessing, crop_box, grey_background, mask_at_input_size, preprocess,
+    uncrop_probabilities,
 )
 from flaxtumor.ensemble import ENSEMBLE_KEY, EnsembleModel, check_members, member_paths
 from flaxtumor.operating_point import (
@@ -316,7 +317,7 @@ class Pipeline:
         images = [as_rgb(im) for im in images]
         boxes = _boxes(images, self.segmenter_spec, volume) if images else []
         probs = self._segment(self._prepare(images, self.segmenter_spec, volume, boxes), point.tta)
-        return [uncrop_mask(p[..., 0] >= point.mask_threshold, box, im.shape[:2])
+        return [mask_at_input_size(p[..., 0], point.mask_threshold, box, im.shape[:2])
                 for p, box, im in zip(probs, boxes, images)]
 
     def _prepare(self, images: Sequence[np.ndarray], spec: Preprocessing, volume: bool,
@@ -380,7 +381,8 @@ class Pipeline:
             boxes = _boxes(images, self.segmenter_spec, volume=True)
             x = self._prepare(images, self.segmenter_spec, True, boxes)[selected]
             for i, p in zip(selected, self._segment(x, point.tta)):
-                masks[i] = uncrop_mask(p[..., 0] >= point.mask_threshold, boxes[i], images[i].shape[:2])
+                masks[i] = mask_at_input_size(p[..., 0], point.mask_threshold, boxes[i],
+                                              images[i].shape[:2])
         else:
             for i, m in zip(selected, self.segment([images[i] for i in selected], point=point)):
                 masks[i] = m
@@ -394,5 +396,4 @@ class Pipeline:
         [box] = _boxes([image], self.classifier_spec, volume=False)
         x = self._prepare([image], self.classifier_spec, False, [box])
         heat = self._classify.gradcam(x, stage)[0]
-        resized = np.asarray(Image.fromarray(heat.astype(np.float32)).resize((box.width, box.height), Image.BILINEAR))
-        return np.clip(uncrop(resized, box, image.shape[:2]), 0.0, 1.0).astype(np.float32)
+        return np.clip(uncrop_probabilities(heat, box, image.shape[:2]), 0.0, 1.0).astype(np.float32)

@@ -9,14 +9,19 @@ import shlex
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from flaxtumor import crossval
 from flaxtumor import metrics as M
 from flaxtumor.data.io import read_mask
 from flaxtumor.data.lgg import load_dataset, load_split
-from flaxtumor.data.preprocess import resize_mask
 from flaxtumor.operating_point import gate_and_postprocess, read_operating_point
 from tests.train.helpers import tiny_config
+
+
+def _at_size(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A model-size probability map resized (bilinear) to a mask's size, written out here rather than imported."""
+    return np.asarray(Image.fromarray(probabilities.astype(np.float32)).resize(shape[::-1], Image.BILINEAR))
 
 FOLDS = 2
 
@@ -59,10 +64,11 @@ def test_out_of_fold_predictions_cover_every_patient_once(cv):
         assert np.array_equal(oof["slice_index"], [s.slice_index for s in p.slices])
         assert f.stem in load_split(crossval.fold_dir(out, int(oof["fold"])) / "split.json").val
         assert report["fold_of"][f.stem] == int(oof["fold"])
-        # The reported Dice follows from the saved volume, at the masks' own size.
+        # The reported Dice follows from the saved volume, at the masks' own size: probabilities resized, then
+        # thresholded.
         probs = oof["probabilities"]
         truth = np.stack([read_mask(s.mask_path) for s in p.slices])
-        pred = np.stack([resize_mask(x >= report["threshold"], t.shape) for x, t in zip(probs, truth)])
+        pred = np.stack([_at_size(x, t.shape) >= report["threshold"] for x, t in zip(probs, truth)])
         assert report["per_patient_dice"][f.stem] == pytest.approx(M.dice(pred, truth), abs=1e-6, nan_ok=True)
         assert oof["flipped"].shape == probs.shape and oof["flipped"].dtype == np.float16  # flip TTA, for the lever
 
@@ -198,7 +204,7 @@ def _oof_dice(out, patients, point, classifier):
     per_patient = {}
     for f in (out / crossval.OOF_DIR).glob("*.npz"):
         truth = np.stack([read_mask(s.mask_path) for s in patients[f.stem].slices])
-        masks = np.stack([resize_mask(x >= point.mask_threshold, t.shape)
+        masks = np.stack([_at_size(x, t.shape) >= point.mask_threshold
                           for x, t in zip(np.load(f)["probabilities"], truth)])
         per_patient[f.stem] = M.dice(gate_and_postprocess(np.full(len(masks), classifier), masks, point)[1], truth)
     return M.summarise_patient_dice(per_patient)["mean"]

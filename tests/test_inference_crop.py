@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from flaxtumor.checkpoints import load_inference, read_metadata
-from flaxtumor.data.preprocess import Preprocessing, crop_box, normalise, resize_images, resize_mask
+from flaxtumor.data.preprocess import (
+    Box, Preprocessing, crop_box, mask_at_input_size, normalise, resize_images,
+)
 from flaxtumor.inference import Pipeline
 from tests.fixtures_checkpoints import IMAGE_SIZE, export_tiny, tiny  # noqa: F401  (session fixture)
 
@@ -78,7 +80,7 @@ def test_metadata_without_crop_loads_as_none_and_serves_as_before(tiny, tmp_path
     model, _ = load_inference(old / "segmenter")
     x = normalise(resize_images(np.stack(volume), IMAGE_SIZE), spec)
     probs = np.asarray(jax.nn.sigmoid(model(x)))[..., 0]
-    before = [resize_mask(p >= 0.5, (64, 64)) for p in probs]
+    before = [mask_at_input_size(p, 0.5, Box(0, 0, 64, 64), (64, 64)) for p in probs]
     after = pipeline.segment(volume, volume=True)
     assert any(m.any() for m in before) and not all(m.all() for m in before)  # a mask worth comparing
     assert all(np.array_equal(a, b) for a, b in zip(after, before))

@@ -5,8 +5,9 @@ The `Preprocessing` spec is stored in every checkpoint's metadata, so inference 
 
 Crop (`Preprocessing.crop`): "none" resizes the whole slice; "brain" first crops to `crop_box`, the square around
 every pixel brighter than `BRAIN_THRESHOLD` (any channel, any slice of the volume) plus `CROP_MARGIN`, so the model's
-pixels go to the head rather than the black background. `crop_box` is the one place a box is computed, and
-`uncrop_mask` the one place a model-size mask goes back to the input size; training and serving both use them.
+pixels go to the head rather than the black background. `crop_box` is the one place a box is computed (training and
+serving), and `mask_at_input_size` the one place a model-size probability map becomes a mask at the input size
+(serving and cross-validation).
 
 Grey background: kaggle_3m's background reads 0-7, but two of our 81 patients (TCGA_FG_7637, TCGA_FG_A4MU) have a
 pre-contrast whose background reads 103 and 61, and the models missed their tumours. `preprocess` and `crop_box` first
@@ -215,10 +216,24 @@ def uncrop(resized: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def uncrop_mask(mask: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
-    """THE way back: a bool (S, S) mask at the model's size -> bool `shape` (the input's H, W): resized to the box
-    (nearest-neighbour) and pasted into an empty mask. With the whole-slice box this is `resize_mask(mask, shape)`."""
-    return uncrop(resize_mask(mask, (box.height, box.width)), box, shape)
+def _resize_map(values: np.ndarray, box: Box) -> np.ndarray:
+    """float (S, S) -> float32 (box.height, box.width), bilinear."""
+    resized = Image.fromarray(np.asarray(values, np.float32)).resize((box.width, box.height), Image.BILINEAR)
+    return np.asarray(resized)
+
+
+def uncrop_probabilities(probabilities: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
+    """A float (S, S) map at the model's size (probabilities, Grad-CAM) -> float32 `shape` (the input's H, W): resized
+    to the box (bilinear) and pasted into zeros."""
+    return uncrop(_resize_map(probabilities, box), box, tuple(shape))
+
+
+def mask_at_input_size(probabilities: np.ndarray, threshold: float, box: Box, shape: tuple[int, int]) -> np.ndarray:
+    """THE way back: a (S, S) probability map at the model's size -> the bool mask at `shape` (the input's H, W),
+    empty outside the box. The probabilities are resized first and thresholded after, so the outline is drawn at
+    the input's resolution instead of in blocks of the model's pixels (nnU-Net resamples probabilities, not labels;
+    out of fold it beat resizing a thresholded mask, the model card's levers)."""
+    return uncrop(_resize_map(probabilities, box) >= threshold, box, tuple(shape))
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -307,7 +322,7 @@ def preprocess(images: np.ndarray, spec: Preprocessing, stats: Stats | None = No
 
     The background, volume_zscore and the brain crop are decided over the whole N stack, and the context takes the
     stack's slices as neighbours, so pass a patient's full volume in slice order (or its `stats` and `box`). Map masks
-    back with `uncrop_mask` and the same box.
+    back with `mask_at_input_size` and the same box.
     """
     images = remove_grey_background(images)
     box = crop_box(images, spec.crop) if box is None else box

@@ -22,7 +22,7 @@ from flaxtumor.data.io import read_image
 from flaxtumor.data.lgg import Patient, discover
 from flaxtumor.data.pipeline import eval_batches, train_batches
 from flaxtumor.data.preprocess import (
-    Box, Preprocessing, normalise, preprocess, resize_images, stack_context, uncrop_mask, volume_stats,
+    Box, Preprocessing, normalise, preprocess, resize_images, stack_context, mask_at_input_size, volume_stats,
 )
 from flaxtumor.data.synthetic import write_synthetic_dataset
 from flaxtumor.inference import ContextWarning, Pipeline
@@ -221,7 +221,7 @@ def _raw_masks(segmenter: Path, volume: list[np.ndarray], threshold: float) -> l
     model, metadata = load_inference(segmenter)
     spec = metadata.preprocessing
     probs = np.asarray(jax.nn.sigmoid(model(preprocess(np.stack(volume), spec))))[..., 0]
-    return [uncrop_mask(p >= threshold, Box(0, 0, *v.shape[:2]), v.shape[:2]) for p, v in zip(probs, volume)]
+    return [mask_at_input_size(p, threshold, Box(0, 0, *v.shape[:2]), v.shape[:2]) for p, v in zip(probs, volume)]
 
 
 def test_pipeline_predicts_a_volume_with_its_neighbours_and_warns_on_lone_slices(trained, volume, tiny):  # noqa: F811

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from flaxtumor.data.preprocess import (
-    BRAIN_THRESHOLD, CROP_MARGIN, Box, Preprocessing, crop_box, preprocess, resize_mask, uncrop_mask,
+    BRAIN_THRESHOLD, CROP_MARGIN, Box, Preprocessing, crop_box, mask_at_input_size, preprocess, resize_mask,
+    uncrop_probabilities,
 )
 
 
@@ -95,19 +96,38 @@ def test_a_mask_inside_the_box_survives_crop_and_uncrop(scale: int) -> None:
     mask[box.rows, box.cols] = np.kron(coarse, np.ones((scale, scale), bool))
     small = resize_mask(mask[box.rows, box.cols], (size, size))
     assert np.array_equal(small, coarse)
-    assert np.array_equal(uncrop_mask(small, box, (96, 96)), mask)
+    # Certain probabilities (0 or 1) on the coarse grid: bilinear x2 puts 0.75 and 0.25 either side of each edge.
+    assert np.array_equal(mask_at_input_size(small.astype(np.float32), 0.5, box, (96, 96)), mask)
 
 
-def test_cropped_preprocess_resizes_the_box_and_uncrop_of_the_whole_slice_is_resize_mask() -> None:
+def test_cropped_preprocess_resizes_the_box_and_masks_go_back_into_it() -> None:
     image = _disc((90, 90), (45, 45), 20)[None]
     spec = Preprocessing(16, "image_zscore", crop="brain")
     box = crop_box(image, "brain")
     expected = preprocess(np.ascontiguousarray(image[:, box.rows, box.cols]), Preprocessing(16, "image_zscore"))
     np.testing.assert_array_equal(preprocess(image, spec), expected)
-    mask = np.random.default_rng(0).random((16, 16)) > 0.5
-    assert np.array_equal(uncrop_mask(mask, Box(0, 0, 37, 53), (37, 53)), resize_mask(mask, (37, 53)))
-    pasted = uncrop_mask(np.ones((16, 16), bool), box, (90, 90))
-    assert pasted.sum() == box.height * box.width and pasted[box.rows, box.cols].all()
+    probabilities = np.random.default_rng(0).random((16, 16), np.float32)
+    whole = mask_at_input_size(probabilities, 0.5, Box(0, 0, 37, 53), (37, 53))
+    assert np.array_equal(whole, uncrop_probabilities(probabilities, Box(0, 0, 37, 53), (37, 53)) >= 0.5)
+    assert whole.shape == (37, 53) and 0 < whole.sum() < whole.size
+    for probability, threshold in ((1.0, 0.5), (0.0, 0.0)):  # a mask of the whole box, and nothing outside it
+        pasted = mask_at_input_size(np.full((16, 16), probability, np.float32), threshold, box, (90, 90))
+        assert pasted.sum() == box.height * box.width and pasted[box.rows, box.cols].all()
+
+
+def test_masks_are_thresholded_after_resizing_so_outlines_are_drawn_at_the_input_resolution() -> None:
+    # The ideal model at half resolution: each of its pixels holds the fraction of its 2x2 input pixels inside a
+    # round tumour. Thresholding first and resizing the mask draws the outline in 2x2 blocks; resizing the
+    # probabilities first and thresholding at the input size recovers the outline more closely.
+    yy, xx = np.mgrid[:256, :256]
+    truth = (yy - 101.3) ** 2 + (xx - 140.6) ** 2 <= 23.7**2
+    probabilities = truth.reshape(128, 2, 128, 2).mean(axis=(1, 3)).astype(np.float32)
+    box = Box(0, 0, 256, 256)
+    blocky = resize_mask(probabilities >= 0.5, (256, 256))
+    smooth = mask_at_input_size(probabilities, 0.5, box, (256, 256))
+    dice = lambda m: 2 * (m & truth).sum() / (m.sum() + truth.sum())  # noqa: E731
+    assert dice(smooth) > dice(blocky) + 0.005
+    assert (smooth ^ truth).sum() < (blocky ^ truth).sum() / 2
 
 
 def test_crop_in_the_spec_round_trips_and_old_specs_mean_none() -> None:
