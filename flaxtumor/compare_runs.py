@@ -107,12 +107,9 @@ def averaged(predictions: Sequence[Sequence[Any]], rows: Sequence[dict[str, Any]
     if len(geometry) > 1:
         raise ValueError(f"--ensemble: the runs' outputs differ in (image size, crop): {sorted(geometry)}; an "
                          "ensemble averages probabilities pixel by pixel, so its members must share them")
-    out = []
-    for same_patient in zip(*predictions):
-        assert len({r.patient_id for r in same_patient}) == 1, "predictions in different patient orders"
-        mean = np.mean([r.probabilities.astype(np.float32) for r in same_patient], axis=0)
-        out.append(dataclasses.replace(same_patient[0], probabilities=mean, flipped=None))
-    return out
+    from flaxtumor.crossval_ensemble import average_oof
+
+    return average_oof(predictions)
 
 
 def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = False,

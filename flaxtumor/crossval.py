@@ -49,6 +49,7 @@ CV_FILE = "crossval.json"
 PREVIEW_FILE = "crossval_preview.json"  # --preview: the finished folds only
 OOF_DIR = "oof"
 _BATCH = 8  # inference batch: one compiled shape per fold model
+ONE_MODEL = "the fold model that did not train on it"
 
 
 @dataclass(frozen=True)
@@ -314,14 +315,15 @@ def epoch_note(export_epoch: str) -> str:
     return "each fold also chose its best epoch on its held-out patients"
 
 
-def write_pipeline(out: Path, choice: dict, scores: dict, folds: int, export_epoch: str = "best") -> Path:
+def write_pipeline(out: Path, choice: dict, scores: dict, folds: int, export_epoch: str = "best",
+                   predicted_by: str = ONE_MODEL) -> Path:
     """OUT/pipeline.json: the chosen candidate as the pipeline's operating point, with how it was chosen."""
     patients = sorted(scores["per_patient_dice"])
     v = scores["volumetric_dice"]
     tuned_on = {
         "patients": patients,
         "split": f"out-of-fold predictions of {folds}-fold cross-validation over {len(patients)} patients: each "
-                 f"patient predicted once, by the fold model that did not train on it ({CV_FILE})",
+                 f"patient predicted once, by {predicted_by} ({CV_FILE})",
         "criterion": "mean per-patient volumetric Dice (empty-vs-empty patients excluded); ties (equal to 4 decimals) "
                      "to the higher Youden's J of the slice calls (a slice is called when its mask is drawn), then to "
                      "the simpler point: no post-processing, then no area gate",
@@ -419,6 +421,17 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
                 save_oof(r, folder)
         results += fold_results
         say(f"fold {fold}: {len(mine)} held-out patients {'read back' if rescore else 'predicted'}")
+    return write_report(base, out, results, patients, fold_of, threshold, folds, preview)
+
+
+def write_report(base: Config, out: Path, results: Sequence[OutOfFold], patients: dict[str, Patient],
+                 fold_of: dict[str, int], threshold: float, folds: Sequence[int], preview: bool = False,
+                 epochs_from: Path | None = None, extra: dict[str, Any] | None = None,
+                 predicted_by: str = ONE_MODEL) -> dict[str, Any]:
+    """Scores out-of-fold `results` and writes OUT/crossval.json (OUT/crossval_preview.json with `preview`) and, for a
+    final seg report, OUT/pipeline.json with the post-processing chosen on them. `epochs_from`: the cross-validation
+    whose fold exports give `recommended_epochs` (default OUT); `extra`: keys added to the report; `predicted_by`:
+    what predicted each patient, for the protocol notes."""
     score = score_seg if base.train.task == "seg" else score_cls
     raw_scores, chosen = score(results, patients, threshold), {}
     if base.train.task == "seg":
@@ -432,7 +445,7 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
         }, "levers": levers(results, patients, threshold, choice["point"], raw_scores, scored),
             "by_sequences": by_sequences(patients, scored["per_patient_dice"])}
         if not preview:
-            write_pipeline(out, choice, scored, base.data.folds, base.train.export_epoch)
+            write_pipeline(out, choice, scored, base.data.folds, base.train.export_epoch, predicted_by)
     report = {
         "task": base.train.task,
         "folds": base.data.folds,
@@ -442,11 +455,12 @@ def out_of_fold(base: Config, out: Path, say: Callable[[str], None] = print, pre
         "n_patients": len(results),
         "threshold": threshold,
         "fold_of": {pid: fold_of[pid] for pid in sorted(fold_of)},
-        "protocol": "each patient predicted once, by the fold model that did not train on it; intervals: percentile "
+        "protocol": f"each patient predicted once, by {predicted_by}; intervals: percentile "
         "bootstrap over patients (2000 resamples); empty-vs-empty patients and slices are not scored",
         **raw_scores,
         **chosen,
-        "recommended_epochs": recommended_epochs(out, folds, base.train.task),
+        **(extra or {}),
+        "recommended_epochs": recommended_epochs(epochs_from or out, folds, base.train.task),
     }
     (Path(out) / (PREVIEW_FILE if preview else CV_FILE)).write_text(json.dumps(report, indent=2, default=_jsonable)
                                                                    + "\n")
@@ -468,7 +482,7 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
-def _headline(report: dict[str, Any]) -> str:
+def headline(report: dict[str, Any]) -> str:
     if report["task"] == "seg":
         v, s = report["volumetric_dice"], report["tumour_slice_dice"]
         lo, hi = v["mean_ci95"]
@@ -557,14 +571,14 @@ def _run(args: Any, out: Path) -> int:
     try:
         if args.preview:
             report = out_of_fold(base, out, preview=True)
-            print(f"PREVIEW, {report['preview']}\n{_headline(report)}; details: {out / PREVIEW_FILE}")
+            print(f"PREVIEW, {report['preview']}\n{headline(report)}; details: {out / PREVIEW_FILE}")
             return 0
         if not args.rescore:
             out.mkdir(parents=True, exist_ok=True)
             base.to_json(out / "config.json")  # what --resume reads back
             train_folds(base, out)
         report = out_of_fold(base, out, rescore=args.rescore)
-        print(_headline(report) + f"; details: {out / CV_FILE}")
+        print(headline(report) + f"; details: {out / CV_FILE}")
         print(_next_step(report, out))
     except (DataError, WeightsError, CheckpointError, loop.RunExists, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -82,3 +82,12 @@ def lgg_root() -> Path:
     """The real kaggle_3m folder, or a skip where it is absent (a failure under strict mode)."""
     require(LGG_ROOT.is_dir(), f"real LGG data not found at {LGG_ROOT} (set FLAXTUMOR_LGG_ROOT)")
     return LGG_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_cv(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished tiny cross-validation (config file, folder), shared by the modules that read it: copy it before
+    changing anything in it."""
+    from tests.train.helpers import tiny_crossval
+
+    return tiny_crossval(tmp_path_factory.mktemp("cv"))

@@ -16,24 +16,20 @@ from flaxtumor import metrics as M
 from flaxtumor.data.io import read_mask
 from flaxtumor.data.lgg import load_dataset, load_split
 from flaxtumor.operating_point import gate_and_postprocess, read_operating_point
-from tests.train.helpers import tiny_config
+from tests.train.helpers import CV_FOLDS, tiny_config
 
 
 def _at_size(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A model-size probability map resized (bilinear) to a mask's size, written out here rather than imported."""
     return np.asarray(Image.fromarray(probabilities.astype(np.float32)).resize(shape[::-1], Image.BILINEAR))
 
-FOLDS = 2
+
+FOLDS = CV_FOLDS
 
 
 @pytest.fixture(scope="module")
-def cv(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cv")
-    config = root / "tiny.json"
-    tiny_config(root / "unused", "seg", **{"train.epochs": 1, "data.folds": FOLDS}).to_json(config)
-    out = root / "cv"
-    assert crossval.main(["--config", str(config), "--out", str(out)]) == 0
-    return config, out
+def cv(tiny_cv):
+    return tiny_cv
 
 
 def test_folds_are_disjoint_by_patient_and_cover_everyone(cv):

@@ -32,6 +32,20 @@ def tiny_config(out: Path, task: str = "seg", **overrides) -> Config:
     return Config().override(**fields)
 
 
+
+CV_FOLDS = 2
+
+
+def tiny_crossval(root: Path, **overrides) -> tuple[Path, Path]:
+    """(config file, folder) of a finished tiny cross-validation: 2 folds, 1 epoch each."""
+    from flaxtumor import crossval
+
+    config = root / "tiny.json"
+    tiny_config(root / "unused", "seg", **{"train.epochs": 1, "data.folds": CV_FOLDS, **overrides}).to_json(config)
+    out = root / "cv"
+    assert crossval.main(["--config", str(config), "--out", str(out)]) == 0
+    return config, out
+
 class ConvBN(nnx.Module):
     """Stand-in with every kind of state the train step touches: kernels, BN statistics, dropout RNG."""
 
