@@ -15,7 +15,8 @@ the one fold model that never trained on it, and the results go to
   `flaxtumor.operating_point.read_operating_point` reads, with its provenance (`tuned_on`).
 
 What ships is either the fold models as one ensemble (`python -m flaxtumor.ensemble`, nnU-Net's default: exactly the
-models scored here) or one model trained on every patient for `recommended_epochs` (`train.py --fold all`).
+models scored here) or one model trained on every patient for `recommended_epochs` (`train.py --fold all`). Several
+such models averaged (seeds) are cross-validated by `flaxtumor.crossval_ensemble`, from one cross-validation per seed.
 
 Note: by default each fold also picks its best epoch (and stops early) on its held-out patients, so out-of-fold
 scores carry that small selection optimism. With `--export-epoch last` (nnU-Net's fixed schedule) each fold exports
