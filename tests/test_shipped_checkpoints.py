@@ -558,3 +558,27 @@ def test_the_missing_sequence_claims(crossval) -> None:
     dice = crossval["postprocessing"]["per_patient_dice"]
     assert patient == min(flair["patients"], key=dice.get)
     assert_shown("worst FLAIR-only", [value], [dice[patient]])
+
+
+def test_the_two_seed_preview_claims(crossval) -> None:
+    """The two-seed cross-validation's preview: its one-seed side is the shipped cross-validation's raw masks, and the
+    card's numbers follow from the per-patient values in its report."""
+    from flaxtumor.compare_runs import paired
+
+    report = json.loads((REPO / "reports" / "seed_ensemble_crossval_preview.json").read_text())
+    one, two = report["one_seed_per_patient"], report["two_seeds_per_patient"]
+    assert sorted(one) == sorted(two) == sorted(pid for pid, k in crossval["fold_of"].items() if k in report["folds"])
+    assert one == {pid: crossval["per_patient_dice"][pid] for pid in one}
+    pair = paired(one, two)
+    assert pair["mean_difference"] == pytest.approx(report["paired"]["two seeds vs one"]["mean_difference"])
+    shown = claim(r"Folds (\d) and (\d) have both seeds so far .*? on their (\d+) held-out patients, raw masks, it "
+                  r"scores ([\d.]+) against ([\d.]+) for one model: \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\], (\d+) "
+                  r"patients better and (\d+) worse, median ([\d.]+) against ([\d.]+), and the worst patient stays "
+                  r"(TCGA_\w+) at ([\d.]+)")
+    assert [int(k) for k in shown[:2]] == report["folds"]
+    worst = min(two, key=two.get)
+    assert shown[12] == worst
+    assert_shown("two-seed preview", shown[2:12] + shown[13:],
+                 [len(two), np.mean(list(two.values())), np.mean(list(one.values())), pair["mean_difference"],
+                  *pair["mean_difference_ci95"], pair["better"], pair["worse"], np.median(list(two.values())),
+                  np.median(list(one.values())), two[worst]])
