@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -103,18 +104,28 @@ def flag_rates(raw: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], point: 
             "flags_tumour_free_slices": 1.0 - specificity}
 
 
+def some_segmenter(cv: Path, fold: int) -> Path:
+    """A fold model of the cross-validation, only to complete the pipeline (only its classifier runs here): CV's own,
+    or for a seed ensemble's cross-validation (`crossval_ensemble`) its first member's."""
+    from flaxtumor.crossval import CV_FILE, export_path
+
+    path = export_path(cv, fold, "seg")
+    report = Path(cv) / CV_FILE
+    members = (json.loads(report.read_text()).get("members") or []) if report.is_file() else []
+    return path if path.is_dir() or not members else export_path(Path(members[0]), fold, "seg")
+
+
 def gate_inputs(cv: Path, checkpoints: Path, data: str, patient_ids: Sequence[str], point: OperatingPoint
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per patient: the classifier's probabilities (the classifier in CHECKPOINTS, at the point's TTA setting), the
     fold model's ungated out-of-fold masks at the slices' size (at the point's mask threshold), and the truth."""
-    from flaxtumor.crossval import OOF_DIR, fold_dir, load_oof, oof_masks
+    from flaxtumor.crossval import OOF_DIR, load_oof, oof_masks
     from flaxtumor.data.lgg import load_dataset, select
     from flaxtumor.evaluate import load_volume
     from flaxtumor.inference import Pipeline
 
     oof = {pid: load_oof(Path(cv) / OOF_DIR / f"{pid}.npz") for pid in patient_ids}
-    # Any fold's segmenter completes the pipeline: only the classifier runs here.
-    pipeline = Pipeline.from_checkpoints(checkpoints, segmenter=fold_dir(cv, oof[patient_ids[0]].fold) / "segmenter")
+    pipeline = Pipeline.from_checkpoints(checkpoints, segmenter=some_segmenter(cv, oof[patient_ids[0]].fold))
     config = dataclasses.replace(pipeline.metadata["classifier"].config.data, root=str(data), split_file=None)
     patients = select(load_dataset(config), list(patient_ids))
     raw = []
@@ -152,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gate = {
         "patients": patients,
         "protocol": "the classifier's validation patients (never trained on by it or its backbone; they chose its "
-                    "epochs), each segmented by the cross-validation fold that held it out; one knob searched, the "
+                    "epochs), each segmented out of fold as the cross-validation predicted it; one knob searched, the "
                     "classifier threshold (its calls alone, or fused with the area gate), the rest fixed at the "
                     "cross-validated point; best mean per-patient Dice, "
                     "then Youden's J of the tumour verdicts (a mask drawn), then the classifier off",

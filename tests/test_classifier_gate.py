@@ -79,17 +79,13 @@ def test_a_gate_that_changes_nothing_loses_to_the_classifier_off():
     assert all(r["per_patient_dice_mean"] == 1.0 for r in choice["candidates"])
 
 
-def test_the_command_decides_the_gate_on_a_tiny_cross_validation(tmp_path, capsys):
-    from flaxtumor import crossval
+def test_the_command_decides_the_gate_on_a_tiny_cross_validation(tiny_cv, tmp_path, capsys):
     from flaxtumor.data.lgg import load_dataset
     from flaxtumor.operating_point import read_operating_point
     from tests.fixtures_checkpoints import export_tiny
     from tests.train.helpers import tiny_config
 
-    config = tmp_path / "tiny.json"
-    tiny_config(tmp_path / "unused", "seg", **{"train.epochs": 1, "data.folds": 2}).to_json(config)
-    cv = tmp_path / "cv"
-    assert crossval.main(["--config", str(config), "--out", str(cv)]) == 0
+    _, cv = tiny_cv
     ids = sorted(p.patient_id for p in load_dataset(tiny_config(cv).data))
     checkpoints = tmp_path / "checkpoints"
     export_tiny(checkpoints / "classifier", "cls", "image_zscore", 0.5,

@@ -125,3 +125,17 @@ def test_a_fold_model_that_trained_on_the_held_out_patients_is_refused(members, 
     a.rename(tmp_path / "tmp"), b.rename(a), (tmp_path / "tmp").rename(b)  # each fold's model trained on the other's
     assert E.main(["--members", str(seed0), str(swapped), "--out", str(tmp_path / "o")]) == 2
     assert "trained on" in capsys.readouterr().err
+
+
+def test_the_classifier_gate_is_decided_on_the_ensembles_out_of_fold_masks(ensemble, tmp_path, capsys):
+    from flaxtumor import classifier_gate as G
+    from tests.fixtures_checkpoints import export_tiny
+
+    ids = sorted(json.loads((ensemble / CV.CV_FILE).read_text())["fold_of"])
+    checkpoints = tmp_path / "checkpoints"
+    export_tiny(checkpoints / "classifier", "cls", "image_zscore", 0.5,
+                {"train": ids[:2], "val": ids[2:], "test": [], "seed": 0})
+    out = tmp_path / "gate.json"
+    assert G.main(["--cv", str(ensemble), "--data", "synthetic", "--checkpoints", str(checkpoints),
+                   "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["classifier_gate"]["patients"] == ids[2:]
