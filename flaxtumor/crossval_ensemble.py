@@ -99,11 +99,6 @@ def predict_fold(fold: int, members: Sequence[Path], patients: Sequence[Any]) ->
             for r in average_oof(predictions)], first
 
 
-def finished_everywhere(members: Sequence[Path], folds: int) -> list[int]:
-    done = [set(CV.finished_folds(m, folds, "seg")) for m in members]
-    return sorted(set.intersection(*done))
-
-
 def out_of_fold(members: Sequence[Path], out: Path, data: str | None = None, preview: bool = False,
                 say=print) -> dict[str, Any]:
     """Scores the ensemble out of fold (all folds, or with `preview` those every member finished) and writes its
@@ -115,11 +110,11 @@ def out_of_fold(members: Sequence[Path], out: Path, data: str | None = None, pre
     base = configs[0]
     base = base.override(**{"train.out_dir": str(out), **({"data.root": data} if data else {})})
     patients = {p.patient_id: p for p in load_dataset(base.data)}
-    folds = finished_everywhere(members, base.data.folds) if preview else list(range(base.data.folds))
+    done = {m: set(CV.finished_folds(m, base.data.folds, "seg")) for m in members}
+    folds = sorted(set.intersection(*done.values())) if preview else list(range(base.data.folds))
     if not folds:
         raise ValueError("no fold is finished in every member, so there is nothing to preview")
-    if not preview and (missing := [(str(m), k) for m in members for k in folds
-                                    if k not in CV.finished_folds(m, base.data.folds, "seg")]):
+    if not preview and (missing := [(str(m), k) for m in members for k in folds if k not in done[m]]):
         raise ValueError(f"{missing[0][0]}: fold {missing[0][1]} has no exported model yet (--preview scores the "
                          "finished folds)")
     fold_of = shared_held_out(members, folds if preview else base.data.folds, list(patients.values()))
