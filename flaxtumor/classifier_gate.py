@@ -111,8 +111,10 @@ def some_segmenter(cv: Path, fold: int) -> Path:
 
     path = export_path(cv, fold, "seg")
     report = Path(cv) / CV_FILE
-    members = (json.loads(report.read_text()).get("members") or []) if report.is_file() else []
-    return path if path.is_dir() or not members else export_path(Path(members[0]), fold, "seg")
+    if path.is_dir() or not report.is_file():
+        return path
+    members = json.loads(report.read_text()).get("members") or []
+    return export_path(Path(members[0]), fold, "seg") if members else path
 
 
 def gate_inputs(cv: Path, checkpoints: Path, data: str, patient_ids: Sequence[str], point: OperatingPoint

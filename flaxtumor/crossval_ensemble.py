@@ -81,22 +81,21 @@ def predict_fold(fold: int, members: Sequence[Path], patients: Sequence[Any]) ->
     from flaxtumor.checkpoint_metadata import read_metadata
     from flaxtumor.ensemble import mismatch
 
-    predictions, first = [], None
-    for m in members:
-        path = CV.export_path(m, fold, "seg")
-        if seen := sorted(set(read_metadata(path).get("trained_patients") or []) & {p.patient_id for p in patients}):
+    paths = [CV.export_path(m, fold, "seg") for m in members]
+    metas = [read_metadata(path) for path in paths]
+    held = {p.patient_id for p in patients}
+    for path, meta in zip(paths, metas):  # checked before any model runs
+        if seen := sorted(set(meta.get("trained_patients") or []) & held):
             raise ValueError(f"{path}: trained on {len(seen)} of fold {fold}'s held-out patients (e.g. {seen[0]})")
-        results, metadata = CV.predict_fold(fold, path, patients, tta=True)
-        if first is not None and (why := mismatch(metadata, first, f"{members[0]}'s fold {fold}")
-                                  or (metadata.threshold != first.threshold and
-                                      f"threshold {metadata.threshold} differs from {first.threshold}")):
+        why = mismatch(meta, metas[0], f"{members[0]}'s fold {fold}") or (
+            meta.threshold != metas[0].threshold and f"threshold {meta.threshold} differs from {metas[0].threshold}")
+        if why:
             raise ValueError(f"{path / 'metadata.json'}: {why}")
-        first = first or metadata
-        predictions.append(results)
+    predictions = [CV.predict_fold(fold, path, patients, tta=True)[0] for path in paths]
     # stored and scored in float16, like one model's out-of-fold volumes
     half = lambda v: None if v is None else v.astype(np.float16)  # noqa: E731
     return [replace(r, probabilities=half(r.probabilities), flipped=half(r.flipped))
-            for r in average_oof(predictions)], first
+            for r in average_oof(predictions)], metas[0]
 
 
 def out_of_fold(members: Sequence[Path], out: Path, data: str | None = None, preview: bool = False,

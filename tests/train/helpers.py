@@ -32,7 +32,6 @@ def tiny_config(out: Path, task: str = "seg", **overrides) -> Config:
     return Config().override(**fields)
 
 
-
 CV_FOLDS = 2
 
 
@@ -45,6 +44,7 @@ def tiny_crossval(root: Path, **overrides) -> tuple[Path, Path]:
     out = root / "cv"
     assert crossval.main(["--config", str(config), "--out", str(out)]) == 0
     return config, out
+
 
 class ConvBN(nnx.Module):
     """Stand-in with every kind of state the train step touches: kernels, BN statistics, dropout RNG."""
