@@ -571,14 +571,22 @@ def test_the_two_seed_preview_claims(crossval) -> None:
     assert one == {pid: crossval["per_patient_dice"][pid] for pid in one}
     pair = paired(one, two)
     assert pair["mean_difference"] == pytest.approx(report["paired"]["two seeds vs one"]["mean_difference"])
-    shown = claim(r"Folds (\d) and (\d) have both seeds so far .*? on their (\d+) held-out patients, raw masks, it "
-                  r"scores ([\d.]+) against ([\d.]+) for one model: \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\], (\d+) "
+    shown = claim(r"Folds ([\d, ]+) and (\d) have both seeds so far .*? on their (\d+) held-out patients, raw masks, "
+                  r"it scores ([\d.]+) against ([\d.]+) for one model: \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\], (\d+) "
                   r"patients better and (\d+) worse, median ([\d.]+) against ([\d.]+), and the worst patient stays "
-                  r"(TCGA_\w+) at ([\d.]+)")
-    assert [int(k) for k in shown[:2]] == report["folds"]
+                  r"(TCGA_\w+) at ([\d.]+); fold by fold ([+\d., and]+)\. Drawing the averaged masks at 0\.4 instead of "
+                  r"0\.5 .*? scores \+([\d.]+) \[([−+\d.]+), \+([\d.]+)\] with (\d+) patients better and (\d+) worse, and one "
+                  r"patient is most of it \((TCGA_\w+), ([\d.]+) to ([\d.]+),")
+    assert [int(k) for k in shown[0].split(", ") + [shown[1]]] == report["folds"]
     worst = min(two, key=two.get)
-    assert shown[12] == worst
-    assert_shown("two-seed preview", shown[2:12] + shown[13:],
+    assert shown[12] == worst == shown[20]
+    per_fold = [report["paired"][f"fold {k}"]["mean_difference"] for k in report["folds"]]
+    assert_shown("two-seed preview", shown[2:12] + shown[13:14] + re.split(r", | and ", shown[14]),
                  [len(two), np.mean(list(two.values())), np.mean(list(one.values())), pair["mean_difference"],
                   *pair["mean_difference_ci95"], pair["better"], pair["worse"], np.median(list(two.values())),
-                  np.median(list(one.values())), two[worst]])
+                  np.median(list(one.values())), two[worst], *per_fold])
+    lower = report["lower_mask_threshold"]["per_patient_dice"]["0.4"]
+    low = paired(two, lower)
+    assert_shown("mask threshold 0.4", [s.replace("−", "-") for s in shown[15:20] + shown[21:]],
+                 [low["mean_difference"], *low["mean_difference_ci95"], low["better"], low["worse"], two[worst],
+                  lower[worst]])
