@@ -121,7 +121,8 @@ def gate_inputs(cv: Path, checkpoints: Path, data: str, patient_ids: Sequence[st
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per patient: the classifier's probabilities (the classifier in CHECKPOINTS, at the point's TTA setting), the
     fold model's ungated out-of-fold masks at the slices' size (at the point's mask threshold), and the truth."""
-    from flaxtumor.crossval import OOF_DIR, load_oof, oof_masks
+    from flaxtumor.crossval import OOF_DIR
+    from flaxtumor.oof import load_oof, oof_masks
     from flaxtumor.data.lgg import load_dataset, select
     from flaxtumor.evaluate import load_volume
     from flaxtumor.inference import Pipeline

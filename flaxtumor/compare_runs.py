@@ -100,7 +100,7 @@ def _row(run: str, epoch: str, preprocessing: dict[str, Any], scores: dict[str, 
 
 
 def averaged(predictions: Sequence[Sequence[Any]], rows: Sequence[dict[str, Any]]) -> list[Any]:
-    """Each patient's probabilities averaged over the runs (`crossval.OutOfFold` lists in the same patient order), as
+    """Each patient's probabilities averaged over the runs (`oof.OutOfFold` lists in the same patient order), as
     a fold ensemble averages its members (`flaxtumor.ensemble`). The runs must share their output geometry: the image
     size and the crop (2.5D input or deep supervision may differ, as they change only what a model sees)."""
     geometry = {(r["preprocessing"]["image_size"], r["preprocessing"].get("crop", "none")) for r in rows}
@@ -116,12 +116,13 @@ def compare(runs: Sequence[Path], data: str | None = None, ensemble: bool = Fals
             flair_only: bool = False, versus_crossval: Path | None = None) -> dict[str, Any]:
     """Scores every run on the shared held-out patients; the first run is the baseline. With `ensemble`, also the
     runs' averaged probabilities (`averaged`), as one more row; with `flair_only`, on FLAIR-only copies of the
-    patients (`crossval.predict_fold`); with `versus_crossval`, the baseline is that cross-validation's recorded
+    patients (`oof.predict_fold`); with `versus_crossval`, the baseline is that cross-validation's recorded
     out-of-fold Dice of these patients (`recorded_row`), before the runs."""
     if flair_only and versus_crossval:
         raise ValueError("--flair-only with --versus-crossval: the recorded Dice is of the patients as stored")
     from flaxtumor.checkpoint_metadata import read_metadata, segmenter_export
-    from flaxtumor.crossval import predict_fold, score_seg
+    from flaxtumor.crossval import score_seg
+    from flaxtumor.oof import predict_fold
     from flaxtumor.data.lgg import load_dataset, select
 
     metas = {str(run): read_metadata(segmenter_export(run)) for run in runs}

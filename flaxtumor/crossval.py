@@ -32,7 +32,6 @@ import json
 import math
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,29 +39,19 @@ import numpy as np
 
 from flaxtumor import metrics as M
 from flaxtumor.config import Config
-from flaxtumor.data.augment import fill_with_flair
-from flaxtumor.data.io import read_image, read_mask
+from flaxtumor.data.io import read_image
 from flaxtumor.data.lgg import Patient, load_split
-from flaxtumor.data.preprocess import Box, crop_box, mask_at_input_size, preprocess, sequence_group
+from flaxtumor.data.preprocess import sequence_group
+from flaxtumor.oof import OutOfFold, load_oof, oof_masks, predict_fold, save_oof
 from flaxtumor.operating_point import OPERATING_POINT_FILE, choice_key, gate_and_postprocess, write_operating_point
 
 CV_FILE = "crossval.json"
 PREVIEW_FILE = "crossval_preview.json"  # --preview: the finished folds only
 OOF_DIR = "oof"
-_BATCH = 8  # inference batch: one compiled shape per fold model
 ONE_MODEL = "the fold model that did not train on it"
-
-
-@dataclass(frozen=True)
-class OutOfFold:
-    """One patient's prediction by the fold model that held it out."""
-
-    patient_id: str
-    fold: int
-    probabilities: np.ndarray  # seg: float16 (D, S, S) at the model's input size; cls: float32 (D,)
-    slice_index: np.ndarray  # (D,) slice numbers, in order
-    box: Box | None = None  # the crop the model saw, in input pixels (None: the whole slice)
-    flipped: np.ndarray | None = None  # seg: with flip TTA (the pipeline's `tta`), like `probabilities`
+# Mask thresholds cross-validation chooses among, besides the segmenter checkpoint's own. Averaging models (folds,
+# seeds) softens the probabilities at a tumour's edge and the shortfall is mostly missed tumour, so one step lower.
+MASK_THRESHOLDS = (0.5, 0.4)
 
 
 def fold_dir(out: Path, fold: int) -> Path:
@@ -115,72 +104,6 @@ def held_out(out: Path, folds: int | Sequence[int], patients: Sequence[Patient])
     return fold_of
 
 
-def _predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """Sigmoid outputs of `model` for (N, S, S, C) inputs, in fixed-size batches (the last one padded)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x: jax.nn.sigmoid(nnx.merge(graphdef, state)(x).astype(jnp.float32)))
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(x), _BATCH):
-            chunk = x[start : start + _BATCH]
-            pad = np.zeros((_BATCH - len(chunk), *chunk.shape[1:]), chunk.dtype)
-            out.append(np.asarray(forward(state, np.concatenate([chunk, pad])))[: len(chunk)])
-        return np.concatenate(out)
-
-    return predict
-
-
-def predict_fold(
-    fold: int, checkpoint: Path, patients: Sequence[Patient], tta: bool = False, flair_only: bool = False
-) -> tuple[list[OutOfFold], dict[str, Any]]:
-    """The fold model's probability volumes for its held-out `patients` (whole volumes in slice order, normalised
-    as in training; a 2.5D model's neighbours are the volume's slices, stacked by `preprocess`); with `tta` (seg)
-    also flip-TTA volumes, averaged as the pipeline averages them (`compiled_model`: the sigmoid of the slice and of
-    its horizontal flip, flipped back). With `flair_only`, each volume's pre- and post-contrast are first replaced by
-    its FLAIR, as kaggle_3m stores a patient lacking both (a stress test: `compare_runs --flair-only`)."""
-    from flaxtumor.checkpoints import load_inference
-
-    model, metadata = load_inference(checkpoint)
-    spec = metadata.preprocessing
-    predict = _predictor(model)
-    results = []
-    for p in patients:
-        volume = np.stack([read_image(s.image_path) for s in p.slices])
-        volume = fill_with_flair(volume) if flair_only else volume
-        box = crop_box(volume, spec.crop)  # kept, so masks go back through the crop the model saw
-        x = preprocess(volume, spec, box=box)
-        probs = predict(x)
-        flipped = (probs + predict(x[:, :, ::-1])[:, :, ::-1]) / 2 if tta and probs.ndim == 4 else None
-        # Volumes are stored (and so scored) in float16: a probability needs 3 digits, and the files stay small.
-        probs, flipped = (v[..., 0].astype(np.float16) if v is not None and v.ndim == 4 else v
-                          for v in (probs, flipped))
-        results.append(OutOfFold(p.patient_id, fold, probs, np.array([s.slice_index for s in p.slices]), box,
-                                 flipped))
-    return results, metadata
-
-
-def save_oof(result: OutOfFold, folder: Path) -> Path:
-    path = Path(folder) / f"{result.patient_id}.npz"
-    box = () if result.box is None else tuple(result.box)
-    flipped = {} if result.flipped is None else {"flipped": result.flipped}
-    np.savez_compressed(path, probabilities=result.probabilities, slice_index=result.slice_index, fold=result.fold,
-                        box=np.array(box, np.int64), **flipped)
-    return path
-
-
-def load_oof(path: Path) -> OutOfFold:
-    """An out-of-fold volume as `save_oof` wrote it (OUT/oof/<patient_id>.npz)."""
-    with np.load(path) as f:
-        box = tuple(int(v) for v in f["box"])
-        return OutOfFold(Path(path).stem, int(f["fold"]), f["probabilities"], f["slice_index"],
-                         Box(*box) if box else None, f["flipped"] if "flipped" in f.files else None)
-
-
 def saved_fold(out: Path, fold: int, task: str, patient_ids: Sequence[str]) -> tuple[list[OutOfFold], Any]:
     """(the fold's saved out-of-fold volumes of `patient_ids`, its model's metadata), for --rescore. An error naming
     the file when one is missing, belongs to another fold, or is older than the fold model (retrained since)."""
@@ -202,30 +125,15 @@ def saved_fold(out: Path, fold: int, task: str, patient_ids: Sequence[str]) -> t
     return results, metadata
 
 
-def _truth(patient: Patient) -> list[np.ndarray]:
-    return [read_mask(s.mask_path) if s.mask_path is not None else None for s in patient.slices]
-
-
-def oof_masks(r: OutOfFold, patient: Patient, threshold: float, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted masks, truth) of one patient at the slices' own size, as the pipeline returns them (with `tta`,
-    from the flip-TTA probabilities)."""
-    if tta and r.flipped is None:
-        raise ValueError(f"{r.patient_id}: no flip-TTA probabilities were saved (rerun crossval --resume)")
-    probabilities = r.flipped if tta else r.probabilities
-    truth = _truth(patient)
-    truth = np.stack([t if t is not None else np.zeros(probabilities.shape[1:], bool) for t in truth])
-    box = r.box or Box(0, 0, *truth.shape[1:])
-    preds = np.stack([mask_at_input_size(p, threshold, box, t.shape) for p, t in zip(probabilities, truth)])
-    return preds, truth
-
-
 def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, seed: int = 0,
               point: Any = None) -> dict:
     """Per-patient volumetric Dice and tumour-slice Dice, with percentile-bootstrap 95% intervals over patients; with
-    `point` (an `OperatingPoint` whose classifier is off) after its area gate and post-processing."""
+    `point` (an `OperatingPoint` whose classifier is off) at its mask threshold, after its area gate and
+    post-processing; without, at `threshold`."""
     per_patient, slice_dice, loss_parts = {}, {}, {}
     for r in results:
-        preds, truth = oof_masks(r, patients[r.patient_id], threshold, tta=point is not None and point.tta)
+        preds, truth = oof_masks(r, patients[r.patient_id], threshold if point is None else point.mask_threshold,
+                                 tta=point is not None and point.tta)
         if point is not None:
             _, preds = gate_and_postprocess(np.zeros(len(preds)), preds, point)
         per_patient[r.patient_id] = M.dice(preds, truth)
@@ -258,49 +166,62 @@ def score_seg(results: Sequence[OutOfFold], patients: dict[str, Patient], thresh
 
 def postprocessing_candidates(mask_threshold: float = 0.5) -> list[Any]:
     """The operating points cross-validation chooses among, without the classifier (no out-of-fold classifier
-    probabilities exist, and fewer knobs overfit less): the segmenter alone, or slice calls from its area alone (the
-    fused gate's areas), each with every safe post-processing rule. The classifier is off (threshold inf: it flags no
-    slice), so `gate_and_postprocess` gives the same masks and calls whatever a pipeline's classifier says."""
+    probabilities exist, and fewer knobs overfit less): at the checkpoint's `mask_threshold` and at `MASK_THRESHOLDS`,
+    the segmenter alone or slice calls from its area alone (the fused gate's areas), each with every safe
+    post-processing rule. The classifier is off (threshold inf: it flags no slice), so `gate_and_postprocess` gives the
+    same masks and calls whatever a pipeline's classifier says."""
     from flaxtumor.operating_point import SAFE_POSTPROCESS_RULES, OperatingPoint
     from flaxtumor.tune import CLASSIFIER_OFF, MIN_AREAS
 
-    return [OperatingPoint(threshold=CLASSIFIER_OFF, min_tumour_area=area, mask_threshold=mask_threshold,
-                           postprocess=rule, gate=area > 0)
-            for area in MIN_AREAS for rule in SAFE_POSTPROCESS_RULES]
+    mask_thresholds = (mask_threshold, *(t for t in MASK_THRESHOLDS if t != mask_threshold))
+    return [OperatingPoint(threshold=CLASSIFIER_OFF, min_tumour_area=area, mask_threshold=t, postprocess=rule,
+                           gate=area > 0)
+            for t in mask_thresholds for area in MIN_AREAS for rule in SAFE_POSTPROCESS_RULES]
 
 
 def choose_postprocessing(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float) -> dict:
     """nnU-Net's way: every candidate scored on the out-of-fold predictions and chosen by the rule `tune` uses
     (`operating_point.choice_key`: Dice, then the slice calls' Youden's J, then the simpler point). With the classifier
-    off a slice is called tumour exactly when its final mask is drawn. Returns the candidates' scores and the choice."""
+    off a slice is called tumour exactly when its final mask is drawn. `threshold`: the segmenter checkpoint's mask
+    threshold. Returns the candidates' scores and the choice."""
     rows, candidates = [], postprocessing_candidates(threshold)
-    masks = {r.patient_id: oof_masks(r, patients[r.patient_id], threshold) for r in results}
+    masks = {t: {r.patient_id: oof_masks(r, patients[r.patient_id], t) for r in results}
+             for t in dict.fromkeys(c.mask_threshold for c in candidates)}
     for point in candidates:
         per_patient, calls, labels = {}, [], []
-        for pid, (preds, truth) in masks.items():
+        for pid, (preds, truth) in masks[point.mask_threshold].items():
             _, final = gate_and_postprocess(np.zeros(len(preds)), preds, point)
             per_patient[pid] = M.dice(final, truth)
             calls.append(final.any(axis=(1, 2)))
             labels.append(truth.any(axis=(1, 2)))
         summary = M.summarise_patient_dice(per_patient)
         sensitivity, specificity = M.call_rates(np.concatenate(calls), np.concatenate(labels))
-        rows.append({"min_tumour_area": point.min_tumour_area, "gate": point.gate, "postprocess": point.postprocess,
-                     "mean": summary["mean"], "median": summary["median"], "worst": summary["min"],
-                     "sensitivity": sensitivity, "specificity": specificity})
-    best = max(range(len(rows)), key=lambda i: choice_key(rows[i]["mean"], rows[i]["sensitivity"],
-                                                            rows[i]["specificity"], False, rows[i]["postprocess"],
-                                                            rows[i]["min_tumour_area"]))
+        rows.append({"mask_threshold": point.mask_threshold, "min_tumour_area": point.min_tumour_area,
+                     "gate": point.gate, "postprocess": point.postprocess, "mean": summary["mean"],
+                     "median": summary["median"], "worst": summary["min"], "sensitivity": sensitivity,
+                     "specificity": specificity})
+
+    def key(i: int) -> tuple:
+        r = rows[i]
+        return choice_key(r["mean"], r["sensitivity"], r["specificity"], False, r["postprocess"],
+                          r["min_tumour_area"], r["mask_threshold"] != threshold)
+    best = max(range(len(rows)), key=key)
     return {"candidates": rows, "chosen": rows[best], "point": candidates[best]}
 
 
 def levers(results: Sequence[OutOfFold], patients: dict[str, Patient], threshold: float, point: Any, raw: dict,
            scored: dict) -> dict[str, Any]:
-    """What the chosen post-processing bought over the raw masks, and what flip TTA would add to the chosen point,
-    each paired by patient on the same out-of-fold predictions (`compare_runs.paired`: the mean difference with a
-    bootstrap 95% interval, better/worse counts). TTA is measured, not chosen: it doubles every model call."""
+    """What the chosen post-processing bought over the raw masks, what a chosen mask threshold other than the
+    checkpoint's bought over the same post-processing at the checkpoint's, and what flip TTA would add to the chosen
+    point, each paired by patient on the same out-of-fold predictions (`compare_runs.paired`: the mean difference with
+    a bootstrap 95% interval, better/worse counts). TTA is measured, not chosen: it doubles every model call."""
     from flaxtumor.compare_runs import paired
 
     out = {"postprocessing": {"versus": "raw masks", **paired(raw["per_patient_dice"], scored["per_patient_dice"])}}
+    if point.mask_threshold != threshold:
+        own = score_seg(results, patients, threshold, point=point.override(mask_threshold=threshold))
+        out["mask_threshold"] = {"versus": f"the chosen post-processing at the checkpoint's mask threshold {threshold:g}",
+                                 **paired(own["per_patient_dice"], scored["per_patient_dice"])}
     if all(r.flipped is not None for r in results):
         tta = score_seg(results, patients, threshold, point=point.override(tta=True))
         out["flip_tta"] = {"versus": "the chosen point without TTA", "volumetric_dice": tta["volumetric_dice"],
@@ -327,8 +248,10 @@ def write_pipeline(out: Path, choice: dict, scores: dict, folds: int, export_epo
                  f"patient predicted once, by {predicted_by} ({CV_FILE})",
         "criterion": "mean per-patient volumetric Dice (empty-vs-empty patients excluded); ties (equal to 4 decimals) "
                      "to the higher Youden's J of the slice calls (a slice is called when its mask is drawn), then to "
-                     "the simpler point: no post-processing, then no area gate",
-        "candidates": [{k: c[k] for k in ("min_tumour_area", "gate", "postprocess")} for c in choice["candidates"]],
+                     "the simpler point: no post-processing, then no area gate, then the segmenter checkpoint's own "
+                     "mask threshold",
+        "candidates": [{k: c[k] for k in ("mask_threshold", "min_tumour_area", "gate", "postprocess")}
+                       for c in choice["candidates"]],
         "classifier": "not searched: no out-of-fold classifier probabilities exist, so the classifier is off "
                       "(threshold null: it flags no slice); slices are called by the segmenter's area alone (gate on) "
                       "or every mask is kept (gate off: the segmenter alone)",
@@ -493,7 +416,8 @@ def headline(report: dict[str, Any]) -> str:
             pp = report["postprocessing"]
             c, v = pp["chosen"], pp["volumetric_dice"]
             lo, hi = v["mean_ci95"]
-            line += (f"\nchosen post-processing ({c['postprocess']}, area gate {c['min_tumour_area']:g}): per-patient "
+            line += (f"\nchosen post-processing ({c['postprocess']}, area gate {c['min_tumour_area']:g}, mask "
+                     f"threshold {c.get('mask_threshold', report['threshold']):g}): per-patient "
                      f"Dice mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, worst "
                      f"{v['worst']:.4f}; tumour-slice Dice {pp['tumour_slice_dice']['value']:.4f}\n  "
                      f"{M.describe_dice_loss(pp['dice_loss']['mean'])} (means over patients)")

@@ -26,10 +26,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from flaxtumor import crossval as CV
+from flaxtumor import oof
 from flaxtumor.config import Config
 
 
-def average_oof(predictions: Sequence[Sequence[CV.OutOfFold]]) -> list[CV.OutOfFold]:
+def average_oof(predictions: Sequence[Sequence[oof.OutOfFold]]) -> list[oof.OutOfFold]:
     """Each patient's probabilities averaged over several models' predictions (lists in the same patient order), in
     float32, as an ensemble averages its members (`flaxtumor.ensemble`); the flip-TTA volumes too when every model
     has them. The models must have seen each patient through the same crop."""
@@ -74,7 +75,7 @@ def shared_held_out(members: Sequence[Path], folds: int | Sequence[int], patient
     return fold_of
 
 
-def predict_fold(fold: int, members: Sequence[Path], patients: Sequence[Any]) -> tuple[list[CV.OutOfFold], Any]:
+def predict_fold(fold: int, members: Sequence[Path], patients: Sequence[Any]) -> tuple[list[oof.OutOfFold], Any]:
     """The members' fold-`fold` models' averaged predictions of `patients` (with flip TTA), and the first model's
     metadata; an error naming the model that trained on one of them, reads its input another way or thresholds
     elsewhere."""
@@ -91,7 +92,7 @@ def predict_fold(fold: int, members: Sequence[Path], patients: Sequence[Any]) ->
             meta.threshold != metas[0].threshold and f"threshold {meta.threshold} differs from {metas[0].threshold}")
         if why:
             raise ValueError(f"{path / 'metadata.json'}: {why}")
-    predictions = [CV.predict_fold(fold, path, patients, tta=True)[0] for path in paths]
+    predictions = [oof.predict_fold(fold, path, patients, tta=True)[0] for path in paths]
     # stored and scored in float16, like one model's out-of-fold volumes
     half = lambda v: None if v is None else v.astype(np.float16)  # noqa: E731
     return [replace(r, probabilities=half(r.probabilities), flipped=half(r.flipped))
@@ -126,7 +127,7 @@ def out_of_fold(members: Sequence[Path], out: Path, data: str | None = None, pre
         if not preview:
             (Path(out) / CV.OOF_DIR).mkdir(exist_ok=True)
             for r in fold_results:
-                CV.save_oof(r, Path(out) / CV.OOF_DIR)
+                oof.save_oof(r, Path(out) / CV.OOF_DIR)
         results += fold_results
         say(f"fold {fold}: {len(mine)} held-out patients predicted by {len(members)} models, averaged")
     by = f"the average of the {len(members)} members' fold models that did not train on it"

@@ -211,13 +211,14 @@ def youden_j(sensitivity: float, specificity: float) -> float:
 
 
 def choice_key(dice_mean: float, sensitivity: float, specificity: float, tta: bool, postprocess: str,
-               min_tumour_area: float) -> tuple:
+               min_tumour_area: float, moved_mask_threshold: bool = False) -> tuple:
     """THE rule that picks an operating point (`tune` on validation patients, `crossval` on out-of-fold predictions):
     the best mean per-patient Dice, where a tie is equal to 4 decimals; ties go to the slice calls' Youden's J, so
     neither sensitivity nor specificity is bought with the other for no Dice; then to the simpler setting (no TTA,
-    then no post-processing, then no fused area gate). Larger is better."""
+    then no post-processing, then no fused area gate, then the segmenter checkpoint's own mask threshold). Larger is
+    better."""
     return (round(dice_mean, 4), youden_j(sensitivity, specificity), -tta, -(postprocess != "none"),
-            -(min_tumour_area > 0))
+            -(min_tumour_area > 0), -moved_mask_threshold)
 
 
 def flag_at_classifier_threshold(point: OperatingPoint, classifier_threshold: float) -> OperatingPoint:

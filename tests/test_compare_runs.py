@@ -106,7 +106,7 @@ def test_a_recorded_cross_validation_is_a_baseline_only_for_exactly_one_of_its_f
 
 
 def test_flair_only_predicts_the_patients_with_both_contrasts_replaced_by_flair(tmp_path, monkeypatch):
-    from flaxtumor import crossval
+    from flaxtumor import oof
     from flaxtumor.data.augment import fill_with_flair
     from flaxtumor.data.lgg import load_dataset
     from flaxtumor.train import loop
@@ -115,18 +115,18 @@ def test_flair_only_predicts_the_patients_with_both_contrasts_replaced_by_flair(
     cfg = tiny_config(tmp_path / "run", "seg", **{"train.epochs": 1})
     checkpoint = loop.run(cfg)["checkpoint"]
     patients = load_dataset(cfg.data)[:2]
-    stressed, _ = crossval.predict_fold(0, checkpoint, patients, flair_only=True)
-    as_stored, _ = crossval.predict_fold(0, checkpoint, patients)
-    read = crossval.read_image
-    monkeypatch.setattr(crossval, "read_image", lambda path: fill_with_flair(read(path)))
-    flair_patients, _ = crossval.predict_fold(0, checkpoint, patients)
+    stressed, _ = oof.predict_fold(0, checkpoint, patients, flair_only=True)
+    as_stored, _ = oof.predict_fold(0, checkpoint, patients)
+    read = oof.read_image
+    monkeypatch.setattr(oof, "read_image", lambda path: fill_with_flair(read(path)))
+    flair_patients, _ = oof.predict_fold(0, checkpoint, patients)
     for a, b, c in zip(stressed, flair_patients, as_stored):
         assert np.array_equal(a.probabilities, b.probabilities)
         assert not np.array_equal(a.probabilities, c.probabilities)  # the synthetic contrasts are not FLAIR
 
 
 def _oof(pid: str, value: float, size: int = 4):
-    from flaxtumor.crossval import OutOfFold
+    from flaxtumor.oof import OutOfFold
 
     return OutOfFold(pid, 0, np.full((2, size, size), value, np.float16), np.arange(2))
 

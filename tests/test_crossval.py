@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flaxtumor import crossval
+from flaxtumor import crossval, oof
 from flaxtumor import metrics as M
 from flaxtumor.data.io import read_mask
 from flaxtumor.data.lgg import load_dataset, load_split
@@ -78,7 +78,7 @@ def test_flip_tta_volumes_average_the_slice_and_its_flip_as_the_pipeline_does(cv
     patient = load_dataset(tiny_config(out).data)[0]
     fold = json.loads((out / crossval.CV_FILE).read_text())["fold_of"][patient.patient_id]
     checkpoint = crossval.export_path(out, fold, "seg")
-    (r,), meta = crossval.predict_fold(fold, checkpoint, [patient], tta=True)
+    (r,), meta = oof.predict_fold(fold, checkpoint, [patient], tta=True)
     model, _ = load_inference(checkpoint)
     volume = np.stack([crossval.read_image(s.image_path) for s in patient.slices])
     x = preprocess(volume, meta.preprocessing)
@@ -120,14 +120,14 @@ def test_report_headline_and_intervals(cv):
 
 
 def test_load_oof_reads_back_what_save_oof_wrote(tmp_path):
-    for box in (None, crossval.Box(1, 2, 30, 30)):
-        r = crossval.OutOfFold("p1", 3, np.arange(8, dtype=np.float16).reshape(2, 2, 2), np.array([4, 5]), box)
-        back = crossval.load_oof(crossval.save_oof(r, tmp_path))
+    for box in (None, oof.Box(1, 2, 30, 30)):
+        r = oof.OutOfFold("p1", 3, np.arange(8, dtype=np.float16).reshape(2, 2, 2), np.array([4, 5]), box)
+        back = oof.load_oof(oof.save_oof(r, tmp_path))
         assert (back.patient_id, back.fold, back.box) == ("p1", 3, box)
         assert np.array_equal(back.probabilities, r.probabilities) and np.array_equal(back.slice_index, [4, 5])
         assert back.flipped is None
-    r = crossval.OutOfFold("p2", 0, np.zeros((1, 2, 2), np.float16), np.array([1]), None, np.ones((1, 2, 2), np.float16))
-    assert np.array_equal(crossval.load_oof(crossval.save_oof(r, tmp_path)).flipped, r.flipped)
+    r = oof.OutOfFold("p2", 0, np.zeros((1, 2, 2), np.float16), np.array([1]), None, np.ones((1, 2, 2), np.float16))
+    assert np.array_equal(oof.load_oof(oof.save_oof(r, tmp_path)).flipped, r.flipped)
 
 
 def test_resume_skips_finished_folds_and_a_fresh_start_is_refused(cv, capsys):
@@ -159,8 +159,8 @@ def test_classifier_scores_pool_slices_and_resample_patients():
 
     patients = {"a": patient("a", [1, 0, 0]), "b": patient("b", [1, 1, 0])}
     results = [
-        crossval.OutOfFold("a", 0, np.array([0.9, 0.2, 0.6], np.float32), np.arange(1, 4)),
-        crossval.OutOfFold("b", 1, np.array([0.7, 0.4, 0.1], np.float32), np.arange(1, 4)),
+        oof.OutOfFold("a", 0, np.array([0.9, 0.2, 0.6], np.float32), np.arange(1, 4)),
+        oof.OutOfFold("b", 1, np.array([0.7, 0.4, 0.1], np.float32), np.arange(1, 4)),
     ]
     score = crossval.score_cls(results, patients, threshold=0.5)
     probs, labels = np.array([0.9, 0.2, 0.6, 0.7, 0.4, 0.1]), np.array([1, 0, 0, 1, 1, 0])
@@ -214,7 +214,7 @@ def test_the_chosen_post_processing_is_written_as_an_operating_point_that_reprod
     chosen = pp["chosen"]
     assert (point.min_tumour_area, point.gate, point.postprocess) == (
         chosen["min_tumour_area"], chosen["gate"], chosen["postprocess"])
-    assert point.threshold == math.inf and not point.tta and point.mask_threshold == report["threshold"]
+    assert point.threshold == math.inf and not point.tta and point.mask_threshold == chosen["mask_threshold"]
     assert json.loads((out / "pipeline.json").read_text())["threshold"] is None  # strict JSON: off = null
     for classifier in (0.0, 1.0):  # the classifier is off: what it says changes nothing
         assert _oof_dice(out, patients, point, classifier) == pytest.approx(pp["volumetric_dice"]["mean"], abs=1e-12)
@@ -272,6 +272,37 @@ def test_the_candidates_call_slices_by_area_alone_whatever_a_classifier_says():
     assert outcomes == {101, 100}  # the 1-px mask survives only without the gate and without a component floor
 
 
+def test_the_mask_threshold_is_chosen_with_the_post_processing_and_ties_keep_the_checkpoints(monkeypatch):
+    """Soft tumour edges (0.45) are drawn only at the lower mask threshold, which then wins by Dice and is reported
+    as a lever; where both thresholds draw the same masks, the checkpoint's own (0.5) is kept."""
+    from types import SimpleNamespace
+
+    truth = np.zeros((2, 32, 32), bool)
+    truth[0, 8:18, 8:18] = True  # a 10x10 tumour on slice 0; slice 1 is tumour-free
+    monkeypatch.setattr(oof, "_truth", lambda patient: list(truth))
+    patients = {pid: SimpleNamespace(patient_id=pid) for pid in ("a", "b", "c")}
+    confident = np.where(truth, 0.9, 0.0).astype(np.float16)
+    soft = confident.copy()
+    soft[0, 8:18, 8:18] = 0.45
+    soft[0, 9:17, 9:17] = 0.9  # the 8x8 core is sure, its one-pixel ring is not
+    assert {c.mask_threshold for c in crossval.postprocessing_candidates(0.5)} == set(crossval.MASK_THRESHOLDS)
+    for probabilities, expected in ((soft, 0.4), (confident, 0.5)):
+        results = [oof.OutOfFold(pid, 0, probabilities, np.arange(2)) for pid in patients]
+        choice = crossval.choose_postprocessing(results, patients, 0.5)
+        assert choice["point"].mask_threshold == choice["chosen"]["mask_threshold"] == expected
+        raw = crossval.score_seg(results, patients, 0.5)
+        scored = crossval.score_seg(results, patients, 0.5, point=choice["point"])
+        assert scored["volumetric_dice"]["mean"] == pytest.approx(1.0)
+        levers = crossval.levers(results, patients, 0.5, choice["point"], raw, scored)
+        if expected == 0.5:
+            assert "mask_threshold" not in levers
+            continue
+        assert raw["volumetric_dice"]["mean"] == pytest.approx(2 * 64 / (64 + 100))  # the core alone at 0.5
+        lever = levers["mask_threshold"]
+        assert lever["mean_difference"] == pytest.approx(1 - 2 * 64 / (64 + 100)) and lever["better"] == 3
+        assert "0.5" in lever["versus"]
+
+
 def test_out_of_fold_masks_go_back_through_the_crop_the_model_saw(tmp_path):
     """A brain-cropped fold model predicts in the crop's frame: its masks land inside the box at the slices' size."""
     from types import SimpleNamespace
@@ -280,14 +311,14 @@ def test_out_of_fold_masks_go_back_through_the_crop_the_model_saw(tmp_path):
 
     patient = SimpleNamespace(slices=[SimpleNamespace(mask_path=None)] * 2)  # no truth: empty 40x40 masks
     probs = np.ones((2, 4, 4), np.float16)
-    result = crossval.OutOfFold("p", 0, probs, np.arange(2), Box(8, 4, 20, 20))
+    result = oof.OutOfFold("p", 0, probs, np.arange(2), Box(8, 4, 20, 20))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(crossval, "_truth", lambda p: [np.zeros((40, 40), bool)] * 2)
-        preds, _ = crossval.oof_masks(result, patient, 0.5)
+        mp.setattr(oof, "_truth", lambda p: [np.zeros((40, 40), bool)] * 2)
+        preds, _ = oof.oof_masks(result, patient, 0.5)
     expected = np.zeros((40, 40), bool)
     expected[8:28, 4:24] = True
     assert preds.shape == (2, 40, 40) and (preds == expected).all()
-    saved = np.load(crossval.save_oof(result, tmp_path))
+    saved = np.load(oof.save_oof(result, tmp_path))
     assert tuple(saved["box"]) == (8, 4, 20, 20)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flaxtumor import crossval as CV
+from flaxtumor import oof
 from flaxtumor import crossval_ensemble as E
 from flaxtumor.data.preprocess import Box
 from tests.train.helpers import CV_FOLDS, tiny_crossval
@@ -30,13 +31,13 @@ def ensemble(members, tmp_path_factory):
 
 
 def _oof(out, pid):
-    return CV.load_oof(out / CV.OOF_DIR / f"{pid}.npz")
+    return oof.load_oof(out / CV.OOF_DIR / f"{pid}.npz")
 
 
 def test_average_oof_averages_probabilities_and_flips_and_refuses_other_crops():
     def one(p, flipped=None, box=None):
         v = np.full((2, 4, 4), p, np.float16)
-        return CV.OutOfFold("P", 0, v, np.arange(2), box, None if flipped is None else np.full_like(v, flipped))
+        return oof.OutOfFold("P", 0, v, np.arange(2), box, None if flipped is None else np.full_like(v, flipped))
 
     (mean,) = E.average_oof([[one(0.2, 0.4)], [one(0.6, 0.8)]])
     assert np.allclose(mean.probabilities, 0.4, atol=1e-3) and np.allclose(mean.flipped, 0.6, atol=1e-3)

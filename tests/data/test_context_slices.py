@@ -1,7 +1,7 @@
 """2.5D input (`--context-slices K`, issue 11): the one neighbour rule (`stack_context`) and its known answers, the
 spec in checkpoint metadata, per-slice normalisation of a stack, the Grain pipeline's neighbours, augmentation of a
 stack as one, the model's input channels, config errors, and a tiny trained 2.5D segmenter served by `Pipeline`
-(volumes; lone slices warn) and predicted out of fold by crossval, all from the same inputs."""
+(volumes; lone slices warn) and predicted out of fold (oof.predict_fold), all from the same inputs."""
 
 import dataclasses
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxtumor import crossval
+from flaxtumor import oof
 from flaxtumor.checkpoints import load_inference
 from flaxtumor.config import Config, DataConfig, ModelConfig
 from flaxtumor.data import pipeline
@@ -247,7 +247,7 @@ def test_pipeline_predicts_a_volume_with_its_neighbours_and_warns_on_lone_slices
 
 def test_crossval_predicts_out_of_fold_with_the_same_neighbours(trained, synthetic_patients):
     patients = synthetic_patients[:2]
-    results, metadata = crossval.predict_fold(0, trained, patients)
+    results, metadata = oof.predict_fold(0, trained, patients)
     assert metadata.preprocessing.context_slices == 1
     model, _ = load_inference(trained)
     for r, p in zip(results, patients):
