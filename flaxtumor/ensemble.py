@@ -118,9 +118,12 @@ def ensemble_metadata(members: Sequence[InferenceMetadata], names: Sequence[str]
     trained = sorted({p for m in members for p in (m.extra.get("trained_patients") or (m.split or {}).get("train")
                                                     or [])})
     held_out = {name: list((m.split or {}).get("val") or []) for name, m in zip(names, members)}
+    # A seed ensemble's own cross-validation (crossval_ensemble) averages each fold's models as this segmenter does.
+    per_fold = (f"each fold's {len(crossval['members'])} models (one per seed) averaged, as here"
+                if crossval is not None and "members" in crossval else "one model per fold")
     scored = ("The cross-validation scored each member on its own held-out patients (crossval)." if from_cv else
-              "Its members' out-of-sample estimate is the cross-validation of their recipe (crossval), made with "
-              "one model per fold.")
+              f"Its members' out-of-sample estimate is the cross-validation of their recipe (crossval), made with "
+              f"{per_fold}.")
     metrics: dict = {"protocol": "an ensemble has no held-out patients: every patient trained at least one member. "
                                  + scored}
     if crossval is not None:

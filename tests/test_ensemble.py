@@ -157,6 +157,12 @@ def test_members_of_one_recipe_make_an_ensemble_the_pipeline_loads(seed_runs, ti
     assert meta.metrics["crossval"]["mean"] == json.loads(report.read_text())["postprocessing"]["volumetric_dice"][
         "mean"]
     assert "one model per fold" in meta.metrics["protocol"]
+    seeds_cv = tmp_path / "seeds_crossval.json"  # a seed ensemble's cross-validation (crossval_ensemble) says so
+    seeds_cv.write_text(json.dumps({**json.loads(report.read_text()), "members": ["runs/cv", "runs/cv_seed1"]}))
+    again = tmp_path / "again"
+    assert E.main(["--members", str(seed_runs / "seed0"), str(seed_runs / "seed1"), "--crossval", str(seeds_cv),
+                   "--out", str(again)]) == 0
+    assert "each fold's 2 models (one per seed) averaged" in read_metadata(again).metrics["protocol"]
     ids = meta.extra["trained_patients"]
     export_tiny(out.parent / "classifier", "cls", "image_zscore", 0.5, {"train": ids, "val": [], "test": []})
     pipeline = Pipeline.from_checkpoints(out.parent)

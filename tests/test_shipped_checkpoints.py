@@ -35,7 +35,8 @@ from tests.data.test_real_data import shared_manifest
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "checkpoints"
 CARD = CHECKPOINTS / "MODEL_CARD.md"
-CROSSVAL = CHECKPOINTS / "crossval.json"
+CROSSVAL = CHECKPOINTS / "crossval.json"  # two seeds averaged, as the segmenter ships
+ONE_SEED = REPO / "reports" / "one_seed_crossval.json"  # the same folds, one model each (seed 0)
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")  # not the 1 of "F1"
 
 
@@ -166,6 +167,9 @@ def test_no_patient_a_number_is_claimed_on_was_seen_in_training(pipeline, crossv
         assert "no validation metrics" in member["metrics"]["protocol"] and set(member["metrics"]) == {"protocol"}
     assert sorted(crossval["per_patient_dice"]) == patients and crossval["n_patients"] == len(patients)
     assert "no held-out patients" in seg["metrics"]["protocol"]  # the ensemble quotes the cross-validation only
+    # ... of its own recipe: each patient by the fold models of the members' seeds, averaged as the members are
+    assert crossval["member_seeds"] == [m["config"]["train"]["seed"] for _, m in _members()]
+    assert f"each fold's {len(crossval['members'])} models (one per seed) averaged" in seg["metrics"]["protocol"]
     headline = crossval["postprocessing"]["volumetric_dice"]
     assert seg["metrics"]["crossval"] == {k: headline[k] for k in ("mean", "mean_ci95", "median", "worst")}
     assert pipeline.record["tuned_on"]["patients"] == patients  # the operating point: chosen out of fold
@@ -221,8 +225,11 @@ def test_the_cross_validation_table_is_crossval_json(crossval) -> None:
         if label in TARGETS:
             assert_shown(f"CV target {label}", NUMBER.findall(cells[3]), [TARGETS[label]])
     chosen = crossval["postprocessing"]["chosen"]
-    assert claim(r"\| chosen post-processing \(`([\w.]+)`, no area gate\) \|") == [chosen["postprocess"]]
+    rule, mask_threshold = claim(r"\| chosen post-processing \(`([\w.]+)`, mask threshold ([\d.]+), no area gate\) \|")
+    assert rule == chosen["postprocess"] and float(mask_threshold) == chosen["mask_threshold"]
     assert chosen["min_tumour_area"] == 0 and chosen["gate"] is False
+    assert_shown("raw masks' threshold", claim(r"\| raw masks \(two seeds averaged, mask threshold ([\d.]+),"),
+                 [crossval["threshold"]])
 
 
 def test_the_per_fold_table_is_crossval_json(crossval) -> None:
@@ -240,16 +247,22 @@ def test_the_postprocessing_candidates_and_the_choice(crossval) -> None:
     pp = crossval["postprocessing"]
     candidates = pp["candidates"]
     best = max(candidates, key=lambda r: choice_key(r["mean"], r["sensitivity"], r["specificity"], False,
-                                                    r["postprocess"], r["min_tumour_area"]))
+                                                    r["postprocess"], r["min_tumour_area"],
+                                                    r["mask_threshold"] != crossval["threshold"]))
     assert best == pp["chosen"]  # the rule tune uses, re-applied to the recorded scores
-    rows = table("| area gate | post-processing |")
-    assert len(rows) == len(candidates)
+    rows = table("| mask threshold | area gate | post-processing |")
+    assert len(rows) == len(candidates) == int(claim(r"All (\d+) candidates, scored on the out-of-fold")[0])
     for cells, r in zip(rows, candidates):
-        assert cells[1] == f"`{r['postprocess']}`"
-        assert_shown(f"candidate {r['postprocess']}", [NUMBER.findall(c)[0] for c in (cells[0], *cells[2:-1])],
-                     [100 * r["min_tumour_area"], *(r[k] for k in ("mean", "median", "worst", "sensitivity",
-                                                                    "specificity"))])
+        assert cells[2] == f"`{r['postprocess']}`"
+        assert_shown(f"candidate {r['postprocess']}", [NUMBER.findall(c)[0] for c in (*cells[:2], *cells[3:-1])],
+                     [r["mask_threshold"], 100 * r["min_tumour_area"],
+                      *(r[k] for k in ("mean", "median", "worst", "sensitivity", "specificity"))])
         assert (cells[-1] == "chosen") == (r == pp["chosen"])
+    own = max((r for r in candidates if r["mask_threshold"] == crossval["threshold"]), key=lambda r: r["mean"])
+    assert own["postprocess"] == pp["chosen"]["postprocess"]  # "the best candidate at 0.5 is the same rule"
+    assert_shown("best at the own threshold", claim(r"The best candidate at ([\d.]+) is the same rule, ([\d.]+) "
+                                                    r"against ([\d.]+)\."),
+                 [crossval["threshold"], own["mean"], pp["chosen"]["mean"]])
 
 
 def test_the_lever_table_is_crossval_json(crossval) -> None:
@@ -268,16 +281,21 @@ def test_the_lever_table_is_crossval_json(crossval) -> None:
     report = json.loads((REPO / "reports" / "missing_sequences_crossval.json").read_text())["chosen post-processing"]
     schedule = json.loads((REPO / "reports" / "fixed_schedule_crossval.json").read_text())
     resize = json.loads((REPO / "reports" / "probability_resize_crossval.json").read_text())
-    shipped = crossval["postprocessing"]["per_patient_dice"]
-    assert sorted(report["baseline"]) == sorted(report["lever"]) == sorted(shipped)
+    # The recipe's history was measured with one model per fold (reports/one_seed_crossval.json, seed 0's folds);
+    # the shipped cross-validation averages two seeds per fold and is paired with it.
+    one_model = json.loads(ONE_SEED.read_text())["postprocessing"]["per_patient_dice"]
+    two_seeds = crossval["postprocessing"]["per_patient_dice"]
+    assert sorted(report["baseline"]) == sorted(report["lever"]) == sorted(one_model) == sorted(two_seeds)
     fixed_15, best_epoch = schedule["fixed_15_per_patient"], schedule["best_epoch_per_patient"]
     nearest = resize["nearest_per_patient"]["fixed_30"]
-    assert sorted(fixed_15) == sorted(best_epoch) == sorted(nearest) == sorted(shipped)
-    checked = {"post-processing": levers["postprocessing"], "flip TTA": levers["flip_tta"],
+    assert sorted(fixed_15) == sorted(best_epoch) == sorted(nearest) == sorted(one_model)
+    checked = {"two seeds averaged vs one model per fold": paired(one_model, two_seeds),
+               "post-processing": levers["postprocessing"], "mask threshold 0.4 vs 0.5": levers["mask_threshold"],
+               "flip TTA": levers["flip_tta"],
                "missing sequences, cross-validated": paired(report["baseline"], report["lever"]),
-               "fixed schedule, 30 against 15 epochs": paired(fixed_15, shipped),
+               "fixed schedule, 30 against 15 epochs": paired(fixed_15, one_model),
                "no selection on held-out patients": paired(best_epoch, fixed_15),
-               "probabilities resized, then thresholded": paired(nearest, shipped)}
+               "probabilities resized, then thresholded": paired(nearest, one_model)}
     recorded_pairs = {"fixed schedule, 30 against 15 epochs": schedule["paired"]["fixed_30 vs fixed_15"],
                       "no selection on held-out patients": schedule["paired"]["fixed_15 vs best_epoch"],
                       "probabilities resized, then thresholded": resize["paired"]["fixed_30"]}
@@ -308,6 +326,11 @@ def test_the_operating_point_is_the_cross_validated_choice_and_the_gate_decision
     chosen = crossval["postprocessing"]["chosen"]
     assert (point.postprocess, point.min_tumour_area, point.tta) == (chosen["postprocess"], chosen["min_tumour_area"],
                                                                      False)
+    # The mask threshold is the cross-validated one, not the segmenter checkpoint's own: pipeline.json carries it.
+    assert point.mask_threshold == chosen["mask_threshold"]
+    assert_shown("mask threshold", claim(r"\*\*Chosen: `[\w.]+` at mask threshold ([\d.]+), no area gate\*\*: a pixel is "
+                                         r"tumour where the averaged probability is at least ([\d.]+)"),
+                 [point.mask_threshold] * 2)
     assert point.postprocess in SAFE_POSTPROCESS_RULES
     floor = float(point.postprocess.removeprefix("drop_small_"))
     assert_shown("floor", claim(r"3D components smaller than ([\d.]+) % of one slice's area \((\d+) voxels at 256²\)"),
@@ -560,35 +583,83 @@ def test_the_missing_sequence_claims(crossval) -> None:
     assert_shown("worst FLAIR-only", [value], [dice[patient]])
 
 
-def test_the_two_seed_preview_claims(crossval) -> None:
-    """The two-seed cross-validation's preview: its one-seed side is the shipped cross-validation's raw masks, and the
-    card's numbers follow from the per-patient values in its report."""
+def test_the_two_seed_claims(crossval) -> None:
+    """Two seeds averaged against one model per fold, and the mask threshold the cross-validation chose: the card's
+    numbers follow from the per-patient values of crossval.json, reports/one_seed_crossval.json and
+    reports/seed_ensemble_crossval.json (the chosen point at mask thresholds 0.5 and 0.4)."""
     from flaxtumor.compare_runs import paired
 
-    report = json.loads((REPO / "reports" / "seed_ensemble_crossval_preview.json").read_text())
-    one, two = report["one_seed_per_patient"], report["two_seeds_per_patient"]
-    assert sorted(one) == sorted(two) == sorted(pid for pid, k in crossval["fold_of"].items() if k in report["folds"])
-    assert one == {pid: crossval["per_patient_dice"][pid] for pid in one}
-    pair = paired(one, two)
-    assert pair["mean_difference"] == pytest.approx(report["paired"]["two seeds vs one"]["mean_difference"])
-    shown = claim(r"Folds ([\d, ]+) and (\d) have both seeds so far .*? on their (\d+) held-out patients, raw masks, "
-                  r"it scores ([\d.]+) against ([\d.]+) for one model: \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\], (\d+) "
-                  r"patients better and (\d+) worse, median ([\d.]+) against ([\d.]+), and the worst patient stays "
-                  r"(TCGA_\w+) at ([\d.]+); fold by fold ([+\d., and]+)\. Drawing the averaged masks at 0\.4 instead of "
-                  r"0\.5 .*? scores \+([\d.]+) \[([−+\d.]+), \+([\d.]+)\] with (\d+) patients better and (\d+) worse, and one "
-                  r"patient is about half of it \((TCGA_\w+), ([\d.]+) to ([\d.]+),")
-    assert [int(k) for k in shown[0].split(", ") + [shown[1]]] == report["folds"]
-    worst = min(two, key=two.get)
-    assert shown[12] == worst == shown[20]
-    per_fold = [report["paired"][f"fold {k}"]["mean_difference"] for k in report["folds"]]
-    assert_shown("two-seed preview", shown[2:12] + shown[13:14] + re.split(r", | and ", shown[14]),
-                 [len(two), np.mean(list(two.values())), np.mean(list(one.values())), pair["mean_difference"],
-                  *pair["mean_difference_ci95"], pair["better"], pair["worse"], np.median(list(two.values())),
-                  np.median(list(one.values())), two[worst], *per_fold])
-    lower = report["lower_mask_threshold"]["per_patient_dice"]["0.4"]
-    low = paired(two, lower)
-    assert_shown("mask threshold 0.4", [s.replace("−", "-") for s in shown[15:20] + shown[21:]],
-                 [low["mean_difference"], *low["mean_difference_ci95"], low["better"], low["worse"], two[worst],
-                  lower[worst]])
-    share = (lower[worst] - two[worst]) / len(two) / low["mean_difference"]
-    assert 0.4 < share < 0.6, f"the card says one patient is about half of the gain; it is {share:.0%}"
+    one = json.loads(ONE_SEED.read_text())
+    report = json.loads((REPO / "reports" / "seed_ensemble_crossval.json").read_text())
+    assert one["fold_of"] == crossval["fold_of"]  # the same folds
+    v, s = one["postprocessing"]["volumetric_dice"], one["postprocessing"]["tumour_slice_dice"]
+    shown = claim(r"it was this card's headline until the seed-1 folds finished: ([\d.]+) \[([\d.]+), ([\d.]+)\] with "
+                  r"its own chosen post-processing \(`([\w.]+)`, mask threshold ([\d.]+)\), median ([\d.]+), worst "
+                  r"([\d.]+), tumour-slice Dice ([\d.]+)\.")
+    assert shown.pop(3) == one["postprocessing"]["chosen"]["postprocess"]
+    assert_shown("one model", shown, [v["mean"], *v["mean_ci95"], one["threshold"], v["median"], v["worst"],
+                                      s["value"]])
+    raw = paired(one["per_patient_dice"], crossval["per_patient_dice"])
+    chosen = paired(one["postprocessing"]["per_patient_dice"], crossval["postprocessing"]["per_patient_dice"])
+    folds = [paired(*({k: d[k] for k, f in crossval["fold_of"].items() if f == fold}
+                      for d in (one["per_patient_dice"], crossval["per_patient_dice"])))["mean_difference"]
+             for fold in range(crossval["folds"])]
+    shown = claim(r"On the raw masks two seeds score \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\] over one, (\d+) patients "
+                  r"better and (\d+) worse, and every fold gains \(([+\d., ]+)\)\. Each at its own chosen point, "
+                  r"\+([\d.]+) \[\+([\d.]+), \+([\d.]+)\], (\d+) better and (\d+) worse")
+    assert min(folds) > 0 and shown[5].count("+") == len(folds)
+    assert_shown("two seeds vs one", shown[:5] + shown[5].replace("+", "").split(", ") + shown[6:],
+                 [raw["mean_difference"], *raw["mean_difference_ci95"], raw["better"], raw["worse"], *folds,
+                  chosen["mean_difference"], *chosen["mean_difference_ci95"], chosen["better"], chosen["worse"]])
+    assert report["two seeds vs one"]["raw masks"]["overall"]["mean_difference"] == pytest.approx(raw["mean_difference"])
+    # The mask threshold: the report's 0.4 side is the shipped point, its 0.5 side the same point at 0.5.
+    mt = report["mask threshold"]
+    at5, at4 = mt["per_patient_dice"]["0.5"], mt["per_patient_dice"]["0.4"]
+    assert at4 == crossval["postprocessing"]["per_patient_dice"]
+    lever = paired(at5, at4)
+    assert lever["mean_difference"] == pytest.approx(crossval["levers"]["mask_threshold"]["mean_difference"])
+    (unseen,) = set(range(crossval["folds"])) - set(mt["preview_folds"])
+    fold = paired(*({k: d[k] for k, f in crossval["fold_of"].items() if f == unseen} for d in (at5, at4)))
+    worst = "TCGA_FG_A60K_20040224"
+    rest = paired(*({k: d[k] for k in d if k != worst} for d in (at5, at4)))
+    shown = claim(r"on fold (\d), which that check had not seen, it scores \+([\d.]+) over 0\.5 at the chosen "
+                  r"post-processing \((\d+) patients better, (\d+) worse\), and over all (\d+) \+([\d.]+) \[\+([\d.]+), "
+                  r"\+([\d.]+)\] \((\d+) better, (\d+) worse\), \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\] without A60K")
+    assert_shown("mask threshold", shown, [unseen, fold["mean_difference"], fold["better"], fold["worse"], len(at4),
+                                           lever["mean_difference"], *lever["mean_difference_ci95"], lever["better"],
+                                           lever["worse"], rest["mean_difference"], *rest["mean_difference_ci95"]])
+    assert_shown("A60K at 0.5", claim(r"A60K is a knife-edge patient: ([\d.]+) at mask threshold 0\.5"), [at5[worst]])
+
+
+def test_the_headline_prose(pipeline, crossval) -> None:
+    """The headline's sentences outside its tables: where this stands, the patient counts, the two worst patients and
+    the gate decision."""
+    pp = crossval["postprocessing"]
+    v, dice, loss = pp["volumetric_dice"], pp["per_patient_dice"], pp["dice_loss"]["per_patient"]
+    shown = claim(r"The shipped segmenter's cross-validated per-patient Dice is \*\*([\d.]+) \[([\d.]+), ([\d.]+)\]\*\* "
+                  r"\(median ([\d.]+), worst ([\d.]+); tumour-slice Dice ([\d.]+)\), two seeds averaged as shipped")
+    assert_shown("where this stands", shown, [v["mean"], *v["mean_ci95"], v["median"], v["worst"],
+                                              pp["tumour_slice_dice"]["value"]])
+    one = json.loads(ONE_SEED.read_text())["postprocessing"]["volumetric_dice"]
+    assert_shown("one model", claim(r"One model per fold scores ([\d.]+) \[([\d.]+), ([\d.]+)\]\."),
+                 [one["mean"], *one["mean_ci95"]])
+    assert_shown("counts", claim(r"(\d+) of the (\d+) patients score at least 0\.80 and (\d+) below 0\.60"),
+                 [sum(d >= 0.80 for d in dice.values()), len(dice), sum(d < 0.60 for d in dice.values())])
+    first, second = sorted(dice, key=dice.get)[:2]
+    shown = claim(r"The two worst: (TCGA_\w+) \(([\d.]+)\) loses ([\d.]+) of its Dice to masks on its tumour-free "
+                  r"slices, and (TCGA_\w+) \(([\d.]+)\), stored FLAIR only, loses it to its small tumour left undrawn "
+                  r"\(([\d.]+) in missed slices, ([\d.]+) inside the outline\)")
+    assert (shown[0], shown[3]) == (first, second)
+    assert_shown("two worst", shown[1:3] + shown[4:], [dice[first], loss[first]["false_regions"], dice[second],
+                                                       loss[second]["missed_slices"], loss[second]["inside_outline"]])
+    gate = pipeline.record["classifier_gate"]
+    off, on = gate["candidates"][0], gate["chosen"]
+    second_best = next(c for c in gate["candidates"] if c["threshold"] is not None and c["threshold"] > on["threshold"])
+    shown = claim(r"\*\*The classifier gates at threshold ([\d.]+)\*\*, by a hair: per-patient Dice ([\d.]+) against "
+                  r"([\d.]+) with the classifier off .*? verdict specificity ([\d.]+) against ([\d.]+) .*? every higher "
+                  r"threshold scores lower \(([\d.]+) at ([\d.]+)\)")
+    assert_shown("gate", shown, [on["threshold"], on["per_patient_dice_mean"], off["per_patient_dice_mean"],
+                                 on["verdict_specificity"], off["verdict_specificity"],
+                                 second_best["per_patient_dice_mean"], second_best["threshold"]])
+    assert_shown("gate gain", claim(r"As a gate it buys the pipeline\s+almost nothing \(\+([\d.]+) on its"),
+                 [on["per_patient_dice_mean"] - off["per_patient_dice_mean"]])
