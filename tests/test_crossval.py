@@ -364,9 +364,10 @@ def test_a_rescore_reads_the_saved_predictions_back_and_predicts_nothing(cv, tmp
     # A saved prediction older than its fold model (retrained since) or missing is an error naming the file.
     pid = sorted(p.stem for p in (copy / crossval.OOF_DIR).glob("*.npz"))[0]
     npz = copy / crossval.OOF_DIR / f"{pid}.npz"
-    made = (crossval.export_path(copy, 0, "seg") / "metadata.json").stat().st_mtime
+    # every fold model "retrained" after the newest saved prediction (on a loaded machine they can be minutes apart)
+    made = max(f.stat().st_mtime for f in (copy / crossval.OOF_DIR).glob("*.npz")) + 60
     for fold in range(FOLDS):
-        os.utime(crossval.export_path(copy, fold, "seg") / "metadata.json", (made + 60, made + 60))
+        os.utime(crossval.export_path(copy, fold, "seg") / "metadata.json", (made, made))
     assert crossval.main(["--out", str(copy), "--rescore"]) == 2
     err = capsys.readouterr().err
     assert "older than" in err and ".npz" in err
