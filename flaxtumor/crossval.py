@@ -417,7 +417,7 @@ def headline(report: dict[str, Any]) -> str:
             c, v = pp["chosen"], pp["volumetric_dice"]
             lo, hi = v["mean_ci95"]
             line += (f"\nchosen post-processing ({c['postprocess']}, area gate {c['min_tumour_area']:g}, mask "
-                     f"threshold {c.get('mask_threshold', report['threshold']):g}): per-patient "
+                     f"threshold {c['mask_threshold']:g}): per-patient "
                      f"Dice mean {v['mean']:.4f} [{lo:.4f}, {hi:.4f}], median {v['median']:.4f}, worst "
                      f"{v['worst']:.4f}; tumour-slice Dice {pp['tumour_slice_dice']['value']:.4f}\n  "
                      f"{M.describe_dice_loss(pp['dice_loss']['mean'])} (means over patients)")

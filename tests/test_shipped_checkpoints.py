@@ -191,6 +191,16 @@ def _recomputed(block: dict[str, Any]) -> dict[str, float]:
             "median_ci95": M.bootstrap_interval(scored, np.median, seed=0)}
 
 
+def _one_model(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """What one model of the recipe scores on average: two single-seed cross-validations' Dice, patient by patient."""
+    return {pid: (a[pid] + b[pid]) / 2 for pid in a}
+
+
+def _fold(per_patient: dict[str, float], crossval: dict[str, Any], fold: int) -> dict[str, float]:
+    """The patients `fold` held out."""
+    return {pid: per_patient[pid] for pid, k in crossval["fold_of"].items() if k == fold}
+
+
 def test_crossval_json_agrees_with_its_own_per_patient_values(crossval) -> None:
     for block in (crossval, crossval["postprocessing"]):
         v, again = block["volumetric_dice"], _recomputed(block)
@@ -238,7 +248,7 @@ def test_the_per_fold_table_is_crossval_json(crossval) -> None:
     rows = table("| fold | held-out patients |")
     assert [int(r[0]) for r in rows] == [f["fold"] for f in per_fold] == list(range(crossval["folds"]))
     for cells, f in zip(rows, per_fold):
-        mine = [dice[pid] for pid, k in crossval["fold_of"].items() if k == f["fold"]]
+        mine = list(_fold(dice, crossval, f["fold"]).values())
         assert_shown(f"fold {f['fold']}", [NUMBER.findall(c)[0] for c in cells[1:]],
                      [len(mine), f["best_epoch"], f["epochs_trained"], float(np.mean(mine)), float(np.min(mine))])
 
@@ -284,20 +294,18 @@ def test_the_lever_table_is_crossval_json(crossval) -> None:
     # The recipe's history was measured with one model per fold (seed 0's folds, reports/crossval_seed0.json); the
     # shipped cross-validation averages two seeds per fold and is paired with one model: the two seeds' mean Dice.
     seed_0, seed_1 = (json.loads(path.read_text())["postprocessing"]["per_patient_dice"] for path in SEEDS)
-    one_model = seed_0
     two_seeds = crossval["postprocessing"]["per_patient_dice"]
-    mean_single = {pid: (seed_0[pid] + seed_1[pid]) / 2 for pid in seed_0}
-    assert sorted(report["baseline"]) == sorted(report["lever"]) == sorted(one_model) == sorted(two_seeds)
+    assert sorted(report["baseline"]) == sorted(report["lever"]) == sorted(seed_0) == sorted(two_seeds)
     fixed_15, best_epoch = schedule["fixed_15_per_patient"], schedule["best_epoch_per_patient"]
     nearest = resize["nearest_per_patient"]["fixed_30"]
-    assert sorted(fixed_15) == sorted(best_epoch) == sorted(nearest) == sorted(one_model)
-    checked = {"two seeds averaged vs one model per fold": paired(mean_single, two_seeds),
+    assert sorted(fixed_15) == sorted(best_epoch) == sorted(nearest) == sorted(seed_0)
+    checked = {"two seeds averaged vs one model per fold": paired(_one_model(seed_0, seed_1), two_seeds),
                "post-processing": levers["postprocessing"], "mask threshold 0.4 vs 0.5": levers["mask_threshold"],
                "flip TTA": levers["flip_tta"],
                "missing sequences, cross-validated": paired(report["baseline"], report["lever"]),
-               "fixed schedule, 30 against 15 epochs": paired(fixed_15, one_model),
+               "fixed schedule, 30 against 15 epochs": paired(fixed_15, seed_0),
                "no selection on held-out patients": paired(best_epoch, fixed_15),
-               "probabilities resized, then thresholded": paired(nearest, one_model)}
+               "probabilities resized, then thresholded": paired(nearest, seed_0)}
     recorded_pairs = {"fixed schedule, 30 against 15 epochs": schedule["paired"]["fixed_30 vs fixed_15"],
                       "no selection on held-out patients": schedule["paired"]["fixed_15 vs best_epoch"],
                       "probabilities resized, then thresholded": resize["paired"]["fixed_30"]}
@@ -604,26 +612,19 @@ def test_the_two_seed_claims(crossval) -> None:
         mask_threshold = one["postprocessing"]["chosen"].get("mask_threshold", one["threshold"])
         assert_shown(f"seed {k}", shown, [v["mean"], *v["mean_ci95"], mask_threshold, v["median"], v["worst"],
                                          s["value"]])
-    per_patient = [[one[block]["per_patient_dice"] if block else one["per_patient_dice"] for one in seeds]
-                   for block in (None, "postprocessing")]
-    (raw_0, raw_1), (chosen_0, chosen_1) = per_patient
+    raw_0, raw_1 = (one["per_patient_dice"] for one in seeds)
+    chosen_0, chosen_1 = (one["postprocessing"]["per_patient_dice"] for one in seeds)
     noise = paired(chosen_0, chosen_1)
     assert_shown("seed noise", claim(r"\*\*The seed alone moves a whole cross-validation of this recipe by ([\d.]+)\*\* "
                                      r"\[\+([\d.]+), \+([\d.]+)\] \((\d+) patients better, (\d+) worse\)"),
                  [noise["mean_difference"], *noise["mean_difference_ci95"], noise["better"], noise["worse"]])
-
-    def mean_of(a: dict, b: dict) -> dict:
-        return {pid: (a[pid] + b[pid]) / 2 for pid in a}
-
-    def by_fold(a: dict, b: dict) -> list[float]:
-        return [paired(*({k: d[k] for k, f in crossval["fold_of"].items() if f == fold} for d in (a, b)))[
-            "mean_difference"] for fold in range(crossval["folds"])]
-
     two, two_raw = crossval["postprocessing"]["per_patient_dice"], crossval["per_patient_dice"]
-    one = mean_of(chosen_0, chosen_1)
-    gain, folds = paired(one, two), by_fold(one, two)
+    one = _one_model(chosen_0, chosen_1)
+    gain = paired(one, two)
+    folds = [paired(_fold(one, crossval, k), _fold(two, crossval, k))["mean_difference"]
+             for k in range(crossval["folds"])]
     vs = [paired(chosen_0, two), paired(chosen_1, two)]
-    raw = paired(mean_of(raw_0, raw_1), two_raw)
+    raw = paired(_one_model(raw_0, raw_1), two_raw)
     shown = claim(r"Averaged, the two score \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\] over one model .*?, (\d+) patients "
                   r"better and (\d+) worse, and every fold gains \(([+\d., ]+)\); \+([\d.]+) over seed 0 alone and "
                   r"\+([\d.]+) \[([−+\d.]+), \+([\d.]+)\] over seed 1 alone\. On the raw masks \(mask threshold 0\.5 "
@@ -644,7 +645,7 @@ def test_the_two_seed_claims(crossval) -> None:
     lever = paired(at5, at4)
     assert lever["mean_difference"] == pytest.approx(crossval["levers"]["mask_threshold"]["mean_difference"])
     (unseen,) = set(range(crossval["folds"])) - set(mt["preview_folds"])
-    fold = paired(*({k: d[k] for k, f in crossval["fold_of"].items() if f == unseen} for d in (at5, at4)))
+    fold = paired(_fold(at5, crossval, unseen), _fold(at4, crossval, unseen))
     worst = "TCGA_FG_A60K_20040224"
     rest = paired(*({k: d[k] for k in d if k != worst} for d in (at5, at4)))
     shown = claim(r"on fold (\d), which that check had not seen, it scores \+([\d.]+) over 0\.5 at the chosen "
