@@ -41,8 +41,8 @@ from flaxtumor.data.preprocess import (
 )
 from flaxtumor.ensemble import ENSEMBLE_KEY, EnsembleModel, check_members, member_paths
 from flaxtumor.operating_point import (
-    OPERATING_POINT_FILE, OperatingPoint, gate_and_postprocess, largest_connected_component, read_operating_point,
-    slice_calls, verdicts,
+    OPERATING_POINT_FILE, OperatingPoint, gate_and_postprocess, largest_connected_component, needs_segmenting,
+    read_operating_point, slice_calls, verdicts,
 )
 
 __all__ = [
@@ -310,11 +310,15 @@ class Pipeline:
         tta = (point or self.point).tta
         return self._classify(self._prepare(images, self.classifier_spec, volume), tta).reshape(-1)
 
-    def segment(self, images: Sequence[np.ndarray], volume: bool = False,
-                point: OperatingPoint | None = None) -> list[np.ndarray]:
-        """Ungated segmenter masks, bool (H, W) at each input size, at the point's mask threshold (and TTA)."""
+    def segment(self, images: Sequence[np.ndarray], volume: bool = False, point: OperatingPoint | None = None,
+                only: np.ndarray | None = None) -> list[np.ndarray]:
+        """Ungated segmenter masks, bool (H, W) at each input size, at the point's mask threshold (and TTA). With
+        `only` ((N,) bool) the segmenter runs on those slices alone and the others come back empty; a volume is
+        still normalised as a whole, so a slice's mask does not depend on which others were segmented."""
         point = point or self.point
         images = [as_rgb(im) for im in images]
+        if only is not None:
+            return self._segment_selected(images, np.flatnonzero(np.asarray(only, bool)), volume, point)
         boxes = _boxes(images, self.segmenter_spec, volume) if images else []
         probs = self._segment(self._prepare(images, self.segmenter_spec, volume, boxes), point.tta)
         return [mask_at_input_size(p[..., 0], point.mask_threshold, box, im.shape[:2])
@@ -353,17 +357,17 @@ class Pipeline:
         images = [as_rgb(im) for im in images]
         if not images:
             return []
-        # The segmenter runs where its mask can matter: everywhere without a gate or with the fused gate. Then it does
-        # not wait for the classifier: both run at once (on 2 CPU cores, 1.26 s instead of 1.7 s for 40 slices).
-        # Elsewhere the mask is gated out anyway, so leaving it empty gives what segmenting every slice would.
-        if not point.gate or point.min_tumour_area > 0:
+        # The segmenter runs where its mask can matter (`needs_segmenting`). Where that is every slice (no gate, or the
+        # fused gate) it does not wait for the classifier: both run at once (on 2 CPU cores, 1.26 s instead of 1.7 s
+        # for 40 slices).
+        if point.needs_every_mask:
             with ThreadPoolExecutor(1) as pool:
                 segmented = pool.submit(self._segment_selected, images, np.arange(len(images)), volume, point)
                 probs = self.tumour_probabilities(images, volume, point)
                 masks = segmented.result()
         else:
             probs = self.tumour_probabilities(images, volume, point)
-            masks = self._segment_selected(images, np.flatnonzero(probs >= point.threshold), volume, point)
+            masks = self.segment(images, volume, point, only=needs_segmenting(probs, point))
         _, final = gate_and_postprocess(probs, np.stack(masks) if volume else masks, point)
         classifier_calls = point.flags(probs)
         return [

@@ -157,6 +157,12 @@ class OperatingPoint:
         return np.asarray(probabilities) >= self.effective_flag_threshold
 
     @property
+    def needs_every_mask(self) -> bool:
+        """Whether every slice's segmenter mask can reach the final masks, whatever the classifier says: there is no
+        gate, or the fused gate lets a mask flag its own slice (`needs_segmenting`)."""
+        return not self.gate or self.min_tumour_area > 0
+
+    @property
     def lcc(self) -> bool:
         """Whether the post-processing keeps the largest 3D component."""
         return self.postprocess == "largest_component"
@@ -274,6 +280,14 @@ def jsonable(x: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 # From raw model outputs to calls, masks and verdicts: the one code path of the pipeline, evaluate and tune
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def needs_segmenting(probabilities: np.ndarray | Sequence[float], point: OperatingPoint) -> np.ndarray:
+    """(N,) bool: the slices whose segmenter mask can reach the final masks at `point`. Every slice without a gate or
+    with the fused gate (its own mask may flag it); else only those the classifier lets through, since the gate
+    empties every other mask: leaving those unsegmented gives what segmenting them would."""
+    probabilities = np.asarray(probabilities)
+    return np.ones(probabilities.shape, bool) if point.needs_every_mask else probabilities >= point.threshold
 
 
 def slice_calls(probabilities: np.ndarray, masks: Sequence[np.ndarray], threshold: float, min_tumour_area: float

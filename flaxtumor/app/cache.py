@@ -1,10 +1,14 @@
-"""Per-request analyses, kept so that the live controls re-render without running the models again.
+"""Per-request analyses, kept so that the live controls re-render without running the classifier again.
 
 An analysis is what the models said about one upload: per patient the classifier's tumour probabilities and the
 segmenter's ungated masks (at the pipeline's mask threshold), plus what rendering needs and the models do not change:
 the brain masks, the uploaded truth, display thumbnails, the single slice's Grad-CAM, and a NIfTI reference for writing
 the mask back. Threshold and post-processing then only re-run `operating_point.gate_and_postprocess` on these raw
 outputs (`FinalMasks`), and opacity and toggles only re-draw the thumbnails.
+
+The segmenter need not have run on every slice: where the classifier's gate empties a mask anyway, it is left
+unsegmented (`segmented`), and the slices stay readable (`Analysis.images`) until a later operating point needs them
+(`Analysis.add_masks`).
 
 Bounded like the rest of the app's state (`flaxtumor.app.state`): arrays live on disk under the private root (masks
 bit-packed, thumbnails at most `THUMBNAIL_SIDE` px), memory holds only names and probabilities; entries expire after
@@ -59,11 +63,18 @@ class NewVolume:
 
     volume: Volume
     images: Sequence[np.ndarray]  # uint8 (H, W, 3)
-    raw: np.ndarray  # bool (N, H, W): the segmenter's ungated masks
+    raw: np.ndarray  # bool (N, H, W): the segmenter's ungated masks (empty where it did not run)
     brain: np.ndarray  # bool (N, H, W)
     truth: np.ndarray | None = None  # bool (N, H, W); empty where `volume.truth` is False
     heat: Sequence[np.ndarray] | None = None  # uint8 (H, W, 3) Grad-CAM overlays (single slices)
     write_reference: Callable[[Path], Any] | None = None  # writes the NIfTI reference to the path it is given
+    segmented: np.ndarray | None = None  # bool (N,): the slices the segmenter ran on; None: every slice
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
+    aside = path.with_name(f".{path.name}")
+    np.save(aside, np.ascontiguousarray(array), allow_pickle=False)
+    aside.replace(path)
 
 
 def _pack(masks: np.ndarray) -> np.ndarray:
@@ -103,6 +114,26 @@ class Analysis:
 
     def raw(self, k: int) -> np.ndarray:
         return self._masks(k, "raw")
+
+    def segmented(self, k: int) -> np.ndarray:
+        """(N,) bool: the slices whose raw mask the segmenter has drawn (the others are empty, not yet needed)."""
+        path = self.folder / f"{k}_segmented.npy"
+        return np.load(path, allow_pickle=False) if path.exists() else np.ones(len(self.volumes[k].names), bool)
+
+    def images(self, k: int) -> np.ndarray:
+        """uint8 (N, H, W, 3): the uploaded slices, kept while some are unsegmented (the thumbnails, when the
+        slices are no larger than them)."""
+        path = self.folder / f"{k}_images.npy"
+        return np.load(path if path.exists() else self.folder / f"{k}_thumbs.npy", allow_pickle=False)
+
+    def add_masks(self, k: int, selected: np.ndarray, masks: np.ndarray) -> None:
+        """Stores the segmenter's masks of the `selected` ((N,) bool) slices, until now unsegmented. Each file is
+        replaced whole (written aside, then renamed), so a reader sees the old or the new state; callers serialise
+        the writers (`App`). OSError once the entry is released."""
+        raw = self.raw(k)
+        raw[selected] = masks
+        _save_atomically(self.folder / f"{k}_raw.npy", _pack(raw))
+        _save_atomically(self.folder / f"{k}_segmented.npy", self.segmented(k) | selected)
 
     def brain(self, k: int) -> np.ndarray:
         return self._masks(k, "brain")
@@ -158,6 +189,10 @@ class AnalysisStore:
     def _save_volume(self, folder: Path, k: int, new: NewVolume) -> int:
         arrays = {"raw": _pack(new.raw), "brain": _pack(new.brain),
                   "thumbs": np.stack([self._thumbnail(im) for im in new.images])}
+        if new.segmented is not None and not new.segmented.all():
+            arrays["segmented"] = np.asarray(new.segmented, bool)
+            if arrays["thumbs"].shape[1:3] != new.volume.shape:  # thumbnails smaller than the slices: keep these
+                arrays["images"] = np.stack(new.images)
         if new.volume.truth is not None:
             arrays["truth"] = _pack(new.truth)
         if new.heat is not None:

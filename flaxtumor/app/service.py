@@ -2,11 +2,14 @@
 upload, and renders results at the request's operating point and display settings.
 
 Two kinds of request:
-- **analyse** (`analyse_slice`, `run_example`, `analyse_patient`): the only ones that run the models. Per patient,
-  the classifier's probabilities and the segmenter's ungated masks (`Pipeline.tumour_probabilities` and
-  `Pipeline.segment` on the stack as one volume, as `evaluate` runs them) go into the `AnalysisStore` behind a token;
+- **analyse** (`analyse_slice`, `run_example`, `analyse_patient`): run the models. Per patient, the classifier's
+  probabilities and the segmenter's ungated masks (`Pipeline.tumour_probabilities` and `Pipeline.segment` on the
+  stack as one volume, as `evaluate` runs them) go into the `AnalysisStore` behind a token. The segmenter runs only
+  on the slices whose mask the request's point can use (`operating_point.needs_segmenting`): with the shipped gate
+  about half of a patient's slices, as `predict` does;
 - **render** (`render_slice`, `render_patient`, `view`): threshold, classifier gate and post-processing re-run
-  `operating_point.gate_and_postprocess` on the stored raw outputs (`FinalMasks`); opacity and toggles re-draw.
+  `operating_point.gate_and_postprocess` on the stored raw outputs (`FinalMasks`); opacity and toggles re-draw. A
+  point that needs slices no earlier one did (a lower threshold, the classifier off) segments those first, once.
 An analysis renders itself once at the request's point, so both give the same results.
 """
 
@@ -32,7 +35,9 @@ from flaxtumor.app.report import brain_mask, file_stem, mask_png_bytes, tumour_a
 from flaxtumor.app.state import RequestDirs, UploadJanitor, private_root
 from flaxtumor.app.uploads import Submission, UploadError, UploadedImage, UploadLimits, load_many, load_single
 from flaxtumor.inference import MASK_REFUSAL, looks_like_mask, slice_warnings
-from flaxtumor.operating_point import POSTPROCESS_RULES, VERDICT_MEANINGS, OperatingPoint, verdicts
+from flaxtumor.operating_point import (
+    POSTPROCESS_RULES, VERDICT_MEANINGS, OperatingPoint, needs_segmenting, verdicts,
+)
 from flaxtumor.truth import slice_dice
 
 # Names other modules and tests have imported from here.
@@ -56,8 +61,8 @@ class Predictor(Protocol):
     def tumour_probabilities(self, images: Sequence[np.ndarray], volume: bool = False,
                              point: OperatingPoint | None = None) -> np.ndarray: ...
 
-    def segment(self, images: Sequence[np.ndarray], volume: bool = False,
-                point: OperatingPoint | None = None) -> list[np.ndarray]: ...
+    def segment(self, images: Sequence[np.ndarray], volume: bool = False, point: OperatingPoint | None = None,
+                only: np.ndarray | None = None) -> list[np.ndarray]: ...
 
     def gradcam(self, image: np.ndarray) -> np.ndarray: ...
 
@@ -143,6 +148,7 @@ class App:
         self.janitor = UploadJanitor()
         # nnx modules are mutable Python objects and Grad-CAM runs through nnx.jit: one call at a time.
         self._gradcam_lock = threading.Lock()
+        self._segment_lock = threading.Lock()  # one writer of an analysis's late masks at a time
 
     # -- request fields ------------------------------------------------------------------------------------------------
     def point(self, threshold: Any, postprocess: Any, classifier: Any = None) -> OperatingPoint:
@@ -190,13 +196,29 @@ class App:
             self.janitor.discard(paths)
             raise
 
-    def _raw(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _raw(self, images: Sequence[np.ndarray], request: OperatingPoint | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The models' raw outputs for one patient volume, at the pipeline's mask threshold and TTA: (N,) float32
-        probabilities and (N, H, W) ungated masks. The only place the app runs the models."""
+        probabilities, (N, H, W) ungated masks and (N,) the slices segmented: those the `request` point can use
+        (every slice without one)."""
         point = self.pipeline.point
         probabilities = np.asarray(self.pipeline.tumour_probabilities(images, volume=True, point=point), np.float32)
-        masks = np.stack(self.pipeline.segment(images, volume=True, point=point)).astype(bool)
-        return probabilities, masks
+        only = np.ones(len(probabilities), bool) if request is None else needs_segmenting(probabilities, request)
+        masks = np.stack(self.pipeline.segment(images, volume=True, point=point, only=only)).astype(bool)
+        return probabilities, masks, only
+
+    def _finals(self, analysis: Analysis, k: int, point: OperatingPoint) -> tuple[np.ndarray, np.ndarray]:
+        """`FinalMasks` of patient `k` at `point`, after segmenting the slices it needs that no earlier point did
+        (the volume normalised as a whole, as at the analysis, so the masks are the ones a fresh analysis draws)."""
+        probabilities = np.asarray(analysis.volumes[k].probabilities, np.float32)
+        if (needs_segmenting(probabilities, point) & ~analysis.segmented(k)).any():
+            with self._segment_lock:
+                missing = needs_segmenting(probabilities, point) & ~analysis.segmented(k)
+                if missing.any():
+                    masks = self.pipeline.segment(list(analysis.images(k)), volume=True, point=self.pipeline.point,
+                                                  only=missing)
+                    analysis.add_masks(k, missing, np.stack(masks)[missing])
+        return self.finals(analysis, k, point)
 
     # -- single slice --------------------------------------------------------------------------------------------------
     def analyse_slice(self, path: str | Path | None, threshold: Any, postprocess: Any,
@@ -204,7 +226,7 @@ class App:
         point = self.point(threshold, postprocess, classifier)
         upload = self._load([path], lambda: self._read_slice(path))
         # A slice is a volume of one: the largest component is then the largest 2D blob.
-        probabilities, raw = self._raw([upload.image])
+        probabilities, raw, _ = self._raw([upload.image])
         with self._gradcam_lock:
             heat = self.pipeline.gradcam(upload.image)
         volume = Volume(upload.name, (upload.name,), upload.image.shape[:2], tuple(map(float, probabilities)),
@@ -225,7 +247,7 @@ class App:
 
     def _render_slice(self, analysis: Analysis, point: OperatingPoint, display: Display) -> SliceResult:
         volume = analysis.volumes[0]
-        _, final = self.finals(analysis, 0, point)
+        _, final = self._finals(analysis, 0, point)
         mask, probability = final[0], volume.probabilities[0]
         (verdict,) = verdicts(point.flags(np.float32([probability])), [mask])  # float32, as the pipeline
         brain = analysis.brain(0)[0]
@@ -258,7 +280,7 @@ class App:
         # Fields first: a typo there should not cost the upload.
         spacing, thickness = self._lengths(spacing_mm, thickness_mm)
         point = self.point(threshold, postprocess, classifier)
-        volumes = self._load(list(paths or []), lambda: self._read_patient(paths))
+        volumes = self._load(list(paths or []), lambda: self._read_patient(paths, point))
         token = self.store.put("patient", volumes)
         return self._render_patient(self._analysis(token), point, spacing, thickness, display, None)
 
@@ -279,7 +301,7 @@ class App:
                         thickness: float | None, display: Display, index: int | None) -> PatientResult:
         reports, first = [], 1
         for k, volume in enumerate(analysis.volumes):  # each patient its own volume and post-processing
-            _, final = self.finals(analysis, k, point)
+            _, final = self._finals(analysis, k, point)
             probabilities = np.asarray(volume.probabilities, np.float32)
             reports.append(report.patient_report(volume, first, probabilities, final, analysis.brain(k),
                                                  analysis.truth(k), point))
@@ -311,7 +333,7 @@ class App:
     def _view(self, analysis: Analysis, point: OperatingPoint, display: Display, index: int) -> View:
         k, i = analysis.locate(index)
         volume = analysis.volumes[k]
-        _, final = self.finals(analysis, k, point)
+        _, final = self._finals(analysis, k, point)
         truth = analysis.truth(k)
         true_mask = truth[i] if truth is not None and volume.truth[i] else None
         caption = (f"Slice {index + 1}/{analysis.count}: {report.short_name(volume.names[i])}"
@@ -323,7 +345,7 @@ class App:
         image = compose(analysis.thumbnail(k, i), final[i], true_mask, display)
         return View(image, legend_html(caption, final[i], true_mask, display, has_truth=volume.truth is not None))
 
-    def _read_patient(self, paths: Sequence[str | Path] | None) -> list[NewVolume]:
+    def _read_patient(self, paths: Sequence[str | Path] | None, point: OperatingPoint) -> list[NewVolume]:
         with tempfile.TemporaryDirectory(prefix="in-", dir=private_root()) as workdir:  # zip members, gone at return
             submission = load_many(paths, self.limits, Path(workdir))
         _check_slices(submission.images)
@@ -331,33 +353,33 @@ class App:
         for group in groups.values():
             _one_size(group)
         # Every check has passed: only now do the models run.
-        return [self._image_volume(patient, uploads) for patient, uploads in groups.items()] + \
-            self._nifti_volume(submission)
+        return [self._image_volume(patient, uploads, point) for patient, uploads in groups.items()] + \
+            self._nifti_volume(submission, point)
 
-    def _image_volume(self, patient: str, uploads: list[UploadedImage]) -> NewVolume:
+    def _image_volume(self, patient: str, uploads: list[UploadedImage], point: OperatingPoint) -> NewVolume:
         images = [u.image for u in uploads]
         truth = None
         if any(u.truth is not None for u in uploads):
             truth = np.stack([u.truth if u.truth is not None else np.zeros(u.image.shape[:2], bool) for u in uploads])
         return self._new_volume(patient, [u.name for u in uploads], images, truth,
-                                None if truth is None else tuple(u.truth is not None for u in uploads))
+                                None if truth is None else tuple(u.truth is not None for u in uploads), point)
 
-    def _nifti_volume(self, submission: Submission) -> list[NewVolume]:
+    def _nifti_volume(self, submission: Submission, point: OperatingPoint) -> list[NewVolume]:
         case = submission.nifti
         if case is None:
             return []
         marks = None if case.truth is None else (True,) * len(case.slices)
-        return [self._new_volume(case.patient, case.names, case.slices, case.truth, marks,
+        return [self._new_volume(case.patient, case.names, case.slices, case.truth, marks, point,
                                  submission.nifti_reference)]
 
     def _new_volume(self, patient: str, names: Sequence[str], images: Sequence[np.ndarray], truth: np.ndarray | None,
-                    marks: tuple[bool, ...] | None, write_reference: Any = None) -> NewVolume:
-        probabilities, raw = self._raw(images)
+                    marks: tuple[bool, ...] | None, point: OperatingPoint, write_reference: Any = None) -> NewVolume:
+        probabilities, raw, segmented = self._raw(images, point)
         volume = Volume(patient, tuple(names), images[0].shape[:2], tuple(map(float, probabilities)), marks,
                         tuple(slice_warnings(images, self.pipeline.segmenter_spec, True)),
                         nifti=write_reference is not None)
         brain = np.stack([brain_mask(im) for im in images])
-        return NewVolume(volume, images, raw, brain, truth, write_reference=write_reference)
+        return NewVolume(volume, images, raw, brain, truth, write_reference=write_reference, segmented=segmented)
 
 
 def postprocess_field(value: Any) -> str | None:

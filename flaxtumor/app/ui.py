@@ -4,9 +4,10 @@ truth when the user has it); verdicts, overlays, tumour burden, Dice against the
 `build_demo(pipeline)` wires the UI around an already loaded `flaxtumor.inference.Pipeline`; `main()` (in
 `flaxtumor.app.server`, also importable from here) is what `app.py` runs: load the checkpoints once, warm up, launch.
 
-Live controls: only **Analyse** (or an example) runs the models (`App.analyse_*`). The threshold, classifier gate and
-post-processing controls re-render every output from the analysis cached for the session (`App.render_*`), and
-opacity and the show/hide toggles re-draw the viewers (`App.view`), all without a model call; their events are private
+Live controls: only **Analyse** (or an example) runs the classifier (`App.analyse_*`). The threshold, classifier gate
+and post-processing controls re-render every output from the analysis cached for the session (`App.render_*`); a point
+that lets through slices the analysis left unsegmented (a lower threshold, the classifier off) segments those first,
+once. Opacity and the show/hide toggles re-draw the viewers (`App.view`) without a model call. These events are private
 (not API). An operating point with the classifier off (threshold inf) starts with the gate unticked.
 
 Files come in through `gr.File` (browsers cannot display TIFF) and are checked and decoded on the server by
@@ -48,7 +49,8 @@ HOW_TO = (
     "**How to use.** 1. Pick a tab: **Single slice** for one image, **Whole patient** for a patient's slices (image "
     "files, or a .zip of the patient's folder; add the `*_mask.*` files to compare with the ground truth) or NIfTI "
     "volumes. 2. Upload, then press **Analyse**: this runs the models. 3. Move the threshold, classifier gate, "
-    "post-processing, opacity and show/hide controls: the results update at once, without running the models again."
+    "post-processing, opacity and show/hide controls: the results update without running the classifier again (a lower "
+    "threshold first segments the slices it newly lets through)."
 )
 MAX_FILE_SIZE = "100mb"  # per uploaded file, enforced by Gradio before our checks run
 QUEUE_MAX_SIZE = 64  # waiting requests; more are refused with "queue full" rather than piling up memory
@@ -272,8 +274,9 @@ def _slice_tab(app: App, controls: Controls, concurrency_limit: int) -> None:
 
 
 def _live(controls: Controls, render: Any, inputs: list, outputs: list, redraw: Any, redraw_outputs: list) -> None:
-    """Re-render on the operating-point controls, re-draw on the display controls: private events, never a model
-    call; the last move wins while one is running."""
+    """Re-render on the operating-point controls (a model call only to segment slices no earlier point let through,
+    one at a time: `App._finals`), re-draw on the display controls (never a model call): private events; the last
+    move wins while one is running."""
     for control in controls.point:
         control.change(render, inputs, outputs, api_visibility="private", trigger_mode="always_last",
                        show_progress="hidden", concurrency_limit=None)

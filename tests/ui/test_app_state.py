@@ -4,6 +4,7 @@ details."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -45,6 +46,22 @@ def test_analyses_keep_packed_masks_and_thumbnails_on_disk_not_arrays(tmp_path: 
     with pytest.raises(Expired):
         store.get(token)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("side", [64, 16])  # thumbnails as large as the slices, and smaller
+def test_unsegmented_slices_stay_readable_until_their_masks_are_added(tmp_path: Path, side: int) -> None:
+    store = AnalysisStore(root=tmp_path, side=side)
+    new = _volume(3, side=32)
+    new.raw[1] = False  # the segmenter did not run on slice 1
+    analysis = store.get(store.put("patient", [dataclasses.replace(new, segmented=np.array([True, False, True]))]))
+    assert analysis.segmented(0).tolist() == [True, False, True]
+    assert np.array_equal(analysis.images(0), np.stack(new.images))  # the slices themselves, never thumbnails
+    assert (tmp_path / analysis.token / "0_images.npy").exists() == (side < 32)  # stored only when thumbnails shrink
+    analysis.add_masks(0, np.array([False, True, False]), np.ones((1, 32, 32), bool))
+    assert analysis.segmented(0).all() and analysis.raw(0)[1].all()
+    assert (analysis.raw(0)[[0, 2]] == new.raw[[0, 2]]).all()  # the others untouched
+    whole = store.get(store.put("patient", [new]))  # segmented on every slice: nothing more is stored
+    assert whole.segmented(0).all() and not (tmp_path / whole.token / "0_segmented.npy").exists()
 
 
 def test_analyses_expire_and_are_capped(tmp_path: Path) -> None:

@@ -292,7 +292,8 @@ def test_patient_with_masks_truth_dice_live_threshold_and_opacity(browser: WebDr
     shoot("patient_truth_390")
     browser.width(1400)
 
-    # Threshold 0: every slice is called (the tiny segmenter outlines whole slices), re-rendered without the models.
+    # Threshold 0: every slice is called (the tiny segmenter outlines whole slices), re-rendered without the models
+    # (the tiny classifier put every slice above 0.5, so the analysis segmented them all).
     set_slider(browser, "threshold", 0)
     _wait(lambda: "threshold 0.00" in browser.text("#patient-summary"), "the summary at threshold 0")
     assert sorted(calls) == ["segment", "tumour_probabilities"]  # no second model call

@@ -33,16 +33,17 @@ class Counting:
     """The pipeline, counting every model call the app makes."""
 
     def __init__(self, pipeline: Any):
-        self.pipeline, self.point, self.calls = pipeline, pipeline.point, []
+        self.pipeline, self.point, self.calls, self.slices_segmented = pipeline, pipeline.point, [], 0
         self.segmenter_spec = pipeline.segmenter_spec
 
     def tumour_probabilities(self, *a: Any, **k: Any) -> Any:
         self.calls.append("classifier")
         return self.pipeline.tumour_probabilities(*a, **k)
 
-    def segment(self, *a: Any, **k: Any) -> Any:
+    def segment(self, images: Any, *a: Any, **k: Any) -> Any:
         self.calls.append("segmenter")
-        return self.pipeline.segment(*a, **k)
+        self.slices_segmented += len(images) if k.get("only") is None else int(np.sum(k["only"]))
+        return self.pipeline.segment(images, *a, **k)
 
     def gradcam(self, image: np.ndarray) -> np.ndarray:
         self.calls.append("gradcam")
@@ -89,6 +90,25 @@ def test_live_controls_rerender_from_the_cache_as_a_fresh_analysis_would(app: Ap
     assert sorted(app.pipeline.calls) == ["classifier", "segmenter"]  # the re-renders never ran a model
     view = app.view(first.token, 0.0, "none", Display(opacity=0.0), 2)  # the slider's 1-based value
     assert app.pipeline.calls == ["classifier", "segmenter"] and "Slice 2/6" in view.caption
+
+
+def test_the_segmenter_runs_where_a_point_can_use_its_masks_and_once_per_slice(app: App, tiny, tmp_path: Path
+                                                                               ) -> None:
+    archive, _ = patient_zip(tiny, tmp_path)  # the tiny segmenter's masks are whole slices wherever it runs
+    first = app.analyse_patient([str(archive)], 1.0, "none")  # no slice clears 1.0: the gate empties every mask
+    assert app.pipeline.slices_segmented == 0
+    p = np.sort(app.store.get(first.token).volumes[0].probabilities)
+    middle = float((p[2] + p[3]) / 2)  # 3 of the 6 slices clear it
+    fresh_app = App(app.pipeline.pipeline, Examples({}, []), TEST_LIMITS)
+    for threshold, segmented in ((middle, 3), (1.0, 3), (middle, 3), (0.0, 6), (middle, 6)):
+        again = app.render_patient(first.token, threshold, "none", None, None, Display(), 1)
+        fresh = fresh_app.analyse_patient([str(archive)], threshold, "none")
+        assert again.table.equals(fresh.table) and again.summary == fresh.summary
+        assert app.pipeline.slices_segmented == segmented  # each slice at most once, when first needed
+    assert app.pipeline.calls.count("classifier") == 1
+    app.pipeline.point = dataclasses.replace(app.pipeline.point, gate=False)  # every mask is kept: all are needed
+    app.analyse_patient([str(archive)], 1.0, "none")
+    assert app.pipeline.slices_segmented == 12
 
 
 def test_patient_dice_with_uploaded_masks_equals_evaluate(app: App, pipeline, tiny, tmp_path: Path) -> None:
