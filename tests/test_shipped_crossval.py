@@ -123,7 +123,7 @@ def test_the_lever_table_is_crossval_json(crossval) -> None:
     for cells in rows:
         name = next((k for k in checked if cells[0].startswith(k)), None)
         if name is None:
-            assert re.match(r"fold \d screen|the classifier's 16 validation patients", cells[1]), \
+            assert re.match(r"folds? \d(–\d)? screen|the classifier's 16 validation patients", cells[1]), \
                 f"lever row {cells[0]!r}: neither cross-validated nor a labelled screen"
             continue
         seen.add(name)
