@@ -36,6 +36,13 @@ class DataConfig:
     # what a P x P input costs, while validation and inference see whole image_size slices (the ResUNet is fully
     # convolutional). 0: whole slices. Issue 11 lever: 256 slices at the CPU cost per step of 128.
     train_patch: int = 0
+    # How the training and validation masks reach image_size. "nearest" (the shipped models' recipe) keeps one input
+    # pixel per model pixel; at 2x that pixel lies half an input pixel below and right of the model pixel's centre,
+    # while the images are resized centred, so the targets sit half a pixel up and left of the anatomy and a model
+    # learns to draw its masks there (the horizontal flip averages the columns' shift away, not the rows').
+    # "area": each model pixel's target is the share of it the mask covers (a box filter, centred as the images are):
+    # soft, unshifted targets (`preprocess.mask_targets`). Issue 11 lever.
+    mask_resize: Literal["nearest", "area"] = "nearest"
     split_file: str | None = None  # JSON of patient ids; made from the seed and fractions when absent
     split_seed: int = 0
     test_fraction: float = 0.15  # Buda et al.: 85/15 train/test by patient

@@ -38,14 +38,16 @@ def _config(out: Path):
     })
 
 
-@pytest.mark.parametrize("crop, context", [("none", 0), ("brain", 1)])
-def test_pack_round_trip_and_batches_match_the_dataset(tmp_path, monkeypatch, crop, context):
+@pytest.mark.parametrize("crop, context, mask_resize", [("none", 0, "nearest"), ("brain", 1, "nearest"),
+                                                        ("none", 0, "area")])
+def test_pack_round_trip_and_batches_match_the_dataset(tmp_path, monkeypatch, crop, context, mask_resize):
     cfg = _config(tmp_path / "run")
-    cfg = cfg.override(**{"data.crop": crop, "data.context_slices": context})
+    cfg = cfg.override(**{"data.crop": crop, "data.context_slices": context, "data.mask_resize": mask_resize})
     path = data_pack.save(data_pack.build(cfg.data), tmp_path / "lgg.pack")
     pack = data_pack.load(path)
     assert [p.patient_id for p in pack.patients] == [p.patient_id for p in load_dataset(cfg.data)]
     assert pack.crop == crop and pack.images.shape[1:] == (32, 32, 3) and pack.masks.any()
+    assert pack.mask_resize == mask_resize and pack.masks.dtype == (bool if mask_resize == "nearest" else np.float16)
     assert (pack.areas > 0).sum() == pack.masks.any(axis=(1, 2)).sum()
 
     slices = [s for p in pack.patients[:3] for s in p.slices]  # whole patients, as training passes them
@@ -81,7 +83,9 @@ def test_a_pack_refuses_runs_that_read_slices_otherwise(tmp_path, monkeypatch):
     cfg = _config(tmp_path / "run")
     pack = data_pack.load(data_pack.save(data_pack.build(cfg.data), tmp_path / "lgg.pack"))
     data_pack.serve(pack, monkeypatch.setattr)
-    with pytest.raises(ValueError, match="32² slices with crop 'none'; this run reads 64²"):
+    with pytest.raises(ValueError, match="32² slices with crop 'none' and 'nearest' masks; this run reads 64²"):
         loop.load_dataset(dataclasses.replace(cfg.data, image_size=64))
     with pytest.raises(ValueError, match="this run reads 32² slices with crop 'brain'"):
         loop.load_dataset(dataclasses.replace(cfg.data, crop="brain"))
+    with pytest.raises(ValueError, match="this run reads 32² slices with crop 'none' and 'area' masks"):
+        loop.load_dataset(dataclasses.replace(cfg.data, mask_resize="area"))

@@ -8,10 +8,11 @@ serves the data pipeline from it and otherwise runs `train.py` unchanged, so a f
 `train.py` would train from the TIFFs (tests/test_data_pack.py checks the batches and a whole run are identical). Scoring at full resolution (crossval's out-of-fold step,
 compare_runs) still needs the TIFFs, so it runs where the dataset is.
 
-    python tools/data_pack.py pack --data ../shared/lgg --size 128 [--crop brain] --out .remote/lgg128.pack
+    python tools/data_pack.py pack --data ../shared/lgg --size 128 [--crop brain] [--mask-resize area] \
+        --out .remote/lgg128.pack
     python tools/data_pack.py train --pack .remote/lgg128.pack -- --config runs/cv/config.json --fold 0 --out ...
 
-A pack serves runs at its own image size and crop (`--crop`); 2.5D runs (context slices) stack its slices as they
+A pack serves runs at its own image size, crop (`--crop`) and mask targets (`--mask-resize`); 2.5D runs (context slices) stack its slices as they
 stack the decoded ones. A run that reads slices otherwise is refused, never approximated.
 """
 
@@ -42,8 +43,9 @@ class Pack:
     crop: str  # the preprocessing's crop mode ("none" or "brain")
     patients: tuple[Patient, ...]
     images: np.ndarray  # uint8 (N, S, S, 3), in the order of the patients' slices
-    masks: np.ndarray  # bool (N, S, S)
+    masks: np.ndarray  # bool (N, S, S), or float16 coverage with mask_resize "area"
     areas: np.ndarray  # int64 (N,) tumour pixels at full resolution
+    mask_resize: str = "nearest"  # DataConfig.mask_resize: how the masks were made
 
     @property
     def slices(self) -> list[Slice]:
@@ -57,8 +59,10 @@ class Pack:
 def build(data: DataConfig) -> Pack:
     patients = tuple(load_dataset(data))
     slices = [s for p in patients for s in p.slices]
-    decoded = pipeline.decode_all(slices, data.image_size, data.crop)  # whole patients: their readings as training's
-    return Pack(data.image_size, data.crop, patients, decoded.images, decoded.masks, pipeline.tumour_areas(slices))
+    # whole patients: their readings as training's
+    decoded = pipeline.decode_all(slices, data.image_size, data.crop, data.mask_resize)
+    return Pack(data.image_size, data.crop, patients, decoded.images, decoded.masks, pipeline.tumour_areas(slices),
+                data.mask_resize)
 
 
 def save(pack: Pack, path: Path) -> Path:
@@ -72,7 +76,8 @@ def save(pack: Pack, path: Path) -> Path:
         "mask_path": np.array(["" if s.mask_path is None else str(s.mask_path) for s in slices]),
         "has_tumour": np.array([s.has_tumour for s in slices]),
         "images": pack.images,
-        "masks": np.packbits(pack.masks, axis=-1),
+        "mask_resize": np.array(pack.mask_resize),
+        **({"masks": np.packbits(pack.masks, axis=-1)} if pack.mask_resize == "nearest" else {"coverage": pack.masks}),
         "areas": pack.areas,
     }
     raw = io.BytesIO()
@@ -92,8 +97,10 @@ def load(path: Path) -> Pack:
     for s in slices:
         by_patient.setdefault(s.patient_id, []).append(s)
     patients = tuple(Patient(pid, tuple(ss)) for pid, ss in by_patient.items())
-    masks = np.unpackbits(t["masks"], axis=-1, count=size).astype(bool)
-    return Pack(size, str(t["crop"]), patients, t["images"], masks, t["areas"])
+    mask_resize = str(t["mask_resize"]) if "mask_resize" in t.files else "nearest"  # packs before the option
+    masks = (np.unpackbits(t["masks"], axis=-1, count=size).astype(bool) if mask_resize == "nearest"
+             else t["coverage"])
+    return Pack(size, str(t["crop"]), patients, t["images"], masks, t["areas"], mask_resize)
 
 
 def serve(pack: Pack, patch: Callable[[object, str, object], None] = setattr) -> None:
@@ -105,12 +112,14 @@ def serve(pack: Pack, patch: Callable[[object, str, object], None] = setattr) ->
     rows = pack.rows()
 
     def dataset(data: DataConfig) -> list[Patient]:
-        if (data.image_size, data.crop) != (pack.size, pack.crop):
-            raise ValueError(f"the pack holds {pack.size}² slices with crop {pack.crop!r}; this run reads "
-                             f"{data.image_size}² slices with crop {data.crop!r}")
+        if (data.image_size, data.crop, data.mask_resize) != (pack.size, pack.crop, pack.mask_resize):
+            raise ValueError(f"the pack holds {pack.size}² slices with crop {pack.crop!r} and {pack.mask_resize!r} "
+                             f"masks; this run reads {data.image_size}² slices with crop {data.crop!r} and "
+                             f"{data.mask_resize!r} masks")
         return list(pack.patients)
 
-    def read(s: Slice, size: int, reading: pipeline.Reading = pipeline.Reading()) -> tuple[np.ndarray, np.ndarray]:
+    def read(s: Slice, size: int, reading: pipeline.Reading = pipeline.Reading(), mask_resize: str = "nearest"
+             ) -> tuple[np.ndarray, np.ndarray]:
         i = rows[s.image_path]  # background repair and crop were applied when the pack was built, per whole patient
         return pack.images[i], pack.masks[i]
 
@@ -128,13 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--data", required=True)
     a.add_argument("--size", type=int, default=128)
     a.add_argument("--crop", choices=("none", "brain"), default="none")
+    a.add_argument("--mask-resize", choices=("nearest", "area"), default="nearest")
     a.add_argument("--out", type=Path, required=True)
     b = sub.add_parser("train", help="train.py, reading the pack; train.py's arguments follow --")
     b.add_argument("--pack", type=Path, required=True)
     b.add_argument("train_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.command == "pack":
-        path = save(build(DataConfig(root=args.data, image_size=args.size, crop=args.crop)), args.out)
+        path = save(build(DataConfig(root=args.data, image_size=args.size, crop=args.crop,
+                                     mask_resize=args.mask_resize)), args.out)
         print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB")
         return 0
     serve(load(args.pack))

@@ -9,7 +9,12 @@
 # (CV_DIR/fold_all, CV_DIR/fold_all_seed<S>) at the folds' median best epoch (crossval's recommended_epochs). With
 # a fixed schedule (train.export_epoch "last" in the config) the all-patient models need no fold and train beside
 # them, for the config's epochs.
-# The repository root needs .whl/ with the wheels that machine lacks (grain 0.2.18, array_record, portpicker).
+# The repository root needs .whl/ with the wheels that machine lacks (grain 0.2.18, array_record, portpicker), for
+# its Python 3.12; from here (PyPI):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_31_x86_64 -d .whl \
+#     grain==0.2.18 portpicker
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#     array_record==0.8.6
 # Each finished run is written as $OUT/<run>.tar.gz without its Orbax training state: unpack them where the data is
 # and run `python -m flaxtumor.crossval --out CV_DIR --resume --data /data/lgg` for the out-of-fold step.
 #

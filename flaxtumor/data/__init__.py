@@ -15,7 +15,7 @@ _EXPORTS = {
     "lgg": ("Patient", "Slice", "Split", "discover", "kfold_splits", "load_dataset", "load_split", "make_split",
             "patient_split", "read_clinical_table", "resolve_root", "save_split", "select"),
     "preprocess": ("Box", "Preprocessing", "crop_box", "input_channels", "normalise", "preprocess", "resize_images",
-                   "mask_at_input_size", "resize_mask", "stack_context", "uncrop_probabilities",
+                   "mask_at_input_size", "mask_targets", "resize_mask", "stack_context", "uncrop_probabilities",
                    "volume_stats"),
     "synthetic": ("write_synthetic_dataset",),
     "pipeline": ("decode_all", "eval_batches", "steps_per_epoch", "train_batches"),

@@ -1,8 +1,8 @@
 """Training augmentation after Buda et al. (2019): rotation, scaling and horizontal flip, plus mild intensity jitter;
 and, as an option, missing MRI sequences (`drop_sequences`).
 
-One affine map moves image and mask together (bilinear for the image, nearest-neighbour for the mask, so the mask stays
-binary and aligned). A 2.5D image (the slice and its neighbours, 3 channels each) moves as one: the same map for every
+One affine map moves image and mask together (bilinear for the image; for the mask nearest-neighbour, so a binary mask
+stays binary, or bilinear for coverage targets, `DataConfig.mask_resize` "area", which stay soft). A 2.5D image (the slice and its neighbours, 3 channels each) moves as one: the same map for every
 channel, and each MRI sequence's jitter the same in every slice. Pure numpy/scipy: it runs inside grain worker
 processes.
 """
@@ -30,7 +30,7 @@ def augment(
     image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: DataConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """image float32 (S, S, 3m) in pixel units [0, 255] (before `normalise`): one slice (m = 1) or a context stack of m
-    slices, 3 channels each; mask float32 (S, S, 1) in {0, 1} (the centre slice's).
+    slices, 3 channels each; mask float32 (S, S, 1) in [0, 1] (the centre slice's: binary, or coverage).
 
     Returns the same shapes and dtypes. All randomness comes from `rng`, so a (seed, epoch, index) rng reproduces it.
     """
@@ -50,7 +50,8 @@ def augment(
          for c in range(image.shape[-1])],
         axis=-1,
     )
-    mask = ndimage.affine_transform(mask[..., 0], matrix, offset, order=0, mode="constant", cval=0.0)[..., None]
+    order = 1 if cfg.mask_resize == "area" else 0
+    mask = ndimage.affine_transform(mask[..., 0], matrix, offset, order=order, mode="constant", cval=0.0)[..., None]
 
     image = 255.0 * (np.clip(image, 0.0, 255.0) / 255.0) ** gamma * gain
     return np.clip(image, 0.0, 255.0).astype(np.float32), mask.astype(np.float32)

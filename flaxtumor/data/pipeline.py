@@ -39,7 +39,7 @@ from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Slice
 from flaxtumor.data.preprocess import (
     FLAIR, Background, Box, Preprocessing, Stats, crop, crop_box, grey_background, normalise, remove_grey_background,
-    resize_images, resize_mask, stack_context, volume_stats,
+    mask_targets, resize_images, stack_context, volume_stats,
 )
 
 _READ_THREADS = 2  # 2-core machine: more threads only contend for the GIL
@@ -50,7 +50,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Decoded:
-    """Slices decoded and resized once: uint8 images (N, S, S, 3) and bool masks (N, S, S)."""
+    """Slices decoded and resized once: uint8 images (N, S, S, 3) and masks (N, S, S): bool, or float16 coverage
+    with data.mask_resize "area" (`mask_targets`)."""
 
     images: np.ndarray
     masks: np.ndarray
@@ -67,28 +68,31 @@ class Reading(NamedTuple):
 Readings = tuple[Reading, ...]  # one per slice
 
 
-def _load(s: Slice, size: int, reading: Reading = Reading()) -> tuple[np.ndarray, np.ndarray]:
+def _load(s: Slice, size: int, reading: Reading = Reading(), mask_resize: str = "nearest"
+          ) -> tuple[np.ndarray, np.ndarray]:
     """Decoded, repaired (its patient's grey background), cropped (its patient's box, when given), resized image and
-    mask of one slice; a slice without a mask (unlabelled data) gets an empty one. Image and mask are cut alike."""
+    mask of one slice (the mask as `mask_targets` makes it); a slice without a mask (unlabelled data) gets an empty
+    one. Image and mask are cut alike."""
     box = reading.box
     image = remove_grey_background(read_image(s.image_path)[None], reading.background)
     image = resize_images(crop(image, box) if box else image, size)[0]
     if s.mask_path is None:
-        return image, np.zeros((size, size), bool)
+        return image, mask_targets(np.zeros((size, size), bool), (size, size), mask_resize)
     mask = read_mask(s.mask_path)
-    return image, resize_mask(mask[box.rows, box.cols] if box else mask, (size, size))
+    return image, mask_targets(mask[box.rows, box.cols] if box else mask, (size, size), mask_resize)
 
 
-def _load_many(slices: Sequence[Slice], size: int, readings: Readings) -> list[tuple[np.ndarray, np.ndarray]]:
+def _load_many(slices: Sequence[Slice], size: int, readings: Readings, mask_resize: str = "nearest"
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Decodes slices on threads (TIFF inflate and PIL resize release the GIL); `readings[i]` says how `slices[i]`
     is read."""
     with ThreadPoolExecutor(_READ_THREADS) as pool:
-        return list(pool.map(lambda i: _load(slices[i], size, readings[i]), range(len(slices))))
+        return list(pool.map(lambda i: _load(slices[i], size, readings[i], mask_resize), range(len(slices))))
 
 
-def decode_all(slices: Sequence[Slice], size: int, crop_mode: str = "none") -> Decoded:
+def decode_all(slices: Sequence[Slice], size: int, crop_mode: str = "none", mask_resize: str = "nearest") -> Decoded:
     """Decodes every slice once, as training reads it (pass whole patients)."""
-    pairs = _load_many(slices, size, patient_readings(slices, crop_mode))
+    pairs = _load_many(slices, size, patient_readings(slices, crop_mode), mask_resize)
     return Decoded(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
 
 
@@ -117,19 +121,21 @@ class _DecodedCache:
     """Decoded, resized slices kept for the run, filled on demand: a process decodes only the slices its shard of the
     batches reads (arrays from np.zeros take memory only where written)."""
 
-    def __init__(self, slices: Sequence[Slice], size: int, readings: Readings):
+    def __init__(self, slices: Sequence[Slice], size: int, readings: Readings, mask_resize: str = "nearest"):
         self.slices = tuple(slices)
         self.size = size
         self.readings = readings
+        self.mask_resize = mask_resize
         self.images = np.zeros((len(self.slices), size, size, 3), np.uint8)
-        self.masks = np.zeros((len(self.slices), size, size), bool)
+        self.masks = np.zeros((len(self.slices), size, size), bool if mask_resize == "nearest" else np.float16)
         self.filled = np.zeros(len(self.slices), bool)
 
     def fill(self, indices: Iterable[int]) -> None:
         """Decodes the given slices that are not cached yet."""
         missing = [i for i in dict.fromkeys(int(i) for i in indices) if not self.filled[i]]
         readings = [self.readings[i] for i in missing]
-        for i, (image, mask) in zip(missing, _load_many([self.slices[i] for i in missing], self.size, readings)):
+        pairs = _load_many([self.slices[i] for i in missing], self.size, readings, self.mask_resize)
+        for i, (image, mask) in zip(missing, pairs):
             self.images[i], self.masks[i] = image, mask
             self.filled[i] = True
 
@@ -176,6 +182,7 @@ class _SliceSource:
     decoded: _DecodedCache | None
     readings: Readings
     context: np.ndarray | None = None  # (N, 2K+1) `context_rows`; None: each slice alone
+    mask_resize: str = "nearest"
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -189,7 +196,7 @@ class _SliceSource:
         """(i, centre slice, uint8 image (S, S, 3) or its context stack (S, S, 3(2K+1)), the centre's mask)."""
         s, rows = self.slices[i], list(self.reads([i]))
         if self.decoded is None:
-            pairs = {j: _load(self.slices[j], self.size, self.readings[j]) for j in rows}
+            pairs = {j: _load(self.slices[j], self.size, self.readings[j], self.mask_resize) for j in rows}
             return i, s, np.concatenate([pairs[j][0] for j in rows], axis=-1), pairs[i][1]
         if not self.decoded.filled[rows].all():  # the pipelines pre-fill what they read; this is only a fallback
             self.decoded.fill(rows)
@@ -244,14 +251,16 @@ def _source(slices: Sequence[Slice], cfg: DataConfig) -> tuple[_SliceSource, dic
     size = cfg.image_size
     readings = patient_readings(slices, cfg.crop)
     kind = "" if cfg.crop == "none" else f"-{cfg.crop}"  # cropped and uncropped decodings never share an entry
-    cache = (_memoised(f"decoded{kind}", slices, size, lambda: _DecodedCache(slices, size, readings))
+    targets = f"{kind}-{cfg.mask_resize}"  # nor do binary and coverage masks
+    cache = (_memoised(f"decoded{targets}", slices, size,
+                       lambda: _DecodedCache(slices, size, readings, cfg.mask_resize))
              if cfg.cache_decoded else None)
     stats = None
     if cfg.normalisation == "volume_zscore":  # whole patient volumes, so every slice (once per run, memoised)
         stats = _memoised(f"stats{kind}", slices, size,
                           lambda: patient_stats(slices, cache.all() if cache else decode_all(slices, size, cfg.crop)))
     context = context_rows(slices, cfg.context_slices) if cfg.context_slices else None
-    return _SliceSource(slices, size, cache, readings, context), stats
+    return _SliceSource(slices, size, cache, readings, context, cfg.mask_resize), stats
 
 
 def _check_shard(batch_size: int, shard_index: int, shard_count: int) -> int:

@@ -76,6 +76,7 @@ FIELDS = {
     "context_slices": "data.context_slices",
     "train_patch": "data.train_patch",
     "missing_sequences": "data.missing_sequences",
+    "mask_resize": "data.mask_resize",
     "sampling": "data.sampling",
     "uniform_share": "data.sampling_uniform_share",
     "samples_per_epoch": "data.samples_per_epoch",
@@ -206,6 +207,11 @@ def _model_and_data_args(p: argparse.ArgumentParser, d: Config) -> None:
       help="training augmentation: with probability P an example lacks pre-contrast, post-contrast or both, "
       "replaced by FLAIR as kaggle_3m fills a sequence a patient lacks (9 of its 81 patients here), so the model "
       "learns to read such patients. A lever of issue 11 (checkpoints/MODEL_CARD.md; default 0: off)")
+    a("--mask-resize", choices=["nearest", "area"],
+      help="how masks become training targets at --image-size: 'nearest' keeps one input pixel per model pixel, half "
+      "a pixel off the resized images' centres at 2x, so models learn shifted outlines; 'area' gives each model "
+      "pixel the share of it the mask covers (soft, unshifted). A lever of issue 11 "
+      f"(checkpoints/MODEL_CARD.md; default {d.data.mask_resize}, the shipped recipe)")
     a("--normalisation", choices=["image_zscore", "volume_zscore", "imagenet", "caffe"],
       help=f"intensity normalisation (default {d.data.normalisation}; with --backbone-weights, the weights' own)")
     a("--no-augment", dest="augment", action="store_false", default=None, help="turn training augmentation off")

@@ -107,6 +107,20 @@ def test_brain_crop_cuts_image_and_mask_with_the_patients_one_box(synthetic_pati
             assert np.array_equal(b["mask"][row, ..., 0] > 0.5, masks[i])
 
 
+def test_area_masks_are_the_coverage_of_each_slice_in_eval_and_soft_in_training(slices: list) -> None:
+    """data.mask_resize "area": eval targets are exactly `mask_targets` of each slice (and the cache keeps them apart
+    from the binary ones); training targets stay in [0, 1], soft at the outlines, after augmentation."""
+    from flaxtumor.data.preprocess import mask_targets
+
+    binary = np.concatenate([b["mask"] for b in eval_batches(slices, _cfg(), 16)])[: len(slices), ..., 0]
+    area = np.concatenate([b["mask"] for b in eval_batches(slices, _cfg(mask_resize="area"), 16)])[: len(slices), ..., 0]
+    expected = np.stack([mask_targets(read_mask(s.mask_path), (SIZE, SIZE), "area") for s in slices])
+    np.testing.assert_array_equal(area, expected.astype(np.float32))
+    assert set(np.unique(binary)) == {0.0, 1.0} and 0 < ((area > 0) & (area < 1)).mean()
+    train = np.concatenate([b["mask"] for b in train_batches(slices, _cfg(mask_resize="area"), 8, seed=0, epoch=0)])
+    assert train.min() >= 0 and train.max() <= 1 and ((train > 0.05) & (train < 0.95)).any()
+
+
 def test_too_few_slices(slices: list) -> None:
     with pytest.raises(ValueError, match="cannot fill one batch"):
         train_batches(slices[:3], _cfg(), 8, seed=0, epoch=0)
@@ -126,9 +140,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list:
     seen: list = []
     load = pipeline._load
 
-    def counting(s, size, reading=pipeline.Reading()):
+    def counting(s, size, reading=pipeline.Reading(), mask_resize="nearest"):
         seen.append(s.image_path)
-        return load(s, size, reading)
+        return load(s, size, reading, mask_resize)
 
     monkeypatch.setattr(pipeline, "_load", counting)
     monkeypatch.setattr(pipeline, "_memo", {})

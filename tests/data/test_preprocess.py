@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from flaxtumor.data.preprocess import (
-    BRAIN_THRESHOLD, CROP_MARGIN, Box, Preprocessing, crop_box, mask_at_input_size, preprocess, resize_mask,
-    uncrop_probabilities,
+    BRAIN_THRESHOLD, CROP_MARGIN, Box, Preprocessing, crop_box, mask_at_input_size, mask_targets, preprocess,
+    resize_mask, uncrop_probabilities,
 )
 
 
@@ -46,6 +46,52 @@ def test_resize_mask_is_nearest() -> None:
     mask[10:30, 10:20] = True
     small = resize_mask(mask, (20, 20))
     assert small.dtype == bool and small.sum() == 50
+
+
+def _ellipses(n: int, size: int = 256) -> list[np.ndarray]:
+    """Bool (size, size) ellipses of random centre and radii 3-30 px: tumour outlines at the slices' own size."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        (cy, cx), (ry, rx) = rng.uniform(60, 196, 2), rng.uniform(3, 30, 2)
+        out.append((yy - cy) ** 2 / ry**2 + (xx - cx) ** 2 / rx**2 <= 1)
+    return out
+
+
+def _round_trip(mask: np.ndarray, mode: str) -> np.ndarray:
+    """A perfect model of `mode`'s targets at half size: its targets taken as probabilities and drawn back at the
+    input size as the pipeline draws masks (`mask_at_input_size`, threshold 0.5)."""
+    targets = mask_targets(mask, (mask.shape[0] // 2, mask.shape[1] // 2), mode).astype(np.float32)
+    return mask_at_input_size(targets, 0.5, Box(0, 0, *mask.shape), mask.shape)
+
+
+def test_nearest_targets_sit_half_a_pixel_up_and_left_and_area_targets_do_not() -> None:
+    """Why DataConfig.mask_resize "area" exists: at 2x, nearest-neighbour targets are taken half an input pixel below
+    and right of each model pixel's centre, so even a model that learns them perfectly draws its outlines half a pixel
+    up and left of the truth; coverage targets are centred, as the images are."""
+    shift = {"nearest": [], "area": []}
+    dice = {"nearest": [], "area": []}
+    for mask in _ellipses(60):
+        for mode in shift:
+            drawn = _round_trip(mask, mode)
+            shift[mode].append(np.argwhere(drawn).mean(0) - np.argwhere(mask).mean(0))
+            dice[mode].append(2 * (drawn & mask).sum() / (drawn.sum() + mask.sum()))
+    np.testing.assert_allclose(np.mean(shift["nearest"], axis=0), [-0.5, -0.5], atol=0.05)
+    np.testing.assert_allclose(np.mean(shift["area"], axis=0), [0.0, 0.0], atol=0.05)
+    assert np.mean(dice["area"]) > 0.99 > 0.97 > np.mean(dice["nearest"])
+
+
+def test_area_targets_are_the_covered_share_of_each_pixel() -> None:
+    mask = np.zeros((8, 8), bool)
+    mask[1:5, 2:5] = True  # rows 1-4, columns 2-4: edges through the middle of 2x2 blocks
+    coverage = mask_targets(mask, (4, 4), "area")
+    assert coverage.dtype == np.float16
+    np.testing.assert_array_equal(coverage, [[0, 0.5, 0.25, 0], [0, 1, 0.5, 0], [0, 0.5, 0.25, 0], [0, 0, 0, 0]])
+    assert coverage.sum() * 4 == mask.sum()  # the box filter keeps the area
+    assert mask_targets(mask, (4, 4), "nearest").dtype == bool
+    with pytest.raises(ValueError, match="unknown mask resize 'bilinear'"):
+        mask_targets(mask, (4, 4), "bilinear")
 
 
 # -- the brain crop ---------------------------------------------------------------------------------------------------
