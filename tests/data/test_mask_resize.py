@@ -46,3 +46,24 @@ def test_a_run_trains_on_coverage_targets_and_records_them(tmp_path):
     meta = json.loads((out / "segmenter" / "metadata.json").read_text())
     assert meta["config"]["data"]["mask_resize"] == "area"
     assert np.isfinite(meta["history"][-1]["train_loss"])
+
+
+def test_the_ceiling_tool_scores_perfect_models_of_each_target(synthetic_patients, tmp_path):
+    """tools/mask_target_ceiling.py: on the synthetic patients' round blobs, a perfect model of coverage targets
+    reaches what nearest-neighbour targets cannot, and the report holds every tumour patient once."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "mask_target_ceiling.py"
+    spec = importlib.util.spec_from_file_location("mask_target_ceiling", path)
+    tool = sys.modules.setdefault("mask_target_ceiling", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(tool)
+    root = synthetic_patients[0].slices[0].image_path.parents[1]
+    assert tool.main(["--data", str(root), "--size", "128", "--out", str(tmp_path / "c.json")]) == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    with_tumour = sorted(p.patient_id for p in synthetic_patients if any(s.has_tumour for s in p.slices))
+    for mode in ("nearest", "area"):
+        assert sorted(report[mode]["per_patient_dice"]) == with_tumour
+    assert report["area"]["mean"] > 0.98 and report["area"]["mean"] > report["nearest"]["mean"] + 0.01
+    assert report["area"]["tumour_slice_dice"] > report["nearest"]["tumour_slice_dice"]
