@@ -12,8 +12,9 @@ compare_runs) still needs the TIFFs, so it runs where the dataset is.
         --out .remote/lgg128.pack
     python tools/data_pack.py train --pack .remote/lgg128.pack -- --config runs/cv/config.json --fold 0 --out ...
 
-A pack serves runs at its own image size, crop (`--crop`) and mask targets (`--mask-resize`); 2.5D runs (context slices) stack its slices as they
-stack the decoded ones. A run that reads slices otherwise is refused, never approximated.
+A pack serves runs at its own image size, crop (`--crop`) and mask targets (`--mask-resize`); 2.5D runs (context
+slices) stack its slices as they stack the decoded ones. A run that reads slices otherwise is refused, never
+approximated.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 and, as an option, missing MRI sequences (`drop_sequences`).
 
 One affine map moves image and mask together (bilinear for the image; for the mask nearest-neighbour, so a binary mask
-stays binary, or bilinear for coverage targets, `DataConfig.mask_resize` "area", which stay soft). A 2.5D image (the slice and its neighbours, 3 channels each) moves as one: the same map for every
-channel, and each MRI sequence's jitter the same in every slice. Pure numpy/scipy: it runs inside grain worker
-processes.
+stays binary, or bilinear for coverage targets, `DataConfig.mask_resize` "area", which stay soft). A 2.5D image (the
+slice and its neighbours, 3 channels each) moves as one: the same map for every channel, and each MRI sequence's
+jitter the same in every slice. Pure numpy/scipy: it runs inside grain worker processes.
 """
 
 from __future__ import annotations
