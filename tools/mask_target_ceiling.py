@@ -30,7 +30,10 @@ def ceiling(patients: Sequence[Patient], size: int, mode: str) -> dict:
     """Per-patient Dice, their summary and tumour-slice Dice of a perfect model of `mode`'s targets at `size`."""
     per_patient, drawn, truth = {}, [], []
     for p in patients:
-        masks = np.stack([read_mask(s.mask_path) if s.mask_path else np.zeros((256, 256), bool) for s in p.slices])
+        labelled = [s for s in p.slices if s.mask_path is not None]  # an unlabelled slice has nothing to score
+        if not labelled:
+            continue
+        masks = np.stack([read_mask(s.mask_path) for s in labelled])
         box = Box(0, 0, *masks.shape[1:])
         back = np.stack([mask_at_input_size(mask_targets(m, (size, size), mode).astype(np.float32), 0.5, box, m.shape)
                          for m in masks])

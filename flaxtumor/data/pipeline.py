@@ -39,7 +39,7 @@ from flaxtumor.data.io import read_image, read_mask
 from flaxtumor.data.lgg import Slice
 from flaxtumor.data.preprocess import (
     FLAIR, Background, Box, Preprocessing, Stats, crop, crop_box, grey_background, normalise, remove_grey_background,
-    mask_targets, resize_images, stack_context, volume_stats,
+    MASK_TARGET_DTYPES, mask_targets, resize_images, stack_context, volume_stats,
 )
 
 _READ_THREADS = 2  # 2-core machine: more threads only contend for the GIL
@@ -127,7 +127,7 @@ class _DecodedCache:
         self.readings = readings
         self.mask_resize = mask_resize
         self.images = np.zeros((len(self.slices), size, size, 3), np.uint8)
-        self.masks = np.zeros((len(self.slices), size, size), bool if mask_resize == "nearest" else np.float16)
+        self.masks = np.zeros((len(self.slices), size, size), MASK_TARGET_DTYPES[mask_resize])
         self.filled = np.zeros(len(self.slices), bool)
 
     def fill(self, indices: Iterable[int]) -> None:

@@ -256,17 +256,20 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST)).astype(bool)
 
 
+MASK_TARGET_DTYPES = {"nearest": np.dtype(bool), "area": np.dtype(np.float16)}  # what `mask_targets` returns per mode
+
+
 def mask_targets(mask: np.ndarray, shape: tuple[int, int], mode: str = "nearest") -> np.ndarray:
     """A bool (H, W) mask as training targets at `shape` (h, w): "nearest", bool (`resize_mask`); "area", float16
     coverage, the share of each target pixel the mask covers (PIL's box filter, centred like `resize_images`), so a
     target's outline is neither shifted nor rounded to whole target pixels (DataConfig.mask_resize)."""
     if mode == "nearest":
         return resize_mask(mask, shape)
-    if mode != "area":
+    if mode not in MASK_TARGET_DTYPES:
         raise ValueError(f"unknown mask resize {mode!r}; expected 'nearest' or 'area'")
     h, w = shape
     coverage = Image.fromarray(np.asarray(mask, np.float32)).resize((w, h), Image.BOX)
-    return np.clip(np.asarray(coverage), 0.0, 1.0).astype(np.float16)
+    return np.clip(np.asarray(coverage), 0.0, 1.0).astype(MASK_TARGET_DTYPES[mode])
 
 
 def volume_stats(images: np.ndarray) -> Stats:
